@@ -1,0 +1,33 @@
+"""The four adapter kinds and the T5 modules they may target."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class AdapterKind(str, Enum):
+    LORA = "lora"
+    IA3 = "ia3"
+    BITFIT = "bitfit"
+    PROMPT = "prompt"
+
+    def __str__(self) -> str:  # f-strings and JSON show "lora", not "AdapterKind.LORA"
+        return self.value
+
+
+# peft_type in adapter_config.json -> kind. BITFIT is peftserve's own (peft has no BitFit tuner).
+PEFT_TYPES: dict[str, AdapterKind] = {
+    "LORA": AdapterKind.LORA,
+    "IA3": AdapterKind.IA3,
+    "BITFIT": AdapterKind.BITFIT,
+    "PROMPT_TUNING": AdapterKind.PROMPT,
+}
+
+# Kinds that act inside the wrapped linears (prompt acts on the encoder input instead).
+LINEAR_KINDS = (AdapterKind.LORA, AdapterKind.IA3, AdapterKind.BITFIT)
+
+# Every linear of a T5 block an adapter may target: attention (self and cross) and the FFN
+# (wi for relu T5, wi_0/wi_1 for gated-gelu FLAN-T5).
+T5_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+
+SEQ2SEQ_TASK = "SEQ_2_SEQ_LM"

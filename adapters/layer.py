@@ -1,0 +1,147 @@
+"""AdaptedLinear: one T5 linear plus per-kind slot tensors, applying each batch row's own adapter.
+
+Per kind, a `KindSlots` object holds the stacked slot tensors of this layer (index 0 = identity) and knows
+how to write/clear a slot, gather per-row weights for a batch, apply them, and merge a slot into the weight.
+The gathered per-row tensors are cached on the layer until the batch state changes (new rows or slot
+contents), so decoder steps with an unchanged batch do not gather again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SlotError
+from .kinds import AdapterKind
+
+
+class KindSlots(nn.Module):
+    """Interface of one kind's slots on one layer. Slot indices here are internal (>= 1; 0 = identity).
+
+    Slot tensors are non-persistent buffers: `model.to(...)` moves them, `state_dict()` ignores them.
+    """
+
+    kind: AdapterKind
+
+    def write(self, slot: int, weights, path: str) -> None: ...
+
+    def clear(self, slot: int) -> None: ...
+
+    def gather(self, index_host: tuple[int, ...], index: torch.Tensor, dtype: torch.dtype):
+        """Per-row weights for this batch, or None when no row has this kind on this layer."""
+        return None
+
+    def pre(self, x: torch.Tensor, g) -> torch.Tensor:
+        return x
+
+    def post(self, y: torch.Tensor, x: torch.Tensor, g) -> torch.Tensor:
+        return y
+
+    def merge_into(self, slot: int, weight: torch.Tensor) -> torch.Tensor | None:
+        """Fold the slot into `weight` in place; return a bias to add after the matmul (or None)."""
+        return None
+
+    def touches(self, slot: int) -> bool:
+        return False
+
+
+class BatchState:
+    """Shared by all wrapped layers of one model: the current rows and a version that changes whenever
+    the rows or any slot contents change (which invalidates every layer's gathered cache)."""
+
+    def __init__(self) -> None:
+        self.rows = None  # RowAdapters | None (None: plain base)
+        self.version = 0
+        self._index: dict[tuple[AdapterKind, torch.device], torch.Tensor] = {}
+
+    def bump(self) -> None:
+        self.version += 1
+        self._index.clear()
+
+    def index_on(self, kind: AdapterKind, device: torch.device) -> torch.Tensor:
+        key = (kind, device)
+        if key not in self._index:
+            self._index[key] = torch.tensor(self.rows.slot_index(kind), dtype=torch.long, device=device)
+        return self._index[key]
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, path: str, batch: BatchState, kinds: dict[AdapterKind, KindSlots],
+                 cache_gathered: bool = True) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.path = path
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.batch = batch
+        self.slots = nn.ModuleDict({k.value: v for k, v in kinds.items()})
+        self.kinds = tuple(kinds.items())  # (kind, KindSlots) in a fixed order: pre/post hooks run in it
+        self.cache_gathered = cache_gathered
+        self._cache_key = None
+        self._cache: list[tuple[KindSlots, object]] = []
+        self._backup: torch.Tensor | None = None  # exact copy of the weight while a slot is merged
+        self._merged_bias: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _gathered(self, dtype: torch.dtype) -> list[tuple[KindSlots, object]]:
+        key = (self.batch.version, dtype)
+        if key == self._cache_key:
+            return self._cache
+        rows = self.batch.rows
+        out = []
+        for kind, slots in self.kinds:
+            if not rows.uses(kind):  # one Python check per kind, not per row
+                continue
+            g = slots.gather(rows.slot_index(kind), self.batch.index_on(kind, self.weight.device), dtype)
+            if g is not None:
+                out.append((slots, g))
+        if self.cache_gathered:
+            self._cache_key, self._cache = key, out
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.batch.rows
+        y_bias = self._merged_bias
+        if rows is None or not rows.kinds:
+            y = self.base_layer(x)
+            return y if y_bias is None else y + y_bias.to(y.dtype)
+        if x.shape[0] != len(rows):
+            raise SlotError(f"{self.path}: batch has {x.shape[0]} rows but set_rows described {len(rows)}; "
+                            "call AdapterSlots.set_rows for this batch before the forward")
+        active = self._gathered(x.dtype)
+        h = x
+        for slots, g in active:
+            h = slots.pre(h, g)
+        y = self.base_layer(h)
+        if y_bias is not None:
+            y = y + y_bias.to(y.dtype)
+        for slots, g in active:
+            y = slots.post(y, x, g)
+        return y
+
+    # ---- merging: exact, by restoring a saved copy (never by dividing) ------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return self._backup is not None or self._merged_bias is not None
+
+    def merge(self, kind: AdapterKind, slot: int) -> bool:
+        slots = self.slots[kind.value]
+        if not slots.touches(slot):
+            return False
+        w = self.weight.data
+        if kind != AdapterKind.BITFIT:
+            self._backup = w.detach().to("cpu", copy=True)
+        self._merged_bias = slots.merge_into(slot, w)
+        return True
+
+    def unmerge(self) -> None:
+        if self._backup is not None:
+            self.weight.data.copy_(self._backup)
+            self._backup = None
+        self._merged_bias = None
+
+    def extra_repr(self) -> str:
+        return f"{self.path}: {self.in_features}->{self.out_features}, kinds={[k.value for k, _ in self.kinds]}"

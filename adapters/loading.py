@@ -1,0 +1,51 @@
+"""inspect_adapter (header only, at registration) and load_adapter (full host load), for every kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from .base import BaseDescription
+from .errors import UnsupportedAdapterError
+from .format import AdapterFiles, load_tensors, read_adapter_files
+from .kinds import PEFT_TYPES, AdapterKind
+from .spec import AdapterLimits, AdapterSpec
+
+
+def _kind_modules() -> dict[AdapterKind, ModuleType]:
+    # Each kind module has the same small interface: inspect(files, base, limits, name) -> AdapterSpec,
+    # build(spec, files, tensors) -> <Kind>Weights.
+    from . import bitfit, ia3, lora, prompt
+
+    return {AdapterKind.LORA: lora, AdapterKind.IA3: ia3, AdapterKind.BITFIT: bitfit, AdapterKind.PROMPT: prompt}
+
+
+def kind_of(files: AdapterFiles) -> AdapterKind:
+    peft_type = files.config.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise UnsupportedAdapterError(
+            f"adapter {files.path}: peft_type {peft_type!r} is not served; peftserve serves "
+            f"{', '.join(PEFT_TYPES)} (check adapter_config.json)")
+    return PEFT_TYPES[peft_type]
+
+
+def _inspect(path, base: BaseDescription, limits: AdapterLimits | None, name: str | None):
+    limits = limits or AdapterLimits()
+    files = read_adapter_files(path, limits.max_file_bytes)
+    kind = kind_of(files)
+    module = _kind_modules()[kind]
+    spec = module.inspect(files, base, limits, name or Path(path).name)
+    return files, module, spec
+
+
+def inspect_adapter(path: str | Path, base: BaseDescription, limits: AdapterLimits | None = None,
+                    name: str | None = None) -> AdapterSpec:
+    """Validate a directory against the base and limits reading only the config and safetensors header."""
+    return _inspect(path, base, limits, name)[2]
+
+
+def load_adapter(path: str | Path, base: BaseDescription, limits: AdapterLimits | None = None,
+                 name: str | None = None):
+    """Validate, then read the weights into fp32 host tensors: LoraWeights | IA3Weights | BitFitWeights | PromptWeights."""
+    files, module, spec = _inspect(path, base, limits, name)
+    return module.build(spec, files, load_tensors(files))

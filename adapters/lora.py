@@ -1,0 +1,188 @@
+"""LoRA: PEFT format in, one narrow dataclass out, batched per-row math and merge delta.
+
+Format (PeftModel.save_pretrained, T5, SEQ_2_SEQ_LM): `base_model.model.<module>.lora_A.weight` [r, in] and
+`.lora_B.weight` [out, r]. Per module r comes from the tensors (rank_pattern already shaped them);
+alpha from `alpha_pattern` (peft's pattern-key rule) else `lora_alpha`; scaling alpha/r, or alpha/sqrt(r)
+with `use_rslora`. Scaling is folded into B at load so the hot path is two matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .base import BaseDescription
+from .common import (
+    base_model_of,
+    check_layers,
+    check_target_modules,
+    check_task_type,
+    refuse_options,
+    split_keys,
+    targets_of,
+)
+from .errors import AdapterLimitError, AdapterMismatchError, UnsupportedAdapterError
+from .format import AdapterFiles
+from .kinds import AdapterKind
+from .layer import KindSlots
+from .spec import AdapterLimits, AdapterSpec
+
+SUFFIXES = ("lora_A.weight", "lora_B.weight")
+# Options whose effect the plain x @ A @ B math does not reproduce.
+UNSUPPORTED = {
+    "use_dora": "DoRA re-normalises the weight per row",
+    "lora_bias": "a trained bias on lora_B",
+    "modules_to_save": "full copies of extra modules",
+    "trainable_token_indices": "trained embedding rows",
+    "target_parameters": "parameters instead of modules",
+    "layer_replication": "replicated layers",
+    "alora_invocation_tokens": "activated LoRA",
+    "use_qalora": "quantization-aware LoRA",
+    "fan_in_fan_out": "Conv1D-style transposed weights (T5 uses nn.Linear)",
+    "megatron_config": "megatron parallel layers",
+}
+# These inits rewrite the base weights too; a saved adapter is only valid on that rewritten base
+# unless it was converted at save time (path_initial_model_for_weight_conversion).
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga")
+
+
+@dataclass
+class LoraWeights:
+    spec: AdapterSpec
+    a: dict[str, torch.Tensor]  # module path -> [r, in]
+    b: dict[str, torch.Tensor]  # module path -> [out, r], scaling folded in
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """peft's get_pattern_key: the first pattern that matches the end of the module path."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def scaling_for(config: dict, module: str, rank: int) -> float:
+    alphas = config.get("alpha_pattern") or {}
+    key = pattern_key(alphas, module)
+    alpha = float(alphas[key] if key is not None else config.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, name: str) -> AdapterSpec:
+    check_task_type(files)
+    refuse_options(files, UNSUPPORTED)
+    if files.config.get("bias", "none") != "none":
+        raise UnsupportedAdapterError(f"adapter {files.path}: LoRA bias={files.config['bias']!r} trains the base "
+                                      "biases too; peftserve serves bias='none' (serve biases as a BitFit adapter)")
+    init = files.config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise UnsupportedAdapterError(
+            f"adapter {files.path}: init_lora_weights={init!r} also rewrites the base weights; save it with "
+            "path_initial_model_for_weight_conversion so it applies to the original base")
+    check_target_modules(files, base)
+    modules = split_keys(files, SUFFIXES, base)
+    check_layers(files, modules)
+    rank = 0
+    for module, parts in modules.items():
+        if set(parts) != set(SUFFIXES):
+            raise AdapterMismatchError(f"adapter {files.path}: module {module} has only {', '.join(parts)}; "
+                                       "lora_A and lora_B come in pairs, re-save the adapter")
+        a, b = parts["lora_A.weight"].shape, parts["lora_B.weight"].shape
+        fan_in, fan_out = base.linear_shapes[module]
+        if len(a) != 2 or len(b) != 2 or a[1] != fan_in or b[0] != fan_out or a[0] != b[1] or a[0] == 0:
+            raise AdapterMismatchError(
+                f"adapter {files.path}: {module} has lora_A {list(a)} and lora_B {list(b)} but the base layer is "
+                f"{fan_in}->{fan_out} (expected [r, {fan_in}] and [{fan_out}, r]); the adapter was trained for "
+                f"a different model size than base {base.name!r}")
+        rank = max(rank, a[0])
+    if rank > limits.max_rank:
+        raise AdapterLimitError(f"adapter {files.path}: LoRA rank {rank} is above this server's max_rank="
+                                f"{limits.max_rank}; retrain with a smaller r or raise the limit")
+    return AdapterSpec(
+        name=name, kind=AdapterKind.LORA, rank=rank, targets=targets_of(modules), num_virtual_tokens=None,
+        size_bytes=files.size_bytes, base_model=base_model_of(files), path=str(files.path),
+        modules=tuple(sorted(modules)),
+        options={"use_rslora": bool(files.config.get("use_rslora")),
+                 "lora_alpha": files.config.get("lora_alpha"),
+                 "rank_pattern": bool(files.config.get("rank_pattern")),
+                 "alpha_pattern": bool(files.config.get("alpha_pattern"))},
+    )
+
+
+def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> LoraWeights:
+    a, b = {}, {}
+    for module in spec.modules:
+        key = f"base_model.model.{module}"
+        a[module] = tensors[f"{key}.lora_A.weight"].contiguous()
+        b[module] = (tensors[f"{key}.lora_B.weight"] * scaling_for(files.config, module, a[module].shape[0])).contiguous()
+    return LoraWeights(spec=spec, a=a, b=b)
+
+
+# ---- batched math (tensors already gathered per row) ---------------------------------------------
+
+def apply(y: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+    """y + x @ A_row @ B_row for every row. x [B, T, in], a_rows [B, in, r], b_rows [B, r, out]."""
+    return torch.baddbmm(y, torch.bmm(x, a_rows), b_rows)
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B @ A as a [out, in] weight update (scaling already in B); computed in fp32."""
+    return b.float() @ a.float()
+
+
+class LoraSlots(KindSlots):
+    """Stacked LoRA weights of one layer: A as [slots+1, in, max_rank], B as [slots+1, max_rank, out]
+    (pre-transposed for x @ A @ B). Ranks below max_rank are zero-padded; a batch only computes up to the
+    largest rank among its rows."""
+
+    kind = AdapterKind.LORA
+
+    def __init__(self, n: int, fan_in: int, fan_out: int, max_rank: int, dtype, device) -> None:
+        super().__init__()
+        self.register_buffer("a", torch.zeros(n + 1, fan_in, max_rank, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("b", torch.zeros(n + 1, max_rank, fan_out, dtype=dtype, device=device), persistent=False)
+        self.rank = [0] * (n + 1)  # host-side: this layer's rank per slot (0 = slot does not touch it)
+
+    def write(self, slot: int, weights: LoraWeights, path: str) -> None:
+        if path not in weights.a:
+            return self.clear(slot)
+        a, b = weights.a[path], weights.b[path]
+        r = a.shape[0]
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :, :r].copy_(a.T)
+        self.b[slot, :r, :].copy_(b.T)
+        self.rank[slot] = r
+
+    def clear(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.rank[slot] = 0
+
+    def touches(self, slot: int) -> bool:
+        return self.rank[slot] > 0
+
+    def gather(self, index_host, index, dtype):
+        r = max(self.rank[s] for s in index_host)
+        if r == 0:
+            return None
+        return (self.a[:, :, :r].index_select(0, index).to(dtype), self.b[:, :r, :].index_select(0, index).to(dtype))
+
+    def post(self, y, x, g):
+        a_rows, b_rows = g
+        shape = y.shape
+        y = apply(y.reshape(shape[0], -1, shape[-1]), x.reshape(shape[0], -1, x.shape[-1]), a_rows, b_rows)
+        return y.reshape(shape)
+
+    def merge_into(self, slot: int, weight: torch.Tensor):
+        r = self.rank[slot]
+        delta = delta_weight(self.a[slot, :, :r].T, self.b[slot, :r, :].T)
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        return None

@@ -1,0 +1,175 @@
+"""attach_slots / AdapterSlots: the device-side home of adapters on a wrapped T5.
+
+    slots = attach_slots(model, SlotConfig(slots={AdapterKind.LORA: 32, AdapterKind.PROMPT: 8}, max_rank=16))
+    slots.write(AdapterKind.LORA, 3, load_adapter(path, base))      # host -> device, into slot 3
+    rows = RowAdapters.from_pairs([(AdapterKind.LORA, 3), None])    # row 0 uses it, row 1 is the plain base
+    embeds, mask = slots.encoder_inputs(input_ids, attention_mask, rows)   # soft prompts placed first
+    slots.set_rows(rows)                                            # before every forward
+    model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import prompt as prompt_kind
+from .base import BaseDescription, is_target_path
+from .bitfit import BitFitSlots
+from .errors import SlotError
+from .ia3 import IA3Slots
+from .kinds import LINEAR_KINDS, AdapterKind
+from .layer import AdaptedLinear, BatchState
+from .lora import LoraSlots
+from .rows import RowAdapters
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    slots: dict[AdapterKind, int] = field(default_factory=dict)  # slots per kind (0 / absent: kind disabled)
+    max_rank: int = 16
+    max_virtual_tokens: int = 32
+    dtype: torch.dtype | None = None  # slot tensor dtype; None: each wrapped weight's own dtype
+    # Keep each layer's gathered per-row weights until the rows change (memory for speed in decode).
+    cache_gathered: bool = True
+
+    def count(self, kind: AdapterKind) -> int:
+        return int(self.slots.get(kind, self.slots.get(kind.value, 0)))
+
+
+def _kind_slots(kind: AdapterKind, n: int, layer: torch.nn.Linear, config: SlotConfig):
+    dtype = config.dtype or layer.weight.dtype
+    dev = layer.weight.device
+    if kind == AdapterKind.LORA:
+        return LoraSlots(n, layer.in_features, layer.out_features, config.max_rank, dtype, dev)
+    if kind == AdapterKind.IA3:
+        return IA3Slots(n, layer.in_features, layer.out_features, dtype, dev)
+    return BitFitSlots(n, layer.out_features, dtype, dev)
+
+
+def attach_slots(model, config: SlotConfig) -> AdapterSlots:
+    """Wrap every T5 target linear (once) with slot tensors allocated up front on its weight's device."""
+    if getattr(model, "_peftserve_slots", None) is not None:
+        raise SlotError("this model already has adapter slots attached; reuse model._peftserve_slots")
+    for kind in config.slots:
+        AdapterKind(kind)  # typos fail here, not at first write
+    batch = BatchState()
+    layers: dict[str, AdaptedLinear] = {}
+    targets = [(p, m) for p, m in model.named_modules() if is_target_path(p) and isinstance(m, torch.nn.Linear)]
+    for path, linear in targets:
+        kinds = {k: _kind_slots(k, config.count(k), linear, config) for k in LINEAR_KINDS if config.count(k) > 0}
+        wrapped = AdaptedLinear(linear, path, batch, kinds, config.cache_gathered)
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, wrapped)
+        layers[path] = wrapped
+    slots = AdapterSlots(model, config, layers, batch)
+    model._peftserve_slots = slots
+    return slots
+
+
+class AdapterSlots:
+    """Handle on a wrapped model: write/clear slots, set per-row adapters, build encoder inputs, merge."""
+
+    def __init__(self, model, config: SlotConfig, layers: dict[str, AdaptedLinear], batch: BatchState) -> None:
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self.batch = batch
+        self.merged: tuple[AdapterKind, int] | None = None
+        emb = model.get_input_embeddings()
+        n_prompt = config.count(AdapterKind.PROMPT)
+        self.prompts = (prompt_kind.PromptSlots(n_prompt, config.max_virtual_tokens, emb.embedding_dim,
+                                                config.dtype or emb.weight.dtype, emb.weight.device)
+                        if n_prompt else None)
+
+    def describe(self, name: str, fingerprint: str) -> BaseDescription:
+        return BaseDescription.from_model(self.model, name, fingerprint)
+
+    def _check(self, kind, slot: int) -> AdapterKind:
+        kind = AdapterKind(kind)
+        n = self.config.count(kind)
+        if not 0 <= slot < n:
+            raise SlotError(f"{kind} slot {slot} out of range: this model has {n} {kind} slots "
+                            "(SlotConfig.slots)")
+        if self.merged == (kind, slot):
+            raise SlotError(f"{kind} slot {slot} is merged into the base weights; unmerge() first")
+        return kind
+
+    def write(self, kind, slot: int, weights) -> None:
+        """Copy a loaded adapter (host tensors) into `slot` of every wrapped layer (zeros where it has none)."""
+        kind = self._check(kind, slot)
+        if weights.spec.kind != kind:
+            raise SlotError(f"adapter {weights.spec.name!r} is a {weights.spec.kind} adapter, not {kind}")
+        if kind == AdapterKind.PROMPT:
+            self.prompts.write(slot + 1, weights)
+        else:
+            unknown = [m for m in weights.spec.modules if m not in self.layers]
+            if unknown:
+                raise SlotError(f"adapter {weights.spec.name!r} targets {unknown[0]}, which this model does not have; "
+                                "it was validated against a different base")
+            if kind == AdapterKind.LORA and (weights.spec.rank or 0) > self.config.max_rank:
+                raise SlotError(f"adapter {weights.spec.name!r} has rank {weights.spec.rank} > slot max_rank "
+                                f"{self.config.max_rank}")
+            with torch.no_grad():
+                for path, layer in self.layers.items():
+                    layer.slots[kind.value].write(slot + 1, weights, path)
+        self.batch.bump()
+
+    def clear(self, kind, slot: int) -> None:
+        kind = self._check(kind, slot)
+        if kind == AdapterKind.PROMPT:
+            self.prompts.clear(slot + 1)
+        else:
+            for layer in self.layers.values():
+                layer.slots[kind.value].clear(slot + 1)
+        self.batch.bump()
+
+    def set_rows(self, rows: RowAdapters | None) -> None:
+        """Per-row adapters for the next forward(s); None = every row is the plain base."""
+        if rows is not None:
+            for p in rows.pairs:
+                if p is not None:
+                    self._check(*p)  # range, and not a merged slot (its rows run as base rows)
+        if rows == self.batch.rows:
+            return  # same mapping: every layer keeps its gathered per-row weights
+        self.batch.rows = rows
+        self.batch.bump()
+
+    def encoder_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: RowAdapters):
+        """inputs_embeds with each prompt row's soft prompt first, and the matching attention mask."""
+        if len(rows) != input_ids.shape[0]:
+            raise SlotError(f"encoder_inputs: {input_ids.shape[0]} input rows but {len(rows)} RowAdapters")
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not rows.uses(AdapterKind.PROMPT):
+            return embeds, attention_mask
+        for p in rows.pairs:
+            if p is not None and p[0] == AdapterKind.PROMPT:
+                self._check(*p)
+        return self.prompts.place(embeds, attention_mask, rows.slot_index(AdapterKind.PROMPT))
+
+    # ---- merging (a replica dedicated to one adapter; or (IA)3 when every row shares it) -------------
+
+    def merge(self, kind, slot: int) -> None:
+        """Fold a slot into the base weights; rows then run it as base rows (None). Exact unmerge()."""
+        kind = self._check(kind, slot)
+        if self.merged is not None:
+            raise SlotError(f"{self.merged[0]} slot {self.merged[1]} is already merged; unmerge() first")
+        if kind == AdapterKind.PROMPT:
+            raise SlotError("prompt adapters change the input, not weights; they cannot be merged")
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.merge(kind, slot + 1)
+        self.merged = (kind, slot)
+        self.batch.bump()
+
+    def unmerge(self) -> None:
+        """Restore the exact original weights (bit-identical: saved copies are copied back)."""
+        with torch.no_grad():
+            for layer in self.layers.values():
+                if layer.merged:
+                    layer.unmerge()
+        self.merged = None
+        self.batch.bump()
