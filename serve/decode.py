@@ -1,0 +1,274 @@
+"""The decode loop as small functions over explicit state: encode, prefill_cross, decode_step, sample.
+
+Why not `model.generate` / HF's past_key_values: continuous batching needs rows that join and leave
+between steps at different decoder positions; HF's cache assumes one shared length. We call the model's
+own submodules (layer norms, q/k/v/o, EncDecAttention, DenseReluDense, relative_attention_bias) so
+adapter-wrapped linears apply automatically, and keep a preallocated KV cache with per-row lengths.
+
+Row layout: running rows occupy cache rows [0, n) contiguously; a leaving row is replaced by the last row
+(`KVCache.move_row`), so a step works on plain slices, never gathers.
+Device split: every block runs on the device of its weights; hidden states follow (`.to(dev)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.t5.modeling_t5 import T5Attention
+
+NEG_INF = float("-inf")
+
+
+def _dev(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@dataclass(frozen=True)
+class T5Parts:
+    """Static facts and module handles of a T5ForConditionalGeneration, read once."""
+
+    model: torch.nn.Module
+    n_heads: int
+    d_kv: int
+    num_buckets: int
+    max_distance: int
+    scale_output: float | None
+    eos_token_id: int
+    decoder_start_token_id: int
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(model) -> T5Parts:
+        cfg = model.config
+        scale = cfg.d_model**-0.5 if getattr(cfg, "scale_decoder_outputs", False) else None
+        return T5Parts(model=model, n_heads=cfg.num_heads, d_kv=cfg.d_kv,
+                       num_buckets=cfg.relative_attention_num_buckets,
+                       max_distance=cfg.relative_attention_max_distance, scale_output=scale,
+                       eos_token_id=cfg.eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
+                       dtype=model.lm_head.weight.dtype)
+
+    @property
+    def encoder_blocks(self):
+        return self.model.encoder.block
+
+    @property
+    def decoder_blocks(self):
+        return self.model.decoder.block
+
+    def decoder_devices(self) -> list[torch.device]:
+        return [_dev(b) for b in self.decoder_blocks]
+
+
+def relative_bias(rel_emb: torch.nn.Embedding, relative_position: torch.Tensor, bidirectional: bool,
+                  parts: T5Parts) -> torch.Tensor:
+    """Bias [..., heads] for relative positions (memory - query), T5's bucketing."""
+    buckets = T5Attention._relative_position_bucket(relative_position, bidirectional=bidirectional,
+                                                    num_buckets=parts.num_buckets,
+                                                    max_distance=parts.max_distance)
+    return rel_emb(buckets.to(rel_emb.weight.device))
+
+
+def _heads(x: torch.Tensor, parts: T5Parts) -> torch.Tensor:
+    """[B, S, H*D] -> [B, H, S, D]"""
+    return x.view(x.shape[0], x.shape[1], parts.n_heads, parts.d_kv).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """T5 attention: no 1/sqrt(d) scaling; `bias` carries position bias and -inf masking. -> [B, S, H*D]"""
+    scores = torch.matmul(q, k.transpose(-1, -2)) + bias
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    out = torch.matmul(weights, v)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+# ---- encoder ---------------------------------------------------------------------------------------
+
+def embed_inputs(parts: T5Parts, input_ids: torch.Tensor) -> torch.Tensor:
+    emb = parts.model.encoder.embed_tokens
+    return emb(input_ids.to(emb.weight.device))
+
+
+@torch.inference_mode()
+def encode(parts: T5Parts, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Encoder stack over [B, S, d] embeddings with a [B, S] 0/1 mask -> last hidden state [B, S, d].
+
+    Rows are independent: padding keys are masked, so a row's output does not depend on its batch-mates.
+    """
+    blocks = parts.encoder_blocks
+    seq = inputs_embeds.shape[1]
+    rel_emb = blocks[0].layer[0].SelfAttention.relative_attention_bias
+    pos = torch.arange(seq, device=rel_emb.weight.device)
+    bias = relative_bias(rel_emb, pos[None, :] - pos[:, None], True, parts).permute(2, 0, 1)[None]
+    pad = torch.zeros(attention_mask.shape, dtype=bias.dtype, device=bias.device)
+    pad.masked_fill_(attention_mask.to(bias.device) == 0, NEG_INF)
+    bias = bias + pad[:, None, None, :]  # [B, H, S, S]
+    h = inputs_embeds
+    bias_on: dict[torch.device, torch.Tensor] = {}
+    for block in blocks:
+        dev = _dev(block)
+        h = h.to(dev)
+        b = bias_on.setdefault(dev, bias.to(dev, h.dtype))
+        sa = block.layer[0]
+        x = sa.layer_norm(h)
+        att = sa.SelfAttention
+        h = h + att.o(_attend(_heads(att.q(x), parts), _heads(att.k(x), parts), _heads(att.v(x), parts), b))
+        h = block.layer[-1](h)  # T5LayerFF: norm, (gated) FFN, residual
+    norm = parts.model.encoder.final_layer_norm
+    return norm(h.to(_dev(norm)))
+
+
+# ---- KV cache --------------------------------------------------------------------------------------
+
+class KVCache:
+    """Preallocated per decoder layer, on that layer's device.
+
+    self_k/self_v: [rows, heads, max_new_tokens, d_kv]; cross_k/cross_v: [rows, heads, max_source, d_kv];
+    cross_mask: [rows, max_source] additive (0 / -inf) on each layer's device.
+    """
+
+    def __init__(self, parts: T5Parts, max_rows: int, max_target: int, max_source: int):
+        self.max_rows, self.max_target, self.max_source = max_rows, max_target, max_source
+        h, d, dt = parts.n_heads, parts.d_kv, parts.dtype
+        self.devices = parts.decoder_devices()
+        self.self_k = [torch.zeros(max_rows, h, max_target, d, dtype=dt, device=dev) for dev in self.devices]
+        self.self_v = [torch.zeros_like(t) for t in self.self_k]
+        self.cross_k = [torch.zeros(max_rows, h, max_source, d, dtype=dt, device=dev) for dev in self.devices]
+        self.cross_v = [torch.zeros_like(t) for t in self.cross_k]
+        first = self.devices[0]
+        self.cross_bias = torch.full((max_rows, max_source), NEG_INF, dtype=dt, device=first)
+        self.source_len = [0] * max_rows
+
+    def nbytes(self) -> int:
+        tensors = self.self_k + self.self_v + self.cross_k + self.cross_v
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def move_row(self, src: int, dst: int, target_len: int) -> None:
+        """Copy row `src` into row `dst` (compaction after `dst` left). Copies only the filled prefix."""
+        s = self.source_len[src]
+        for i in range(len(self.devices)):
+            self.self_k[i][dst, :, :target_len] = self.self_k[i][src, :, :target_len]
+            self.self_v[i][dst, :, :target_len] = self.self_v[i][src, :, :target_len]
+            self.cross_k[i][dst, :, :s] = self.cross_k[i][src, :, :s]
+            self.cross_v[i][dst, :, :s] = self.cross_v[i][src, :, :s]
+        self.cross_bias[dst] = self.cross_bias[src]
+        self.source_len[dst] = s
+
+
+@torch.inference_mode()
+def prefill_cross(parts: T5Parts, cache: KVCache, rows: list[int], encoder_hidden: torch.Tensor,
+                  attention_mask: torch.Tensor) -> None:
+    """Compute cross-attention K/V once per joining row (EncDecAttention.k/v, adapters applied) into `rows`."""
+    seq = encoder_hidden.shape[1]
+    if seq > cache.max_source:
+        raise ValueError(f"source of {seq} tokens exceeds the cache's {cache.max_source}")
+    idx = torch.tensor(rows, dtype=torch.long)
+    for i, block in enumerate(parts.decoder_blocks):
+        dev = cache.devices[i]
+        x = encoder_hidden.to(dev)
+        att = block.layer[1].EncDecAttention
+        cache.cross_k[i][idx.to(dev), :, :seq] = _heads(att.k(x), parts)
+        cache.cross_v[i][idx.to(dev), :, :seq] = _heads(att.v(x), parts)
+    bias = torch.full((len(rows), cache.max_source), NEG_INF, dtype=cache.cross_bias.dtype,
+                      device=cache.cross_bias.device)
+    bias[:, :seq].masked_fill_(attention_mask.to(bias.device) != 0, 0.0)
+    cache.cross_bias[idx.to(bias.device)] = bias
+    for r, n in zip(rows, attention_mask.sum(dim=1).tolist(), strict=True):
+        # Keys beyond a row's own (masked) length are never attended; keep the padded width for the slice.
+        cache.source_len[r] = seq if n else 0
+
+
+@torch.inference_mode()
+def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decoder step for cache rows [0, n): `tokens[r]` sits at decoder position `positions[r]`.
+
+    Writes each row's self-attention K/V at its own position and returns fp32 logits [n, vocab].
+    """
+    n = tokens.shape[0]
+    blocks = parts.decoder_blocks
+    emb = parts.model.decoder.embed_tokens
+    h = emb(tokens.to(emb.weight.device))[:, None, :]  # [n, 1, d]
+    t_len = int(positions.max()) + 1
+    s_len = max(cache.source_len[:n])
+    rel_emb = blocks[0].layer[0].SelfAttention.relative_attention_bias
+    pos = positions.to(rel_emb.weight.device)
+    mem = torch.arange(t_len, device=pos.device)
+    self_bias = relative_bias(rel_emb, mem[None, :] - pos[:, None], False, parts)  # [n, T, H]
+    self_bias = self_bias.permute(0, 2, 1)[:, :, None, :].clone()  # [n, H, 1, T]
+    self_bias.masked_fill_((mem[None, :] > pos[:, None])[:, None, None, :], NEG_INF)
+    cross_bias = cache.cross_bias[:n, None, None, :s_len]  # [n, 1, 1, S]
+    row_idx = torch.arange(n)
+    on_dev: dict[torch.device, tuple] = {}
+    for i, block in enumerate(blocks):
+        dev = cache.devices[i]
+        h = h.to(dev)
+        if dev not in on_dev:
+            on_dev[dev] = (self_bias.to(dev, h.dtype), cross_bias.to(dev, h.dtype), row_idx.to(dev),
+                           positions.to(dev))
+        sb, cb, ri, pi = on_dev[dev]
+        sa = block.layer[0]
+        x = sa.layer_norm(h)
+        att = sa.SelfAttention
+        k_all, v_all = cache.self_k[i], cache.self_v[i]
+        k_all[ri, :, pi] = att.k(x)[:, 0].view(n, parts.n_heads, parts.d_kv)
+        v_all[ri, :, pi] = att.v(x)[:, 0].view(n, parts.n_heads, parts.d_kv)
+        h = h + att.o(_attend(_heads(att.q(x), parts), k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb))
+        ca = block.layer[1]
+        x = ca.layer_norm(h)
+        catt = ca.EncDecAttention
+        h = h + catt.o(_attend(_heads(catt.q(x), parts), cache.cross_k[i][:n, :, :s_len],
+                               cache.cross_v[i][:n, :, :s_len], cb))
+        h = block.layer[-1](h)
+    norm = parts.model.decoder.final_layer_norm
+    h = norm(h.to(_dev(norm)))
+    if parts.scale_output is not None:
+        h = h * parts.scale_output
+    head = parts.model.lm_head
+    return head(h.to(head.weight.device))[:, 0].float()
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingRow:
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering of one row's logits [vocab]."""
+    x = logits / max(temperature, 1e-6)
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the mass before it already reaches top_p (always keeps the first)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), NEG_INF)
+    return x
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], want_logprobs: bool
+           ) -> tuple[list[int], list[float] | None]:
+    """Next token per row: greedy rows argmax; sampled rows draw with their own generator.
+
+    Each row's draw depends only on its own logits and generator, so a fixed seed gives the same text
+    alone or in any batch. Log-probabilities are of the chosen token under the unfiltered distribution.
+    """
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if r.do_sample and r.temperature > 0]
+    if sampled:
+        chosen = chosen.clone()
+        for i in sampled:
+            r = rows[i]
+            probs = torch.softmax(filter_logits(logits[i], r.temperature, r.top_k, r.top_p), dim=-1)
+            chosen[i] = torch.multinomial(probs.cpu(), 1, generator=r.generator)[0]
+    logprobs = None
+    if want_logprobs:
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+    return chosen.tolist(), logprobs

@@ -1,0 +1,65 @@
+"""Admission policy for continuous batching: which waiting requests join the running batch now.
+
+Pure logic over a small protocol (no torch, no threads), so fairness and bounds are unit-tested directly.
+
+- Bounds: rows (`max_rows`) and tokens (sum over running rows of input + max_new_tokens).
+- FIFO by arrival; a request that cannot go now does not block younger ones (work-conserving) ...
+- ... unless it has been overtaken `max_skips` times because of *capacity* (no free slot for its adapter
+  kind, not enough token budget): then admission turns strict FIFO until it is in (aging). Requests whose
+  adapter is still loading from disk are not "blocked": they wait only for their own adapter.
+- static mode (the benchmark baseline): a new batch is admitted only when the running one is empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+OK, WAIT, BLOCKED, FAIL = "ok", "wait", "blocked", "fail"
+
+
+class Schedulable(Protocol):
+    cost_tokens: int
+    skips: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    rows: int
+    tokens: int
+
+
+def admit(waiting: Iterable[Schedulable], running_rows: int, running_tokens: int, *, max_rows: int,
+          max_tokens: int, max_skips: int, static: bool,
+          readiness: Callable[[Schedulable], str]) -> tuple[list[Schedulable], list[Schedulable]]:
+    """Pick requests (arrival order) to admit now. Returns (admitted, failed).
+
+    `readiness(req)` is asked only for requests that fit the budget; it may start loading their adapter
+    and returns OK (servable now), WAIT (adapter loading), BLOCKED (no capacity for it) or FAIL.
+    Mutates `skips` of requests that younger ones overtake.
+    """
+    if static and running_rows > 0:
+        return [], []
+    rows_left, tokens_left = max_rows - running_rows, max_tokens - running_tokens
+    admitted: list[Schedulable] = []
+    failed: list[Schedulable] = []
+    overtaken: list[Schedulable] = []  # older requests held back by capacity
+    for req in waiting:
+        if rows_left <= 0:
+            break
+        state = readiness(req) if req.cost_tokens <= tokens_left else BLOCKED
+        if state == OK:
+            admitted.append(req)
+            rows_left -= 1
+            tokens_left -= req.cost_tokens
+            for old in overtaken:
+                old.skips += 1
+            overtaken = []
+        elif state == FAIL:
+            failed.append(req)
+        elif state == BLOCKED:
+            if req.skips >= max_skips:
+                break  # aged: nobody younger goes first until this one is in
+            overtaken.append(req)
+    return admitted, failed

@@ -1,0 +1,110 @@
+"""One request's life inside the engine: its tokens, text, stop handling, timings and sinks.
+
+Owned by the engine loop thread once enqueued; other threads only set `cancelled`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from serve.decode import SamplingRow
+from serve.requests import GenerationParams, GenerationRequest, GenerationResult, TokenEvent
+
+REPLACEMENT_CHAR = "\ufffd"  # a partial UTF-8 sequence (byte-level tokenizers): wait for the next byte
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    params: GenerationParams  # validated, defaults resolved
+    input_ids: list[int]
+    seed: int | None
+    deadline: float
+    on_event: Callable[[TokenEvent], None] | None = None
+    on_done: Callable[[GenerationResult | None, BaseException | None], None] | None = None
+    # scheduling
+    cost_tokens: int = 0
+    skips: int = 0
+    counted: bool = False  # cache hit/miss recorded
+    # adapter resolved at admission (a replaced adapter's newest version)
+    key: tuple[str, int] | None = None
+    kind: str = "base"
+    slot: int | None = None
+    # decoding
+    sampling: SamplingRow | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    emitted_chars: int = 0
+    text: str = ""
+    # lifecycle
+    cancelled: bool = False
+    done: bool = False
+    error: BaseException | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_admit: float | None = None
+    t_first: float | None = None
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
+
+    def start(self) -> None:
+        p = self.params
+        gen = None
+        if p.do_sample and p.temperature > 0:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(self.seed)
+        self.sampling = SamplingRow(p.do_sample, p.temperature, p.top_k, p.top_p, gen)
+
+    def last_token(self, decoder_start: int) -> int:
+        return self.tokens[-1] if self.tokens else decoder_start
+
+    def append(self, token: int, logprob: float | None, eos_id: int, tokenizer) -> str | None:
+        """Record one token, emit its event; return the finish reason if the sequence is now finished."""
+        self.tokens.append(token)
+        if logprob is not None and self.params.logprobs:
+            self.logprobs.append(logprob)
+        reason = None
+        if token == eos_id:
+            reason = "eos"
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.params.stop:
+            cut = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and len(self.tokens) >= self.params.max_new_tokens:
+            reason = "length"
+        self.text = text
+        safe = len(text)
+        if reason is None:
+            if self.params.stop:  # a stop sequence may be forming at the end: hold those characters back
+                safe -= max(len(s) for s in self.params.stop) - 1
+            while safe > 0 and text[safe - 1] == REPLACEMENT_CHAR:
+                safe -= 1
+        delta = text[self.emitted_chars:safe] if safe > self.emitted_chars else ""
+        self.emitted_chars = max(self.emitted_chars, safe)
+        if self.on_event is not None:
+            self.on_event(TokenEvent(token_id=token, text=delta, logprob=logprob if self.params.logprobs else None,
+                                     index=len(self.tokens) - 1))
+        return reason
+
+    def result(self, finish_reason: str) -> GenerationResult:
+        now = time.perf_counter()
+        timings = {"queue_s": (self.t_admit or now) - self.t_submit,
+                   "ttft_s": (self.t_first or now) - self.t_submit, "total_s": now - self.t_submit}
+        return GenerationResult(text=self.text, token_ids=list(self.tokens), finish_reason=finish_reason,
+                                prompt_tokens=len(self.input_ids), generated_tokens=len(self.tokens),
+                                logprobs=list(self.logprobs) if self.params.logprobs else None,
+                                seed=self.seed, adapter=self.adapter, timings=timings)
+
+    def finish(self, result: GenerationResult | None, error: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.error = error
+        if self.on_done is not None:
+            self.on_done(result, error)
