@@ -1,0 +1,81 @@
+"""Benchmark presets: one frozen description of sizes per machine class.
+
+Every scenario reads its sizes from here, so a preset is the whole recipe of a run and is written
+into the results next to the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+KINDS = ("lora", "ia3", "bitfit", "prompt")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base_preset: str  # serve.base.PRESETS key
+    device: str  # "cpu" or "cuda"
+    dtype: str  # "float32" or "bfloat16"
+    lora_rank: int = 16
+    prompt_tokens: int = 8
+    # Throughput sweep: N distinct adapters per batch; batch rows = max(batch_rows, N).
+    distinct: tuple[int, ...] = (1, 8, 32, 128)
+    batch_rows: int = 32
+    input_chars: int = 32  # the tokenizer is byte-level: one char = one token
+    new_tokens: int = 16
+    repeats: int = 3  # timed repeats per cell after one warm-up; the median is reported
+    # Peers that hold one model (or one resident adapter set) per adapter are bounded by memory:
+    # beyond this many adapters they run on a round-robin pool and their memory is projected.
+    max_materialized: int = 8
+    peer_distinct: tuple[int, ...] = (1, 8, 32)  # N for the peft peers (each needs N adapters loaded)
+    # Swap latency samples per tier, register -> first token samples.
+    swap_samples: int = 40
+    first_token_samples: int = 10
+    # Continuous vs static batching.
+    poisson_requests: int = 48
+    poisson_rate: float = 8.0  # requests/s; chosen to keep the engine busy on the target machine
+    out_len: tuple[int, int] = (4, 64)
+    max_batch_rows: int = 16
+    # Idle registrations.
+    idle_adapters: int = 10_000
+    # HTTP (locust) load.
+    http_adapters: tuple[int, ...] = (100, 1000)
+    http_requests: int = 200
+    http_users: int = 8
+    http_seconds: float = 60.0
+    http_new_tokens: int = 8
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **kw) -> Preset:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+PRESETS: dict[str, Preset] = {
+    # Seconds on a laptop core: the suite's smoke run of every scenario.
+    "tiny": Preset(
+        name="tiny", base_preset="tiny", device="cpu", dtype="float32", lora_rank=4, prompt_tokens=4,
+        distinct=(1, 4), batch_rows=4, input_chars=12, new_tokens=4, repeats=1, max_materialized=2,
+        peer_distinct=(1, 4), swap_samples=5, first_token_samples=2, poisson_requests=8, poisson_rate=40.0,
+        out_len=(2, 8), max_batch_rows=4, idle_adapters=200, http_adapters=(10,), http_requests=12,
+        http_users=2, http_seconds=20.0, http_new_tokens=2,
+    ),
+    # flan-t5-small shape on 2 CPU cores: a few minutes.
+    "cpu-small": Preset(name="cpu-small", base_preset="flan-t5-small", device="cpu", dtype="float32"),
+    # FLAN-T5-XL shape, bf16, on one CUDA device (skipped cleanly without one).
+    "gpu-xl": Preset(
+        name="gpu-xl", base_preset="flan-t5-xl", device="cuda", dtype="bfloat16", new_tokens=32,
+        peer_distinct=(1, 8, 32, 128), max_materialized=4, swap_samples=100, poisson_requests=128,
+        poisson_rate=20.0, max_batch_rows=32, http_requests=1000, http_users=32,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown bench preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,206 @@
+"""Turn a results dict into results.json, results.md and PNG plots; judge the targets honestly.
+
+Targets are compared, flagged pass/fail/not measured and printed; never asserted: the benchmark
+reports what the engine does, whatever it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# (key, description, comparison, threshold); values come from `target_values(results)`.
+TARGETS = [
+    ("lora32_vs_base", "32 distinct LoRA adapters / engine base throughput", ">=", 0.85),
+    ("mixed32_vs_base", "32 distinct adapters, four kinds mixed / engine base", ">=", 0.85),
+    ("ia3_32_vs_base", "32 distinct (IA)3 adapters / engine base", ">=", 0.95),
+    ("bitfit32_vs_base", "32 distinct BitFit adapters / engine base", ">=", 0.95),
+    ("lora32_vs_peft_mixed", "32 distinct LoRA: engine / peft mixed batch", ">=", 2.0),
+    ("lora32_vs_swap", "32 distinct LoRA: engine / peft swap per request", ">=", 10.0),
+    ("continuous_vs_static", "continuous / static batching throughput (Poisson, 4-64 tokens)", ">=", 1.5),
+    ("continuous_median_latency_ratio", "continuous / static median latency", "<=", 1.0),
+    ("cold_swap_p99_ms", "cold swap (disk -> servable) p99, ms", "<=", 50.0),
+    ("warm_swap_p99_ms", "warm swap (host -> device) p99, ms", "<=", 5.0),
+    ("idle_adapter_bytes", "memory per registered, never-used adapter, bytes", "<=", 10_000),
+]
+
+
+def _cell(results: dict, peer: str, kind: str, distinct: int) -> dict | None:
+    for c in results.get("throughput", {}).get("cells", []):
+        if c["peer"] == peer and c["kind"] == kind and c["distinct"] == distinct:
+            return c
+    return None
+
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    if not a or not b or not b.get("tokens_per_s"):
+        return None
+    return a["tokens_per_s"] / b["tokens_per_s"]
+
+
+def target_values(results: dict) -> dict[str, float | None]:
+    n = 32
+    eng = {k: _cell(results, "engine", k, n) for k in ("lora", "mixed", "ia3", "bitfit")}
+    base = _cell(results, "engine", "base", n)
+    swap = results.get("swap", {})
+    batching = results.get("batching", {})
+    cont, stat = batching.get("continuous"), batching.get("static")
+
+    def ms(tier):
+        p99 = (swap.get(tier) or {}).get("p99")
+        return None if p99 is None else 1000 * p99
+
+    return {
+        "lora32_vs_base": _ratio(eng["lora"], base),
+        "mixed32_vs_base": _ratio(eng["mixed"], base),
+        "ia3_32_vs_base": _ratio(eng["ia3"], base),
+        "bitfit32_vs_base": _ratio(eng["bitfit"], base),
+        "lora32_vs_peft_mixed": _ratio(eng["lora"], _cell(results, "peft mixed batch", "lora", n)),
+        "lora32_vs_swap": _ratio(eng["lora"], _cell(results, "peft swap per request", "lora", n)),
+        "continuous_vs_static": _ratio(cont, stat),
+        "continuous_median_latency_ratio": (cont["p50_latency_s"] / stat["p50_latency_s"]
+                                            if cont and stat and stat.get("p50_latency_s") else None),
+        "cold_swap_p99_ms": ms("cold"),
+        "warm_swap_p99_ms": ms("warm"),
+        "idle_adapter_bytes": (results.get("idle_adapters") or {}).get("bytes_each"),
+    }
+
+
+def judge(results: dict) -> list[dict]:
+    values = target_values(results)
+    rows = []
+    for key, what, op, threshold in TARGETS:
+        v = values[key]
+        ok = None if v is None else (v >= threshold if op == ">=" else v <= threshold)
+        rows.append({"key": key, "target": f"{op} {threshold:g}", "what": what, "measured": v,
+                     "status": "not measured" if ok is None else ("PASS" if ok else "FAIL")})
+    return rows
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown(results: dict) -> str:
+    m, p = results["machine"], results["preset"]
+    lines = [f"# peftserve bench — preset `{p['name']}`", "",
+             f"Command: `{results['command']}`  ", f"Date: {results['started']}, {results['duration_s']:.0f} s  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+             f"{m['memory_gib']} GiB, torch {m['torch']}, device `{p['device']}` {p['dtype']}, "
+             f"load average at start {m['load_avg_1m']:.1f}  ",
+             f"Base: {p['base_preset']} shape, random weights; LoRA r={p['lora_rank']} all linear; "
+             f"{p['input_chars']} input tokens, {p['new_tokens']} new tokens, greedy.", ""]
+    if results.get("note"):
+        lines += [results["note"], ""]
+    lines += ["## Targets", "", "| target | threshold | measured | status |", "|---|---|---|---|"]
+    lines += [f"| {t['what']} | {t['target']} | {_fmt(t['measured'])} | {t['status']} |" for t in results["targets"]]
+    cells = results.get("throughput", {}).get("cells", [])
+    if cells:
+        ns = sorted({c["distinct"] for c in cells})
+        lines += ["", "## Throughput (generated tokens/s; ratio to the engine's base at the same rows)", "",
+                  "| peer | kind | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|---|" + "---|" * len(ns)]
+        for peer, kind in dict.fromkeys((c["peer"], c["kind"]) for c in cells):
+            row = []
+            for n in ns:
+                c = _cell(results, peer, kind, n)
+                row.append("-" if c is None else
+                           f"{c['tokens_per_s']:.1f} ({_fmt(c.get('ratio_to_base'), 2)}×)")
+            lines.append(f"| {peer} | {kind} | " + " | ".join(row) + " |")
+        lines += ["", "| peer | kind | N | rows | p50 latency s | p99 latency s | memory MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in cells:
+            mem = _fmt(c["memory_bytes"] / 2**20, 4) + (" (projected)" if c.get("memory_projected") else "")
+            lines.append(f"| {c['peer']} | {c['kind']} | {c['distinct']} | {c['rows']} | "
+                         f"{_fmt(c['p50_latency_s'])} | {_fmt(c['p99_latency_s'])} | {mem} |")
+    swap = results.get("swap") or {}
+    if swap:
+        lines += ["", "## Adapter swap latency (ms)", "", "| tier | n | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]
+        for tier, d in swap.items():
+            if isinstance(d, dict) and "p50" in d and d["n"]:
+                lines.append(f"| {tier} | {d['n']} | " + " | ".join(_fmt(1000 * d[k]) for k in ("p50", "p90", "p99", "max"))
+                             + " |")
+    b = results.get("batching") or {}
+    if b.get("continuous"):
+        lines += ["", "## Continuous vs static batching (Poisson arrivals)", "",
+                  "| mode | tokens/s | p50 latency s | p99 latency s | makespan s |", "|---|---|---|---|---|"]
+        for mode in ("continuous", "static"):
+            d = b[mode]
+            lines.append(f"| {mode} | {d['tokens_per_s']:.1f} | {_fmt(d['p50_latency_s'])} | "
+                         f"{_fmt(d['p99_latency_s'])} | {d['seconds']:.2f} |")
+    idle = results.get("idle_adapters")
+    if idle:
+        lines += ["", f"## Idle registrations: {idle['count']} adapters registered, never used: "
+                      f"{_fmt(idle['bytes_each'])} bytes each (Python heap, tracemalloc); "
+                      f"RSS delta {_fmt(idle['rss_bytes_each'])} bytes each."]
+    for s in results.get("skipped", []):
+        lines.append(f"- skipped: {s['what']}: {s['why']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_throughput(results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results.get("throughput", {}).get("cells", [])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for peer, kind in dict.fromkeys((c["peer"], c["kind"]) for c in cells):
+        pts = sorted((c["distinct"], c["tokens_per_s"]) for c in cells if c["peer"] == peer and c["kind"] == kind)
+        style = "--" if peer == "engine" and kind == "base" else "-"
+        ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=f"{peer} ({kind})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distinct adapters per batch (N)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"throughput vs distinct adapters — {results['preset']['name']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_swap_cdf(results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for tier, d in (results.get("swap") or {}).items():
+        xs = sorted(1000 * s for s in (d or {}).get("samples", []))
+        if xs:
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=f"{tier} (n={len(xs)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log)")
+    ax.set_ylabel("fraction of swaps")
+    ax.set_title(f"adapter swap latency CDF by tier — {results['preset']['name']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write(results: dict, out_dir: Path) -> dict[str, Path]:
+    """results.json, results.md, throughput.png, swap_latency_cdf.png under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["targets"] = judge(results)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
+    paths["json"].write_text(json.dumps(results, indent=2, default=str))
+    paths["markdown"].write_text(markdown(results))
+    paths["throughput_png"] = plot_throughput(results, out_dir / "throughput.png")
+    paths["swap_png"] = plot_swap_cdf(results, out_dir / "swap_latency_cdf.png")
+    return paths
+
+
+def print_targets(results: dict) -> None:
+    print("\ntargets (issue 4 / issue 7; flags, not asserts):")
+    for t in results["targets"]:
+        print(f"  [{t['status']:>12}] {t['what']}: measured {_fmt(t['measured'])}, target {t['target']}")

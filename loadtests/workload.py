@@ -1,0 +1,127 @@
+"""Benchmark inputs: a random-weight base, random adapters written by real peft, random prompts.
+
+Adapters are created once per (base, kind, rank) and cached on disk: peft builds the adapter
+structure on a fresh copy of the base (`init_lora_weights=False`, i.e. random A and B), then every
+further adapter re-draws the same tensors from its own seed and is saved with `save_pretrained`
+(safetensors). BitFit has no peft method; its files come from the adapters package's own writer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MANIFEST = "bench_manifest.json"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One benchmark request: the same object is handed to every peer."""
+
+    text: str
+    adapter: str | None
+    max_new_tokens: int
+
+
+def ensure_base(work: Path, base_preset: str, seed: int = 0) -> Path:
+    """The random-weight base for a preset, built once under `work/bases/<preset>`."""
+    from serve.base import FINGERPRINT_FILE, build_base
+
+    path = work / "bases" / base_preset
+    if not (path / FINGERPRINT_FILE).exists():
+        print(f"[bench] building a random {base_preset} base at {path}", flush=True)
+        build_base(path, base_preset, seed)
+    return path
+
+
+def random_texts(n: int, chars: int, seed: int) -> list[str]:
+    """n prompts of exactly `chars` printable characters (= tokens for the byte-level tokenizer)."""
+    rng = random.Random(seed)
+    alphabet = string.ascii_lowercase + "      "
+    return [("".join(rng.choice(alphabet) for _ in range(chars - 1)) + ".")[:chars] for _ in range(n)]
+
+
+def adapter_name(kind: str, i: int) -> str:
+    return f"{kind}-{i:05d}"
+
+
+def make_adapters(base_dir: Path, out: Path, kind: str, count: int, rank: int = 16, prompt_tokens: int = 8,
+                  seed: int = 0, progress: Callable[[str], None] | None = None) -> list[Path]:
+    """`count` adapters of `kind` for the base in `base_dir`, under `out/<kind>-r<rank>/`; cached."""
+    root = out / f"{kind}-r{rank}-p{prompt_tokens}"
+    paths = [root / adapter_name(kind, i) for i in range(count)]
+    missing = [i for i, p in enumerate(paths) if not (p / MANIFEST).exists()]
+    if not missing:
+        return paths
+    from serve.base import load_base
+
+    model = load_base(str(base_dir)).model
+    writer = _writer(kind, model, rank, prompt_tokens)
+    for n, i in enumerate(missing):
+        torch.manual_seed(seed * 1_000_003 + i)
+        tmp = paths[i].with_name(paths[i].name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "index": i, "seed": seed, "rank": rank}))
+        shutil.rmtree(paths[i], ignore_errors=True)
+        tmp.rename(paths[i])  # a half-written adapter is never visible under its name
+        if progress and (n + 1) % 16 == 0:
+            progress(f"{kind}: {n + 1}/{len(missing)} adapters written")
+    return paths
+
+
+def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path], None]:
+    if kind == "bitfit":
+        return _bitfit_writer(model)
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    if kind == "lora":
+        config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=rank, lora_alpha=2 * rank,
+                            target_modules="all-linear", init_lora_weights=False)
+    elif kind == "ia3":
+        config = IA3Config(task_type=TaskType.SEQ_2_SEQ_LM, init_ia3_weights=False)
+    elif kind == "prompt":
+        config = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_tokens)
+    else:
+        raise ValueError(f"unknown adapter kind {kind!r}")
+    peft_model = get_peft_model(model, config)
+    d_model = model.config.d_model
+
+    def write(path: Path) -> None:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    # what peft's init_lora_weights=False does: nn.Linear's default init for A and B
+                    torch.nn.init.kaiming_uniform_(p, a=5**0.5)
+                elif "ia3_l" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))  # trained (IA)3 vectors stay near 1
+                elif "prompt_encoder" in name:
+                    p.copy_(torch.randn_like(p) * d_model**-0.5)
+        peft_model.save_pretrained(path, safe_serialization=True)
+
+    return write
+
+
+def _bitfit_writer(model) -> Callable[[Path], None]:
+    """BitFit (no peft method): a bias on every T5 block linear, written by the project's one BitFit writer."""
+    from training.methods import save_bitfit
+
+    shapes = {name: m.out_features for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".block." in name}
+
+    def write(path: Path) -> None:
+        save_bitfit(path, {name: torch.randn(n) * 0.02 for name, n in shapes.items()}, "bench")
+
+    return write
+
+
+def make_requests(texts: list[str], adapters: list[str | None], new_tokens: int) -> list[Request]:
+    """Row i gets text i and adapter i mod len(adapters): N distinct adapters spread evenly over rows."""
+    return [Request(t, adapters[i % len(adapters)], new_tokens) for i, t in enumerate(texts)]
