@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
-from adapters import AdapterKind, RowAdapters, SlotConfig, attach_slots, load_adapter
+from adapters import RowAdapters
 
 TOL = 1e-4
-SLOT_OF = {  # adapter name -> (kind, slot)
-    "lora_qv_r4": (AdapterKind.LORA, 0), "lora_all_r8_rslora": (AdapterKind.LORA, 1),
-    "lora_layers_pattern": (AdapterKind.LORA, 2), "lora_regex": (AdapterKind.LORA, 3),
-    "ia3_default": (AdapterKind.IA3, 0), "ia3_mixed": (AdapterKind.IA3, 1),
-    "bitfit_attn": (AdapterKind.BITFIT, 0), "bitfit_ffn": (AdapterKind.BITFIT, 1),
-    "prompt_5": (AdapterKind.PROMPT, 0), "prompt_9_single": (AdapterKind.PROMPT, 1),
-}
-# Rows of the batch: every adapter once, two base rows, and a repeated adapter.
-ROWS = [None, "lora_qv_r4", "ia3_default", "prompt_5", "bitfit_attn", "lora_all_r8_rslora", "ia3_mixed",
-        "prompt_9_single", "bitfit_ffn", "lora_layers_pattern", None, "lora_regex", "lora_qv_r4", "prompt_5"]
-
-
 def peft_logits(base_model, adapter_dir, ids, dec):
     from peft import PeftModel
 
@@ -50,38 +37,14 @@ def bitfit_logits(base_model, adapter_dir, ids, dec):
         return model(input_ids=ids, decoder_input_ids=dec).logits
 
 
-@pytest.fixture(scope="module")
-def batch(tiny_base):
-    g = torch.Generator().manual_seed(0)
-    lengths = [3 + (7 * i) % 11 for i in range(len(ROWS))]
-    ids = torch.zeros(len(ROWS), max(lengths), dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(3, 380, (n,), generator=g)
-    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
-    dec = torch.randint(3, 380, (len(ROWS), 4), generator=g)
-    dec[:, 0] = 0
-    return ids, mask, dec, lengths
 
 
-@pytest.fixture(scope="module")
-def wrapped(tiny_base, tiny_desc, zoo):
-    model = copy.deepcopy(tiny_base.model)
-    slots = attach_slots(model, SlotConfig(slots={AdapterKind.LORA: 4, AdapterKind.IA3: 2, AdapterKind.BITFIT: 2,
-                                                  AdapterKind.PROMPT: 2}, max_rank=8, max_virtual_tokens=12))
-    for name, (kind, slot) in SLOT_OF.items():
-        slots.write(kind, slot, load_adapter(zoo[name], tiny_desc))
-    return model, slots
-
-
-def test_mixed_batch_matches_peft_per_row(tiny_base, zoo, batch, wrapped):
-    ids, mask, dec, lengths = batch
+def test_mixed_batch_matches_peft_per_row(tiny_base, zoo, mixed_batch, wrapped, slot_of, run_batch):
+    names, ids, mask, dec, lengths = mixed_batch
     model, slots = wrapped
-    rows = RowAdapters.from_pairs([None if r is None else SLOT_OF[r] for r in ROWS])
-    with torch.no_grad():
-        embeds, enc_mask = slots.encoder_inputs(ids, mask, rows)
-        slots.set_rows(rows)
-        logits = model(inputs_embeds=embeds, attention_mask=enc_mask, decoder_input_ids=dec).logits
-    for i, name in enumerate(ROWS):
+    rows = RowAdapters.from_pairs([None if r is None else slot_of[r] for r in names])
+    logits = run_batch(model, slots, rows, ids, mask, dec)
+    for i, name in enumerate(names):
         ids_i, dec_i = ids[i: i + 1, : lengths[i]], dec[i: i + 1]
         if name is None:
             with torch.no_grad():
