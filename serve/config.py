@@ -50,7 +50,8 @@ class EngineConfig(BaseModel):
     max_batch_tokens: int = Field(65536, ge=1, description="sum of input + max_new_tokens over running rows")
     max_input_tokens: int = Field(512, ge=1, description="longest accepted input (tokens, before soft prompt)")
     max_new_tokens_cap: int = Field(256, ge=1, description="largest accepted max_new_tokens; sizes the KV cache")
-    default_max_new_tokens: int = Field(64, ge=1)
+    default_max_new_tokens: int | None = Field(
+        None, ge=1, description="max_new_tokens when a request gives none; None: min(64, max_new_tokens_cap)")
     max_stop_sequences: int = Field(4, ge=0)
     max_stop_chars: int = Field(64, ge=1, description="longest accepted stop sequence (characters)")
     max_queue: int = Field(1024, ge=1, description="waiting requests before OverloadedError")
@@ -102,13 +103,16 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.default_max_new_tokens > self.max_new_tokens_cap:
+        if (self.default_max_new_tokens or 0) > self.max_new_tokens_cap:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens_cap")
         if self.ia3_merge == "dedicated" and not self.dedicated_adapter:
             raise ValueError('ia3_merge="dedicated" needs dedicated_adapter (the adapter this replica serves)')
         return self
 
     # --- resolved values -------------------------------------------------------------------------
+    def resolved_default_max_new_tokens(self) -> int:
+        return self.default_max_new_tokens or min(64, self.max_new_tokens_cap)
+
     def uses_cuda(self) -> bool:
         if self.device_map:
             return any(d.startswith("cuda") for d in self.device_map.values())

@@ -41,7 +41,10 @@ def t5_groups(config, dtype_bytes: int, extra_encoder_block: int = 0, extra_deco
     inner = h * dkv
     attention = 4 * d * inner + d  # q, k, v, o + layer norm
     ffn = (3 if gated else 2) * d * dff + d
-    tied = bool(_get(config, "tie_word_embeddings", False))
+    # transformers 5 reads FLAN-T5's tie_word_embeddings=false as scale_decoder_outputs=False (and then
+    # reports tie_word_embeddings=True although the checkpoint's lm_head is its own): trust the scaling flag.
+    scaled = _get(config, "scale_decoder_outputs")
+    tied = bool(_get(config, "tie_word_embeddings", False) if scaled is None else scaled)
 
     def block(i: int, cross: bool) -> int:
         params = attention + ffn + (attention if cross else 0) + (buckets * h if i == 0 else 0)

@@ -69,7 +69,7 @@ def _float(field_name: str, value) -> float:
 
 def validate_params(p: GenerationParams, cfg: EngineConfig) -> GenerationParams:
     """Resolve defaults and check ranges; raises RequestValidationError naming the field."""
-    mnt = cfg.default_max_new_tokens if p.max_new_tokens is None else _int("params.max_new_tokens",
+    mnt = cfg.resolved_default_max_new_tokens() if p.max_new_tokens is None else _int("params.max_new_tokens",
                                                                             p.max_new_tokens)
     if not 1 <= mnt <= cfg.max_new_tokens_cap:
         raise RequestValidationError("params.max_new_tokens",

@@ -1,0 +1,69 @@
+"""Admission: row/token bounds, FIFO, skipping over loading adapters, aging, static mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit
+
+
+@dataclass(eq=False)
+class R:
+    name: str
+    cost_tokens: int = 10
+    skips: int = 0
+    state: str = OK
+
+
+def run(waiting, running_rows=0, running_tokens=0, max_rows=4, max_tokens=100, max_skips=3, static=False):
+    admitted, failed = admit(waiting, running_rows, running_tokens, max_rows=max_rows, max_tokens=max_tokens,
+                             max_skips=max_skips, static=static, readiness=lambda r: r.state)
+    return [r.name for r in admitted], [r.name for r in failed]
+
+
+def test_fifo_within_row_and_token_bounds():
+    w = [R("a"), R("b"), R("c", cost_tokens=80), R("d")]
+    assert run(w, running_rows=1, running_tokens=20) == (["a", "b", "d"], [])  # c does not fit 60 tokens
+    assert run(w, running_rows=3) == (["a"], [])
+
+
+def test_loading_adapter_waits_alone_without_aging():
+    w = [R("cold", state=WAIT), R("x"), R("y")]
+    for _ in range(10):
+        assert run(w)[0] == ["x", "y"]
+    assert w[0].skips == 0  # waiting for its own adapter is not starvation
+
+
+def test_blocked_request_ages_then_blocks_younger_ones():
+    old = R("old", state=BLOCKED)  # e.g. every slot of its kind pinned by a popular adapter
+    for i in range(3):
+        assert run([old, R(f"young{i}")])[0] == [f"young{i}"]
+    assert old.skips == 3
+    assert run([old, R("young3")])[0] == []  # aged: no one overtakes it any more
+    old.state = OK  # the popular adapter's rows drained, its slot is free
+    assert run([old, R("young4")])[0] == ["old", "young4"]
+
+
+def test_big_request_is_not_starved_by_small_ones():
+    big = R("big", cost_tokens=90)
+    rounds = []
+    running_tokens = 50
+    for i in range(6):
+        got, _ = run([big, R(f"s{i}", cost_tokens=5)], running_rows=1, running_tokens=running_tokens)
+        rounds.append(got)
+        if "big" in got:
+            break
+        running_tokens = 0 if i >= 3 else 50  # small rows finish eventually; nothing new got in once aged
+    assert rounds[:3] == [["s0"], ["s1"], ["s2"]]
+    assert rounds[3] == []  # aged: the small request waits behind it
+    assert rounds[-1][0] == "big"
+
+
+def test_failed_requests_are_returned_and_do_not_consume_rows():
+    assert run([R("bad", state=FAIL), R("a")], max_rows=1) == (["a"], ["bad"])
+
+
+def test_static_mode_admits_only_into_an_empty_batch():
+    w = [R("a"), R("b")]
+    assert run(w, running_rows=1, static=True) == ([], [])
+    assert run(w, running_rows=0, static=True) == (["a", "b"], [])
