@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny", base_preset="tiny", device="cpu", dtype="float32", lora_rank=4, prompt_tokens=4,
         distinct=(1, 4), batch_rows=4, input_chars=12, new_tokens=4, repeats=1, max_materialized=2,
         peer_distinct=(1, 4), swap_samples=5, first_token_samples=2, poisson_requests=8, poisson_rate=40.0,
-        out_len=(2, 8), max_batch_rows=4, idle_adapters=200, http_adapters=(10,), http_requests=12,
+        out_len=(2, 8), max_batch_rows=4, idle_adapters=100, http_adapters=(10,), http_requests=12,
         http_users=2, http_seconds=20.0, http_new_tokens=2,
     ),
     # flan-t5-small shape on 2 CPU cores: a few minutes.

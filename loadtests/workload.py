@@ -31,14 +31,45 @@ class Request:
 
 
 def ensure_base(work: Path, base_preset: str, seed: int = 0) -> Path:
-    """The random-weight base for a preset, built once under `work/bases/<preset>`."""
+    """The random-weight base for a preset, built once under `work/bases/<preset>`.
+
+    The LM head's EOS row is zeroed: a random model otherwise stops some rows after a token or two,
+    and peers would be compared on different amounts of work. The EOS logit is then exactly 0 while
+    the winning logit is positive, so greedy decoding runs every request to its max_new_tokens.
+    """
     from serve.base import FINGERPRINT_FILE, build_base
 
-    path = work / "bases" / base_preset
+    path = work / "bases" / f"{base_preset}-noeos"
     if not (path / FINGERPRINT_FILE).exists():
         print(f"[bench] building a random {base_preset} base at {path}", flush=True)
         build_base(path, base_preset, seed)
+        _zero_eos_row(path)
     return path
+
+
+def _zero_eos_row(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import T5ForConditionalGeneration
+
+    from serve.base import FINGERPRINT_FILE, fingerprint
+
+    meta_file = path / FINGERPRINT_FILE
+    meta = json.loads(meta_file.read_text())
+    from safetensors import safe_open
+
+    def holds_head(file: Path) -> bool:
+        with safe_open(str(file), "pt") as f:
+            return "lm_head.weight" in f.keys()
+
+    weights_file = next(f for f in sorted(path.glob("*.safetensors")) if holds_head(f))  # sharded for XL
+    tensors = load_file(str(weights_file))
+    eos = json.loads((path / "config.json").read_text())["eos_token_id"]
+    tensors["lm_head.weight"][eos] = 0
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    model = T5ForConditionalGeneration.from_pretrained(str(path))
+    meta["fingerprint"] = fingerprint(model)  # adapters validate against the modified weights
+    meta["name"] += "-noeos"
+    meta_file.write_text(json.dumps(meta, indent=2))
 
 
 def random_texts(n: int, chars: int, seed: int) -> list[str]:

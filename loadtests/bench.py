@@ -1,0 +1,254 @@
+"""`peftserve bench`: the engine and its peers side by side, one process, same base, adapters and inputs.
+
+Sections (each can be selected with --only; a failing section is recorded, not fatal):
+- throughput: N distinct adapters per batch (per kind, and four kinds mixed) on the engine; peft mixed
+  batch, swap per request and merged-per-adapter on LoRA; the engine's base and HF generate as bases.
+- swap: cold (disk -> servable), warm (host -> device), hot, and register -> first token.
+- batching: continuous vs static batching under Poisson arrivals, output lengths 4-64.
+- idle: memory of registered, never-used adapters.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+from loadtests import report
+from loadtests.measure import distribution, machine, timed_cell
+from loadtests.presets import KINDS, Preset
+from loadtests.workload import ensure_base, make_adapters, make_requests, random_texts
+
+SECTIONS = ("throughput", "swap", "batching", "idle")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def mixed_names(by_kind: dict[str, list[str]], n: int) -> list[str]:
+    """n distinct adapters interleaving the four kinds: lora-0, ia3-0, bitfit-0, prompt-0, lora-1, ..."""
+    out = [by_kind[k][i] for i in range(n) for k in KINDS if i < len(by_kind[k])]
+    return out[:n]
+
+
+def _cell(peer_name: str, kind: str, n: int, rows: int, stats: dict, memory: int, projected=False) -> dict:
+    return {"peer": peer_name, "kind": kind, "distinct": n, "rows": rows, **stats, "memory_bytes": memory,
+            "memory_projected": projected}
+
+
+def throughput(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]], torch_dtype) -> list[dict]:
+    from loadtests.engine_driver import EnginePeer, open_engine, slots_for
+    from loadtests.peers import (
+        HFBasePeer,
+        MergedPerAdapterPeer,
+        PeftAdapters,
+        PeftMixedPeer,
+        SwapPerRequestPeer,
+    )
+
+    top = max(preset.distinct)
+    row_sizes = sorted({max(preset.batch_rows, n) for n in preset.distinct})
+    texts = random_texts(max(row_sizes), preset.input_chars, preset.seed)
+    by_kind = {k: list(paths[k]) for k in KINDS}
+    all_paths = {name: p for k in KINDS for name, p in paths[k].items()}
+    cells: list[dict] = []
+    engine = open_engine(base_dir, preset, device_slots=slots_for(top), max_batch_rows=max(row_sizes),
+                         host_bytes=8 * 2**30)
+    try:
+        peer = EnginePeer(engine)
+        peer.register(all_paths)
+        mem = peer.memory_bytes()
+        for rows in row_sizes:
+            ns = [n for n in preset.distinct if max(preset.batch_rows, n) == rows]
+            base_req = make_requests(texts[:rows], [None], preset.new_tokens)
+            before = timed_cell(lambda r=base_req: peer.run(r), preset.repeats)
+            log(f"engine base, {rows} rows: {before['tokens_per_s']:.1f} tok/s")
+            adapter_cells = []
+            for kind in (*KINDS, "mixed"):
+                for n in ns:
+                    names = mixed_names(by_kind, n) if kind == "mixed" else by_kind[kind][:n]
+                    reqs = make_requests(texts[:rows], names, preset.new_tokens)
+                    stats = timed_cell(lambda r=reqs: peer.run(r), preset.repeats)
+                    adapter_cells.append(_cell("engine", kind, n, rows, stats, mem))
+                    log(f"engine {kind} N={n}: {stats['tokens_per_s']:.1f} tok/s")
+            after = timed_cell(lambda r=base_req: peer.run(r), preset.repeats)
+            # the base is measured before and after its adapter cells: the mean of both is the reference,
+            # which halves the effect of load drift from other processes on a shared machine
+            base_tps = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+            for n in ns:
+                base_stats = dict(before, tokens_per_s=base_tps, base_before=before["tokens_per_s"],
+                                  base_after=after["tokens_per_s"])
+                cells.append(_cell("engine", "base", n, rows, base_stats, mem))
+            cells.extend(adapter_cells)
+    finally:
+        _close(engine)
+    base_of = {c["rows"]: c["tokens_per_s"] for c in cells if c["kind"] == "base"}
+
+    hf = HFBasePeer(base_dir, preset.device, torch_dtype)
+    for rows in row_sizes:
+        reqs = make_requests(texts[:rows], [None], preset.new_tokens)
+        stats = timed_cell(lambda r=reqs, p=hf: p.run(r), preset.repeats)
+        for n in (n for n in preset.distinct if max(preset.batch_rows, n) == rows):
+            cells.append(_cell(hf.name, "base", n, rows, stats, hf.memory_bytes()))
+        log(f"hf generate base, {rows} rows: {stats['tokens_per_s']:.1f} tok/s")
+    del hf
+
+    lora = dict(list(paths["lora"].items())[:max(preset.peer_distinct)])
+    shared = PeftAdapters(base_dir, lora, preset.device, torch_dtype)
+    merged = MergedPerAdapterPeer(base_dir, lora, preset.device, torch_dtype, preset.max_materialized)
+    base_bytes, per_adapter = shared.base_bytes, shared.adapter_bytes
+    for n in preset.peer_distinct:
+        rows = max(preset.batch_rows, n)
+        reqs = make_requests(texts[:rows], list(lora)[:n], preset.new_tokens)
+        for peer in (PeftMixedPeer(shared), SwapPerRequestPeer(shared), merged):
+            stats = timed_cell(lambda r=reqs, p=peer: p.run(r), max(1, preset.repeats - 1))
+            mem, projected = ((merged.memory_bytes(n), n > len(merged.models)) if peer is merged
+                              else (base_bytes + n * per_adapter, False))
+            cells.append(_cell(peer.name, "lora", n, rows, stats, mem, projected))
+            log(f"{peer.name} N={n}: {stats['tokens_per_s']:.1f} tok/s")
+    for c in cells:
+        c["ratio_to_base"] = c["tokens_per_s"] / base_of[c["rows"]] if base_of.get(c["rows"]) else None
+    return cells
+
+
+def swap(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> dict:
+    from loadtests.engine_driver import first_token_after_register, open_engine, swap_latencies
+    from serve.observer import RecordingObserver
+
+    recorder = RecordingObserver()
+    lora = dict(list(paths["swap"].items())[:preset.swap_samples])
+    # fewer LoRA slots than adapters (so pass 2 finds each evicted from the device), host room for all
+    engine = open_engine(base_dir, preset, observer=recorder, max_batch_rows=4, host_bytes=8 * 2**30,
+                         device_slots={"lora": 4, "ia3": 1, "bitfit": 1, "prompt": 1})
+    try:
+        probe = random_texts(1, preset.input_chars, preset.seed + 7)[0]
+        tiers = swap_latencies(engine, recorder, lora, probe)
+        ft = first_token_after_register(engine, next(iter(lora.values())), preset.first_token_samples, probe,
+                                        "fresh")
+    finally:
+        _close(engine)
+    out = {tier: distribution(v) for tier, v in tiers.items()}
+    out.update({k: distribution(v) for k, v in ft.items()})
+    log("swap p99 ms: " + ", ".join(f"{k} {1000 * (d['p99'] or 0):.2f}" for k, d in out.items()))
+    return out
+
+
+def batching(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]], capacity_tps: float | None) -> dict:
+    from loadtests.engine_driver import open_engine, run_arrivals
+
+    rng = random.Random(preset.seed + 11)
+    n = preset.poisson_requests
+    lo, hi = preset.out_len
+    lengths = [rng.randint(lo, hi) for _ in range(n)]
+    names = [None, *list(paths["lora"])[:7]]
+    texts = random_texts(n, preset.input_chars, preset.seed + 13)
+    from loadtests.workload import Request
+
+    requests = [Request(texts[i], names[i % len(names)], lengths[i]) for i in range(n)]
+    # Offered load 1.5x what the engine sustains (when measured): a saturated server is where batching
+    # policy matters; an idle one serves both at the arrival rate.
+    rate = 1.5 * capacity_tps / statistics.fmean(lengths) if capacity_tps else preset.poisson_rate
+    t, arrivals = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    out = {"rate_per_s": rate, "requests": n, "out_len": [lo, hi]}
+    for mode in ("continuous", "static"):
+        engine = open_engine(base_dir, preset, scheduling=mode, max_batch_rows=preset.max_batch_rows,
+                             device_slots={"lora": 8, "ia3": 1, "bitfit": 1, "prompt": 1})
+        try:
+            for name in names[1:]:
+                engine.register_adapter(name, str(paths["lora"][name]))
+            run_arrivals(engine, requests[: len(names)], [0.0] * len(names))  # warm: adapters resident
+            stats = run_arrivals(engine, requests, arrivals)
+        finally:
+            _close(engine)
+        out[mode] = stats
+        log(f"{mode} batching: {stats['tokens_per_s']:.1f} tok/s, p50 latency {stats['p50_latency_s']:.2f} s")
+    return out
+
+
+def idle(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> dict:
+    from loadtests.engine_driver import idle_registration_bytes, open_engine
+
+    engine = open_engine(base_dir, preset, device_slots={"lora": 1, "ia3": 1, "bitfit": 1, "prompt": 1})
+    try:
+        out = idle_registration_bytes(engine, next(iter(paths["lora"].values())), preset.idle_adapters)
+    finally:
+        _close(engine)
+    log(f"idle adapters: {out['bytes_each']:.0f} bytes each (heap), {out['rss_bytes_each']:.0f} (RSS)")
+    return out
+
+
+def _close(engine) -> None:
+    close = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
+    if close:
+        close()
+
+
+def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str, ...] = SECTIONS) -> dict:
+    import torch
+
+    _quiet()
+    if preset.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchUnavailableError(f"preset {preset.name} needs a CUDA device and none is available here")
+    torch.manual_seed(preset.seed)
+    t0 = time.time()
+    results: dict = {"preset": preset.to_dict(), "machine": machine(), "command": command,
+                     "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "skipped": [], "note": "Other processes shared this machine's cores: expect noise; "
+                                            "ratios are measured within one run."}
+    base_dir = ensure_base(work, preset.base_preset, preset.seed)
+    paths = adapters_for(preset, base_dir, work)
+    torch_dtype = getattr(torch, preset.dtype)
+    capacity = None
+    for section in sections:
+        log(f"section {section}")
+        try:
+            if section == "throughput":
+                results["throughput"] = {"cells": throughput(preset, base_dir, paths, torch_dtype)}
+                base = [c for c in results["throughput"]["cells"] if c["peer"] == "engine" and c["kind"] == "base"]
+                capacity = base[0]["tokens_per_s"] * min(1.0, preset.max_batch_rows / base[0]["rows"]) if base else None
+            elif section == "swap":
+                results["swap"] = swap(preset, base_dir, paths)
+            elif section == "batching":
+                results["batching"] = batching(preset, base_dir, paths, capacity)
+            elif section == "idle":
+                results["idle_adapters"] = idle(preset, base_dir, paths)
+        except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' numbers
+            traceback.print_exc()
+            results["skipped"].append({"what": section, "why": f"{type(e).__name__}: {e}"})
+    results["duration_s"] = time.time() - t0
+    report.write(results, out)
+    report.print_targets(results)
+    return results
+
+
+def adapters_for(preset: Preset, base_dir: Path, work: Path) -> dict[str, dict[str, Path]]:
+    """{kind: {name: path}} with max(N) adapters per kind, plus 'swap': LoRA adapters for the swap tiers."""
+    root = work / "adapters" / preset.base_preset
+    top = max(*preset.distinct, *preset.peer_distinct)
+    out = {}
+    for kind in KINDS:
+        count = max(top, preset.swap_samples) if kind == "lora" else top
+        ps = make_adapters(base_dir, root, kind, count, preset.lora_rank, preset.prompt_tokens, preset.seed,
+                           progress=log)
+        out[kind] = {p.name: p for p in ps[:top]}
+        if kind == "lora":
+            out["swap"] = {f"swap-{p.name}": p for p in ps[:preset.swap_samples]}
+    return out
+
+
+class BenchUnavailableError(RuntimeError):
+    """The preset cannot run on this machine (e.g. gpu-xl without CUDA)."""

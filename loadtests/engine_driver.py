@@ -1,0 +1,176 @@
+"""Drive peftserve's in-process engine for the benchmarks, through its public API only.
+
+- `EnginePeer`: the engine as one more peer (`run(requests) -> RunResult`).
+- `run_arrivals`: submit requests at given arrival times (Poisson) and time each one.
+- `swap_latencies`: cold / warm / hot adapter swaps as the engine's own observer hooks report them.
+- `first_token_after_register`: register a new adapter, time until its first token.
+- `idle_registration_bytes`: memory of registered adapters that are never used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import tracemalloc
+from pathlib import Path
+
+from loadtests.measure import rss_bytes
+from loadtests.peers import RunResult, unique_tensor_bytes
+from loadtests.presets import KINDS, Preset
+from loadtests.workload import Request
+
+
+def open_engine(base_dir: Path, preset: Preset, observer=None, **overrides):
+    from serve.config import EngineConfig
+    from serve.engine import Engine
+
+    fields = dict(base=str(base_dir), device=preset.device, dtype=preset.dtype, max_rank=preset.lora_rank,
+                  max_virtual_tokens=max(preset.prompt_tokens, 1),
+                  max_new_tokens_cap=max(preset.new_tokens, preset.out_len[1], 8))
+    fields.update(overrides)
+    return Engine.from_config(EngineConfig(**fields), observer=observer)
+
+
+def _gen_requests(requests: list[Request]):
+    from serve.requests import GenerationParams, GenerationRequest
+
+    return [GenerationRequest(inputs=r.text, adapter=r.adapter, params=GenerationParams(max_new_tokens=r.max_new_tokens))
+            for r in requests]
+
+
+class EnginePeer:
+    name = "engine"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def register(self, adapters: dict[str, Path]) -> None:
+        for name, path in adapters.items():
+            self.engine.register_adapter(name, str(path))
+
+    def run(self, requests: list[Request]) -> RunResult:
+        t0 = time.perf_counter()
+        results = self.engine.generate(_gen_requests(requests))
+        dt = time.perf_counter() - t0
+        latencies = [r.timings.get("total_s", dt) for r in results]
+        return RunResult(sum(r.generated_tokens for r in results), dt, latencies, [r.token_ids for r in results])
+
+    def memory_bytes(self) -> int:
+        """Base weights, every adapter slot tensor (allocated up front), the KV cache and adapters
+        cached in host memory."""
+        engine = self.engine
+        return (unique_tensor_bytes(engine.base.model) + engine.kv.nbytes()
+                + engine.cache.stats().host_bytes)
+
+
+async def _submit_at(engine, request, arrival: float, t0: float) -> tuple[float, object]:
+    await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+    sent = time.perf_counter()
+    result = await engine.submit(request)
+    return time.perf_counter() - sent, result
+
+
+async def _arrivals(engine, requests: list[Request], arrivals: list[float]):
+    reqs = _gen_requests(requests)
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(_submit_at(engine, r, a, t0) for r, a in zip(reqs, arrivals, strict=True)))
+    return done, time.perf_counter() - t0
+
+
+def run_arrivals(engine, requests: list[Request], arrivals: list[float]) -> dict:
+    """Open-loop load: request i is submitted at t0 + arrivals[i]; latency = its submit -> result."""
+    done, makespan = asyncio.run(_arrivals(engine, requests, arrivals))
+    from loadtests.measure import percentile
+
+    latencies = [d for d, _ in done]
+    tokens = sum(r.generated_tokens for _, r in done)
+    ttft = [r.timings["ttft_s"] for _, r in done if "ttft_s" in r.timings]
+    return {"requests": len(done), "tokens": tokens, "seconds": makespan, "tokens_per_s": tokens / makespan,
+            "p50_latency_s": percentile(latencies, 50), "p99_latency_s": percentile(latencies, 99),
+            "p50_ttft_s": percentile(ttft, 50), "latencies": latencies}
+
+
+def swap_latencies(engine, recorder, adapters: dict[str, Path], probe_text: str) -> dict[str, list[float]]:
+    """Swap latency by tier, from the engine's own hooks while it serves one-token requests.
+
+    The engine must have fewer device slots for the adapters' kind than `adapters`, and host memory for
+    all of them. Pass 1 touches every adapter once: each is cold (disk -> host -> device). Pass 2 touches
+    them again in the same order: each was evicted from its device slot by the others but is still in
+    host memory, so each is a warm swap (host -> device). Pass 3 repeats one resident adapter: hot.
+    cold = disk_to_host + host_to_device of the same adapter (the engine's hooks); hot = first-token
+    time of a resident adapter minus the base's median (what a resident slot costs over no adapter);
+    cold_first_token_overhead = the same end to end for a cold adapter (queueing and polling included).
+    """
+    names = list(adapters)
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+
+    def one(name: str | None) -> float:
+        t0 = time.perf_counter()
+        engine.generate(_gen_requests([Request(probe_text, name, 1)]))
+        return time.perf_counter() - t0
+
+    d2h, h2d = recorder.values["on_swap:disk_to_host"], recorder.values["on_swap:host_to_device"]
+    repeats = max(3, len(names) // 2)
+    base = sorted(one(None) for _ in range(repeats))
+    base_med = base[len(base) // 2]
+    cold, cold_e2e = [], []
+    for name in names:
+        n1, n2 = len(d2h), len(h2d)
+        dt = one(name)
+        if len(d2h) > n1 and len(h2d) > n2:
+            cold.append(d2h[-1] + h2d[-1])
+            cold_e2e.append(max(0.0, dt - base_med))
+    warm = []
+    for name in names:
+        n1, n2 = len(d2h), len(h2d)
+        one(name)
+        if len(h2d) > n2 and len(d2h) == n1:  # host hit: only the host -> device copy ran
+            warm.append(h2d[-1])
+    one(names[-1])
+    hot = [max(0.0, one(names[-1]) - base_med) for _ in range(repeats)]
+    return {"cold": cold, "warm": warm, "hot": hot, "cold_first_token_overhead": cold_e2e}
+
+
+def first_token_after_register(engine, path: Path, samples: int, probe_text: str, prefix: str) -> dict:
+    """register -> first token of a never-seen adapter (registration, cold load, encoder, one step),
+    next to the same request on the base (what the adapter adds)."""
+    def first_token(adapter: str | None) -> float:
+        return engine.generate(_gen_requests([Request(probe_text, adapter, 1)]))[0]
+
+    with_adapter, base = [], []
+    for i in range(samples):
+        name = f"{prefix}-{i}"
+        t0 = time.perf_counter()
+        engine.register_adapter(name, str(path))
+        first_token(name)
+        with_adapter.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        first_token(None)
+        base.append(time.perf_counter() - t0)
+        engine.remove_adapter(name)
+    return {"register_to_first_token": with_adapter, "base_first_token": base}
+
+
+def idle_registration_bytes(engine, adapter_dir: Path, count: int, prefix: str = "idle") -> dict:
+    """Register `count` names for one adapter directory and never use them: heap bytes each
+    (tracemalloc, Python allocations) and RSS bytes each (noisier: allocator pages)."""
+    gc.collect()
+    rss0 = rss_bytes()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    t0 = time.perf_counter()
+    for i in range(count):
+        engine.register_adapter(f"{prefix}-{i:06d}", str(adapter_dir))
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    rss = rss_bytes() - rss0
+    return {"count": count, "bytes_each": (after - before) / count, "rss_bytes_each": max(0, rss) / count,
+            "register_s_each": seconds / count}
+
+
+def slots_for(distinct: int) -> dict[str, int]:
+    return {k: distinct for k in KINDS}

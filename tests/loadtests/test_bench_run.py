@@ -1,0 +1,68 @@
+"""`peftserve bench --preset tiny`: every section runs and writes well-formed results (no timing asserts)."""
+
+import json
+
+import pytest
+
+from loadtests.report import TARGETS
+from serve.cli import main
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("bench-work")
+    assert main(["bench", "--preset", "tiny", "--out", str(out), "--work", str(work), "--threads", "1"]) == 0
+    return out
+
+
+def test_results_are_complete_and_well_formed(bench_out):
+    r = json.loads((bench_out / "results.json").read_text())
+    assert r["skipped"] == []  # every section ran
+    assert {"cpu", "cores", "torch", "torch_threads"} <= set(r["machine"])
+    cells = r["throughput"]["cells"]
+    kinds = {(c["peer"], c["kind"]) for c in cells}
+    assert {("engine", k) for k in ("base", "lora", "ia3", "bitfit", "prompt", "mixed")} <= kinds
+    assert {("peft mixed batch", "lora"), ("peft swap per request", "lora"),
+            ("merged model per adapter", "lora"), ("hf-generate base", "base")} <= kinds
+    for c in cells:
+        assert c["tokens_per_s"] > 0 and c["memory_bytes"] > 0 and c["ratio_to_base"] > 0
+        assert c["p99_latency_s"] >= c["p50_latency_s"] > 0
+        # the bench base never emits EOS, so every peer does the same work: rows x new tokens
+        assert c["tokens_per_run"] == c["rows"] * r["preset"]["new_tokens"]
+    for tier in ("cold", "warm", "hot", "register_to_first_token"):
+        d = r["swap"][tier]
+        assert d["n"] == len(d["samples"]) > 0 and d["p99"] >= d["p50"] >= 0
+    assert r["swap"]["cold"]["n"] == r["preset"]["swap_samples"]  # each first touch was a real cold load
+    for mode in ("continuous", "static"):
+        b = r["batching"][mode]
+        assert b["requests"] == r["preset"]["poisson_requests"] and b["tokens_per_s"] > 0
+    assert r["idle_adapters"]["count"] == r["preset"]["idle_adapters"]
+    assert 0 < r["idle_adapters"]["bytes_each"] < 1e6
+    assert [t["key"] for t in r["targets"]] == [k for k, *_ in TARGETS]
+    assert all(t["status"] in ("PASS", "FAIL") for t in r["targets"])  # all measured in the tiny run
+
+
+def test_markdown_and_plots(bench_out):
+    md = (bench_out / "results.md").read_text()
+    assert "## Targets" in md and "## Throughput" in md and "## Adapter swap latency" in md
+    assert "peftserve bench --preset tiny" in md
+    for png in ("throughput.png", "swap_latency_cdf.png"):
+        data = (bench_out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_bad_arguments_are_refused_with_a_message(capsys):
+    assert main(["bench", "--preset", "tiny", "--only", "throughput,nonsense"]) == 1
+    assert "unknown sections ['nonsense']" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--distinct", "1,x"]) == 1
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_gpu_preset_skips_cleanly_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: gpu-xl would really run")
+    assert main(["bench", "--preset", "gpu-xl", "--out", str(tmp_path / "o"), "--work", str(tmp_path)]) == 0
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
