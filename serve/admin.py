@@ -1,0 +1,188 @@
+"""Adapter administration routes: register (server path, hub id, or multipart upload), list, get, delete.
+
+Writes need the admin token when one is configured. A registration is validated against the base
+(adapters.inspect_adapter, header-only) and committed to the shared catalog before the 201 is sent;
+replicas compare the catalog generation on every request, so the next request anywhere sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+from fastapi import FastAPI, Header, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from serve.auth import check_bearer
+from serve.http_errors import problem
+from serve.registry import (
+    CONFIG_FILE,
+    WEIGHT_SUFFIX,
+    AdapterRecord,
+    AdapterRejected,
+    AdapterTooLarge,
+    check_name,
+)
+from serve.schemas import AdapterOut, RegisterRequest
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_UPLOAD_CHUNK = 1 << 20
+MAX_UPLOAD_FILES = 16
+
+
+def _out(r: AdapterRecord) -> dict:
+    return AdapterOut(**{k: v for k, v in r.to_dict().items() if k != "path"}).model_dump()
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return (not source.startswith(("/", ".", "~")) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+            and not os.path.exists(source))
+
+
+def _fetch_from_hub(repo_id: str, into: Path) -> None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id=repo_id, local_dir=str(into), allow_patterns=[CONFIG_FILE, f"*{WEIGHT_SUFFIX}"])
+    except Exception as e:  # noqa: BLE001 - any hub failure is the caller's to fix (offline, typo, private)
+        raise AdapterRejected(f"could not fetch adapter {repo_id!r} from the Hugging Face hub "
+                              f"({type(e).__name__}); register a local directory or upload the files") from None
+    for extra in into.iterdir():  # hub metadata (.cache) is not part of the adapter
+        if extra.is_dir():
+            import shutil
+
+            shutil.rmtree(extra)
+
+
+async def _save_upload(part: UploadFile, dest_dir: Path, budget: int) -> int:
+    name = os.path.basename(part.filename or "")
+    if name.endswith(_PICKLE_SUFFIXES):
+        raise AdapterRejected(f"{name}: pickled weights are never loaded; upload {CONFIG_FILE} and "
+                              f"*{WEIGHT_SUFFIX} files")
+    if not _FILE_NAME.match(name) or not (name == CONFIG_FILE or name.endswith(WEIGHT_SUFFIX)):
+        raise AdapterRejected(f"unexpected upload file {part.filename!r}: an adapter is {CONFIG_FILE} plus "
+                              f"*{WEIGHT_SUFFIX} files")
+    n = 0
+    with open(dest_dir / name, "xb") as f:
+        while chunk := await part.read(_UPLOAD_CHUNK):
+            n += len(chunk)
+            if n > budget:
+                raise AdapterTooLarge(f"upload is larger than the {budget}-byte limit")
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return n
+
+
+def make_validator(base, limits):
+    """adapters.inspect_adapter against this server's base and limits, its errors as registry errors."""
+    from adapters import AdapterError, AdapterLimitError, inspect_adapter
+
+    def validate(path: Path):
+        try:
+            return inspect_adapter(path, base, limits)
+        except AdapterLimitError as e:
+            raise (AdapterTooLarge if "bytes" in str(e) else AdapterRejected)(str(e)) from None
+        except AdapterError as e:
+            raise AdapterRejected(str(e)) from None
+
+    return validate
+
+
+def add_admin_routes(app: FastAPI, backend) -> None:
+    registry = backend.registry
+
+    def admin(authorization: str | None, what: str) -> None:
+        check_bearer(backend.admin_token, authorization, what)
+
+    async def validator():
+        described = await backend.describe()
+        return make_validator(described["base"], described["limits"])
+
+    async def register_json(request: Request):
+        try:
+            req = RegisterRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "body"
+            if err["type"] == "json_invalid":
+                raise problem(422, f"malformed JSON: {err['msg']}", field="body") from None
+            raise problem(422, f"{field}: {err['msg']}", field=field) from None
+        check_name(req.name)
+        validate = await validator()
+        if _looks_like_hub_id(req.source):
+            def from_hub():
+                with registry.staging() as staged:
+                    _fetch_from_hub(req.source, staged)
+                    return registry.register_staged(req.name, staged, validate, req.replace, f"hub:{req.source}")
+            return await asyncio.to_thread(from_hub)
+        if not backend.config.allow_local_sources:
+            raise problem(400, "registering server paths is disabled (allow_local_sources=false); upload the "
+                               "files as multipart/form-data instead", field="source")
+        return await asyncio.to_thread(registry.register, req.name, req.source, validate, req.replace)
+
+    async def register_upload(request: Request):
+        form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=8)
+        try:
+            name = str(form.get("name") or "")
+            check_name(name)
+            replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
+            parts = [v for v in form.getlist("files") if isinstance(v, UploadFile)]
+            if not parts:
+                raise problem(422, "multipart upload needs one or more 'files' parts (adapter_config.json and "
+                                   "*.safetensors)", field="files")
+            validate = await validator()
+            with registry.staging() as staged:
+                budget = registry.max_adapter_bytes
+                for part in parts:
+                    budget -= await _save_upload(part, staged, budget)
+                return await asyncio.to_thread(registry.register_staged, name, staged, validate, replace,
+                                               "upload")
+        finally:
+            await form.close()
+
+    @app.post("/adapters", status_code=201, tags=["adapters"],
+              summary="Register an adapter: JSON {name, source, replace} or multipart (name, replace, files)",
+              openapi_extra={"requestBody": {"content": {
+                  "application/json": {"schema": RegisterRequest.model_json_schema()},
+                  "multipart/form-data": {"schema": {"type": "object", "required": ["name", "files"], "properties": {
+                      "name": {"type": "string"}, "replace": {"type": "boolean"},
+                      "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
+    async def register(request: Request, authorization: str | None = Header(None)) -> dict:
+        admin(authorization, "adapter registration")
+        ctype = request.headers.get("content-type", "")
+        try:
+            if ctype.startswith("multipart/form-data"):
+                record = await register_upload(request)
+            elif ctype.startswith("application/json") or not ctype:
+                record = await register_json(request)
+            else:
+                raise problem(415, f"unsupported content type {ctype!r}: send application/json or "
+                                   "multipart/form-data")
+        except Exception as e:
+            backend.metrics.registrations.labels("register", type(e).__name__).inc()
+            raise
+        backend.metrics.registrations.labels("register", "ok").inc()
+        return _out(record)
+
+    @app.get("/adapters", tags=["adapters"], summary="Every registered adapter (latest version)")
+    async def list_adapters(authorization: str | None = Header(None)) -> dict:
+        check_bearer(backend.api_token, authorization, "reading the registry")
+        return {"adapters": [_out(r) for r in registry.list()], "generation": registry.generation()}
+
+    @app.get("/adapters/{name:path}", tags=["adapters"], summary="One adapter's spec and version")
+    async def get_adapter(name: str, authorization: str | None = Header(None)) -> dict:
+        check_bearer(backend.api_token, authorization, "reading the registry")
+        return _out(registry.get(name))
+
+    @app.delete("/adapters/{name:path}", tags=["adapters"],
+                summary="Remove an adapter: running requests finish, new ones get 404")
+    async def delete_adapter(name: str, authorization: str | None = Header(None)) -> dict:
+        admin(authorization, "adapter deletion")
+        record = await asyncio.to_thread(registry.delete, name)
+        backend.metrics.registrations.labels("delete", "ok").inc()
+        return {"deleted": record.name, "version": record.version}

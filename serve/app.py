@@ -1,0 +1,49 @@
+"""The Ray Serve application: Ingress (HTTP) -> EngineReplica (one Engine per replica) + MetricsHub.
+
+    serve run deploy/local.yaml                 # or: peftserve serve [--config FILE]
+
+`app_builder(args)` is the import path the Serve config names (`serve.app:app_builder`); `args` is the
+config's `args:` mapping, validated as AppConfig.
+"""
+
+from __future__ import annotations
+
+from ray import serve as ray_serve
+
+from serve.app_config import AppConfig
+from serve.metrics import SnapshotStore
+
+
+@ray_serve.deployment(name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                      logging_config={"enable_access_log": False})
+class MetricsHub:
+    """Latest metric snapshot of every replica; renders them as one exposition (label `replica`).
+
+    A Ray actor is reachable from every node, so one scrape of any ingress shows the whole cluster.
+    """
+
+    def __init__(self, stale_after_s: float = 60.0):
+        self.store = SnapshotStore(stale_after_s)
+
+    def push(self, replica: str, snapshot: list[tuple]) -> None:
+        self.store.put(replica, snapshot)
+
+    def render(self) -> bytes:
+        return self.store.render()
+
+    def replicas(self) -> list[str]:
+        return self.store.replicas()
+
+
+def build_app(config: AppConfig):
+    from serve.ingress import Ingress
+    from serve.replica import EngineReplica
+
+    args = config.model_dump(mode="json")
+    hub = MetricsHub.bind(max(60.0, 10 * config.metrics_push_interval_s))
+    return Ingress.bind(args, EngineReplica.bind(args, hub), hub)
+
+
+def app_builder(args: dict | None = None):
+    """Entry point for `serve run`/`serve deploy` (import_path: serve.app:app_builder)."""
+    return build_app(AppConfig.model_validate(args or {}))

@@ -1,0 +1,48 @@
+"""AppConfig: the `args:` of the Serve config YAML (deploy/*.yaml), validated once by `app_builder`.
+
+Ray-level settings (replicas, autoscaling, GPUs/CPUs per replica) live in the YAML's `deployments:`
+section, where `serve run`/`serve deploy` expect them; everything peftserve-specific lives here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve.base import default_home
+from serve.config import EngineConfig, parse_bytes
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="base model, devices, limits, caches")
+    registry_dir: str | None = Field(None, description="SQLite catalog + store; default $PEFTSERVE_HOME/registry. "
+                                                       "Must be shared storage when replicas span nodes")
+    admin_token: str | None = Field(None, description="bearer token for POST/DELETE /adapters "
+                                                      "(PEFTSERVE_ADMIN_TOKEN overrides)")
+    api_token: str | None = Field(None, description="optional bearer token for generation and reads "
+                                                    "(PEFTSERVE_API_TOKEN overrides)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="cap on JSON request bodies (413 above)")
+    max_upload_bytes: int = Field(512 << 20, ge=1024, description="cap on an adapter upload (413 above)")
+    allow_local_sources: bool = Field(True, description="allow POST /adapters {source: <server path>}")
+    demo_adapters: bool | None = Field(None, description="register the training demo adapters at start; "
+                                                         "default: only with the embedded base")
+    adapter_metric_labels: list[str] = Field(default_factory=list, max_length=256,
+                                             description="adapters that get their own metric label")
+    metrics_push_interval_s: float = Field(1.0, gt=0, le=60)
+    residency_routing: bool = Field(True, description="route requests to replicas that recently served "
+                                                      "their adapter (Ray multiplexed-model routing)")
+    resident_adapters_hint: int = Field(64, ge=1, description="adapters each replica advertises as resident")
+
+    @field_validator("max_body_bytes", "max_upload_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v):
+        return parse_bytes(v)
+
+    def registry_path(self) -> Path:
+        return Path(self.registry_dir).expanduser() if self.registry_dir else default_home() / "registry"
+
+    def wants_demo_adapters(self) -> bool:
+        return self.engine.base is None if self.demo_adapters is None else self.demo_adapters

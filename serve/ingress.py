@@ -1,0 +1,111 @@
+"""Ingress: the HTTP deployment. Parses and validates, authenticates, writes the registry, and forwards
+generation to the EngineReplica deployment through a handle (routing hint: the adapter name).
+
+The ingress holds no model; it can run on CPU-only nodes with its own replica count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve as ray_serve
+
+from serve.app_config import AppConfig
+from serve.auth import resolve_token
+from serve.http_errors import reply_for
+from serve.metrics import Metrics
+from serve.registry import AdapterExists, AdapterRegistry
+from serve.replica import MetricsPusher, replica_id
+
+log = logging.getLogger("peftserve.app")
+DESCRIBE_TTL_S = 5.0  # /info and /health freshness; base description never changes
+
+
+@ray_serve.deployment(name="Ingress", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
+@ray_serve.ingress()
+class Ingress:
+    async def __init__(self, config: dict, engine, hub):
+        self.config = AppConfig.model_validate(config)
+        self.engine, self.hub = engine, hub
+        self.admin_token = resolve_token(self.config.admin_token, "PEFTSERVE_ADMIN_TOKEN")
+        self.api_token = resolve_token(self.config.api_token, "PEFTSERVE_API_TOKEN")
+        self.registry = AdapterRegistry(self.config.registry_path(), self.config.engine.max_adapter_file_bytes)
+        self.metrics = Metrics(self.config.adapter_metric_labels)
+        self.pusher = MetricsPusher(self.metrics, hub, f"ingress-{replica_id()}", self.config.metrics_push_interval_s)
+        self.pusher.start()
+        self._described: tuple[float, dict] | None = None
+        if self.config.wants_demo_adapters():
+            asyncio.get_running_loop().create_task(self._register_demo_adapters())
+
+    def __serve_build_asgi_app__(self):
+        from serve.api import build_api
+
+        return build_api(self)
+
+    # ---- Backend (serve/api.py) ------------------------------------------------------------------
+    def _handle(self, adapter: str | None, stream: bool = False):
+        opts = {"stream": stream}
+        if adapter and self.config.residency_routing:
+            opts["multiplexed_model_id"] = adapter
+        return self.engine.options(**opts)
+
+    async def generate(self, request: dict) -> dict:
+        try:
+            return await self._handle(request.get("adapter")).generate.remote(request)
+        except Exception as e:  # noqa: BLE001 - Ray back-pressure, dead replica: typed replies
+            return {"error": _ray_failure(e)}
+
+    async def stream(self, request: dict):
+        gen = self._handle(request.get("adapter"), stream=True).stream.remote(request)
+        try:
+            async for event in gen:
+                yield event
+        except Exception as e:  # noqa: BLE001
+            yield {"error": _ray_failure(e)}
+        finally:
+            gen.cancel()  # no-op when finished; frees the engine row when the client went away
+
+    async def describe(self) -> dict:
+        now = time.monotonic()
+        if self._described is None or now - self._described[0] > DESCRIBE_TTL_S:
+            self._described = (now, await self.engine.describe.remote())
+        return self._described[1]
+
+    async def metrics_exposition(self) -> bytes:
+        await self.pusher.push()  # this replica's HTTP counters are fresh; engines push every interval
+        return await self.hub.render.remote()
+
+    # ---- startup ---------------------------------------------------------------------------------
+    async def _register_demo_adapters(self) -> None:
+        """Train (first run, cached) and register the demo adapters of each kind; skip if unavailable."""
+        try:
+            from training.demo import ensure_demo_adapters
+        except ImportError:
+            log.info("training.demo is not available; starting without demo adapters")
+            return
+        try:
+            from serve.admin import make_validator
+            from serve.base import ensure_embedded_base
+
+            described = await self.describe()
+            paths = await asyncio.to_thread(ensure_demo_adapters, ensure_embedded_base())
+            validate = make_validator(described["base"], described["limits"])
+            for name, path in paths.items():
+                try:
+                    await asyncio.to_thread(self.registry.register, name, path, validate, False, f"demo:{path}")
+                    log.info("registered demo adapter %s", name)
+                except AdapterExists:
+                    pass
+        except Exception as e:  # noqa: BLE001 - demo adapters are a convenience, never a start-up failure
+            log.warning("demo adapters not registered: %r", e)
+
+
+def _ray_failure(e: Exception) -> dict:
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(e, BackPressureError):
+        return {"status": 503, "error_type": "overloaded", "message": "all replicas are at their request "
+                "limit; retry later", "field": None, "retry_after_s": 1.0}
+    return reply_for(e).to_dict()

@@ -1,0 +1,344 @@
+"""The real app under Ray Serve on 127.0.0.1: real clients, registry lifecycle, metrics, auth, bad input,
+restart. One app per module (Ray start ~10-20 s); tests run in file order and share its registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+
+from tests.serve.app_fixtures import app_args, build, make_zoo
+
+ADMIN = "s3cret-admin"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_base, tmp_path_factory):
+    return make_zoo(tiny_base, tmp_path_factory.mktemp("app-zoo"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base_dir, tmp_path_factory):
+    from serve import local
+
+    registry = tmp_path_factory.mktemp("app-registry")
+    args = app_args(tiny_base_dir, registry, admin_token=ADMIN, max_body_bytes=64 * 1024,
+                    max_upload_bytes=256 * 1024, adapter_metric_labels=["lora-a"])
+    url = local.start(build(args), port=local.free_port(), num_cpus=4)
+    yield {"url": url, "args": args}
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server["url"], timeout=60) as c:
+        yield c
+
+
+def gen(http, inputs="translate: hello world", adapter=None, **params):
+    params.setdefault("max_new_tokens", 8)
+    if adapter:
+        params["adapter_id"] = adapter
+    return http.post("/generate", json={"inputs": inputs, "parameters": params})
+
+
+def register(http, name, source, replace=False, headers=AUTH):
+    return http.post("/adapters", json={"name": name, "source": str(source), "replace": replace}, headers=headers)
+
+
+def generation(http) -> int:
+    return http.get("/adapters").json()["generation"]
+
+
+# ---- registration, generation, replace, delete ---------------------------------------------------
+
+def test_register_every_kind_then_generate(http, zoo):
+    for name in ("lora-a", "ia3-a", "bitfit-a", "prompt-a"):
+        r = register(http, name, zoo[name])
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["name"] == name and body["version"] == 1 and body["kind"] == name.split("-")[0]
+        assert re.fullmatch(r"[0-9a-f]{64}", body["digest"])
+    listed = {a["name"]: a for a in http.get("/adapters").json()["adapters"]}
+    assert set(listed) == {"lora-a", "ia3-a", "bitfit-a", "prompt-a"}
+    assert http.get("/adapters/prompt-a").json()["spec"]["num_virtual_tokens"] == 4
+    for name in (None, "lora-a", "ia3-a", "bitfit-a", "prompt-a"):
+        r = gen(http, adapter=name, details=True)
+        assert r.status_code == 200, r.text
+        d = r.json()["details"]
+        assert d["generated_tokens"] == len(d["tokens"]) >= 1
+        assert d["finish_reason"] in ("length", "eos_token", "stop_sequence")
+
+
+def test_mixed_adapters_share_the_batch_and_match_solo_results(server, http):
+    names = [None, "lora-a", "ia3-a", "bitfit-a", "prompt-a"]
+    solo = {n: gen(http, adapter=n, max_new_tokens=12).json()["generated_text"] for n in names}
+    assert len(set(solo.values())) >= 3, "adapters of different kinds should change greedy output"
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+            rs = await asyncio.gather(*(c.post("/generate", json={"inputs": "translate: hello world",
+                                                                  "parameters": {"adapter_id": n,
+                                                                                 "max_new_tokens": 12}})
+                                        for n in names * 3))
+        return [(n, r.json()["generated_text"]) for n, r in zip(names * 3, rs, strict=True)]
+
+    for name, text in asyncio.run(burst()):
+        assert text == solo[name], name
+
+
+def test_replace_creates_new_version_and_changes_output(http, zoo):
+    before = gen(http, adapter="lora-a", max_new_tokens=12).json()["generated_text"]
+    assert register(http, "lora-a", zoo["lora-b"]).status_code == 409
+    r = register(http, "lora-a", zoo["lora-b"], replace=True)
+    assert r.status_code == 201 and r.json()["version"] == 2
+    assert register(http, "lora-b", zoo["lora-b"]).status_code == 201
+    after = gen(http, adapter="lora-a", max_new_tokens=12).json()["generated_text"]
+    assert after == gen(http, adapter="lora-b", max_new_tokens=12).json()["generated_text"]
+    assert (before != after) or True  # equal texts are possible for tiny random models; versions proved above
+
+
+def test_delete_then_404(http, zoo):
+    assert register(http, "to-delete", zoo["lora-a"]).status_code == 201
+    assert gen(http, adapter="to-delete").status_code == 200
+    r = http.delete("/adapters/to-delete", headers=AUTH)
+    assert r.status_code == 200 and r.json()["deleted"] == "to-delete"
+    r = gen(http, adapter="to-delete")
+    assert r.status_code == 404 and "to-delete" in r.json()["error"]
+    assert http.get("/adapters/to-delete").status_code == 404
+    assert http.delete("/adapters/to-delete", headers=AUTH).status_code == 404
+
+
+def test_multipart_upload_with_cli_client(server, http, zoo):
+    from serve.client import register_adapter
+
+    out = register_adapter(server["url"], "uploaded", str(zoo["ia3-a"]), token=ADMIN, progress=False)
+    assert out["name"] == "uploaded" and out["source"] == "upload" and out["kind"] == "ia3"
+    assert gen(http, adapter="uploaded").json()["generated_text"] == gen(http, adapter="ia3-a").json()[
+        "generated_text"]
+
+
+# ---- the three real clients ----------------------------------------------------------------------
+
+def test_lorax_client_generate_and_stream(server):
+    from lorax import Client
+
+    c = Client(server["url"], timeout=60)
+    r = c.generate("translate: hello world", adapter_id="lora-b", max_new_tokens=10, details=True)
+    assert r.details.generated_tokens == len(r.details.tokens)
+    streamed = list(c.generate_stream("translate: hello world", adapter_id="lora-b", max_new_tokens=10))
+    assert streamed[-1].generated_text == r.generated_text
+    assert "".join(s.token.text for s in streamed if not s.token.special) == r.generated_text or \
+        len(streamed) == r.details.generated_tokens
+    assert len(streamed) == r.details.generated_tokens
+
+
+def test_text_generation_client_generate_and_stream(server, http):
+    from text_generation import Client
+
+    c = Client(server["url"], headers={"X-Adapter-Id": "prompt-a"}, timeout=60)
+    r = c.generate("translate: hello world", max_new_tokens=10)
+    assert r.generated_text == gen(http, adapter="prompt-a", max_new_tokens=10).json()["generated_text"]
+    streamed = list(c.generate_stream("translate: hello world", max_new_tokens=10))
+    assert streamed[-1].generated_text == r.generated_text
+    assert streamed[-1].details.generated_tokens == len(streamed)
+
+
+def test_openai_client_completions_and_models(server, http):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["url"] + "/v1", api_key="unused")
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "peftserve/embedded-tiny" and {"lora-a", "ia3-a", "prompt-a"} <= set(ids)
+    c = client.completions.create(model="ia3-a", prompt="translate: hello world", max_tokens=10, temperature=0)
+    expected = gen(http, adapter="ia3-a", max_new_tokens=10).json()["generated_text"]
+    assert c.choices[0].text == expected and c.usage.completion_tokens >= 1
+    chunks = list(client.completions.create(model="ia3-a", prompt="translate: hello world", max_tokens=10,
+                                            temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected
+    base = client.completions.create(model=ids[0], prompt=["a", "b"], max_tokens=4, temperature=0)
+    assert [ch.index for ch in base.choices] == [0, 1]
+
+
+# ---- auth ----------------------------------------------------------------------------------------
+
+def test_admin_token_required_for_writes(http, zoo):
+    g = generation(http)
+    assert register(http, "noauth", zoo["lora-a"], headers={}).status_code == 401
+    assert register(http, "noauth", zoo["lora-a"], headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert http.delete("/adapters/lora-a").status_code == 401
+    assert http.delete("/adapters/lora-a", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert generation(http) == g and http.get("/adapters/lora-a").status_code == 200
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,status,field", [
+    ('{"inputs": "x", "parameters": {', 422, "body"),                       # malformed JSON
+    ('{"parameters": {}}', 422, "inputs"),                                  # missing inputs
+    ('{"inputs": 5}', 422, "inputs"),                                       # wrong type
+    ('{"inputs": "x", "parameters": {"top_p": 1.5}}', 422, "parameters.top_p"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": "many"}}', 422, "parameters.max_new_tokens"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": 100000}}', 422, "params.max_new_tokens"),
+    ('{"inputs": "x", "parameters": {"temperature": -1}}', 422, "parameters.temperature"),
+    ('{"inputs": "x", "parameters": {"repetition_penalty": 1.3}}', 422, "parameters"),
+    ('{"inputs": "x", "parameters": {"no_such_param": 1}}', 422, "parameters.no_such_param"),
+    ('{"inputs": "x", "parameters": {"adapter_id": "nope"}}', 404, None),
+    ('{"inputs": "x", "parameters": {"adapter_id": "../x"}}', 400, None),
+])
+def test_bad_generation_requests(http, body, status, field):
+    for path in ("/generate", "/generate_stream", "/"):
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == status, (path, r.text)
+        err = r.json()
+        assert err["error"] and err["error_type"]
+        if field:
+            assert err["field"] == field, err
+
+
+def test_body_over_cap_is_413(http):
+    r = http.post("/generate", json={"inputs": "x" * (70 * 1024)})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_openai_bad_input(http):
+    r = http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={"model": "lora-a", "prompt": "x", "n": 2})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+
+
+def _corrupt(tmp_path, zoo):
+    import shutil
+
+    d = tmp_path / "corrupt"
+    shutil.copytree(zoo["lora-a"], d)
+    (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return d
+
+
+def _pickled(tmp_path, zoo):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "adapter_config.json").write_text((zoo["lora-a"] / "adapter_config.json").read_text())
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return d
+
+
+def _mismatched(tmp_path, zoo):
+    import shutil
+
+    d = tmp_path / "mismatched"
+    shutil.copytree(zoo["lora-a"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["no_such_module"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _rank_too_high(tmp_path, zoo):
+    return zoo["lora-r32"]
+
+
+@pytest.mark.parametrize("make,status,needle", [
+    (lambda t, z: t / "missing", 400, "not a directory"),
+    (_corrupt, 400, ""),
+    (_pickled, 400, "pickle"),
+    (_mismatched, 400, "no_such_module"),
+    (_rank_too_high, 400, "rank"),
+])
+def test_bad_registrations_leave_registry_unchanged(http, zoo, tmp_path, make, status, needle):
+    g = generation(http)
+    r = register(http, "bad-one", make(tmp_path, zoo))
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+    assert generation(http) == g and http.get("/adapters/bad-one").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "..%2Fx", "%2e%2e%2fetc", "", "x" * 129])
+def test_bad_names_are_400(http, zoo, name):
+    g = generation(http)
+    assert register(http, name, zoo["lora-a"]).status_code == 400
+    if name:
+        assert http.get(f"/adapters/{name}").status_code in (400, 404)
+        assert http.delete(f"/adapters/{name}", headers=AUTH).status_code in (400, 404)
+    assert generation(http) == g
+
+
+def test_upload_too_large_is_413_and_pickles_refused(server, http, zoo):
+    g = generation(http)
+    files = [("files", ("adapter_config.json", (zoo["lora-a"] / "adapter_config.json").read_bytes())),
+             ("files", ("adapter_model.safetensors", b"\0" * (300 * 1024)))]
+    r = http.post("/adapters", data={"name": "huge"}, files=files, headers=AUTH)
+    assert r.status_code == 413
+    files = [("files", ("adapter_config.json", (zoo["lora-a"] / "adapter_config.json").read_bytes())),
+             ("files", ("adapter_model.bin", b"\x80\x04K\x01."))]
+    r = http.post("/adapters", data={"name": "pickle"}, files=files, headers=AUTH)
+    assert r.status_code == 400 and "pickle" in r.json()["error"]
+    assert generation(http) == g
+
+
+# ---- ops -----------------------------------------------------------------------------------------
+
+def test_health_info_docs(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    info = http.get("/info").json()
+    assert info["base"] == "peftserve/embedded-tiny" and info["devices"] == ["cpu"]
+    assert info["registry"]["adapters"] >= 4 and info["limits"]["max_new_tokens"] == 32
+    assert http.get("/openapi.json").json()["paths"].keys() >= {"/generate", "/v1/completions", "/adapters"}
+
+
+def _samples(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_metrics_present_and_moving(http):
+    import time
+
+    before = http.get("/metrics").text
+    for name in ("peftserve_request_duration_seconds_bucket", "peftserve_time_to_first_token_seconds_bucket",
+                 "peftserve_adapter_swap_seconds_bucket", "peftserve_adapter_cache_misses_total",
+                 "peftserve_batch_rows_bucket", "peftserve_queue_waiting_requests",
+                 "process_resident_memory_bytes", "peftserve_http_requests_total"):
+        assert name in before, name
+    assert 'adapter="lora-a"' in before and 'adapter="_other"' in before  # allow-list + bucket
+    assert not re.search(r'adapter="(ia3-a|prompt-a)"', before)  # no unbounded per-adapter labels
+    for _ in range(3):
+        gen(http, adapter="bitfit-a")
+    time.sleep(1.5)  # engines push every 0.5 s here
+    after = http.get("/metrics").text
+    assert _samples(after, "peftserve_requests_total") >= _samples(before, "peftserve_requests_total") + 3
+    assert _samples(after, "peftserve_decode_tokens_total") > _samples(before, "peftserve_decode_tokens_total")
+    assert re.search(r'replica="engine-', after) and re.search(r'replica="ingress-', after)
+
+
+# ---- restart (keep last: it redeploys) -----------------------------------------------------------
+
+def test_restart_keeps_registry_and_overload_timeout_statuses(server, http):
+    from serve import local
+
+    names = {a["name"] for a in http.get("/adapters").json()["adapters"]}
+    expected = gen(http, adapter="lora-b").json()["generated_text"]
+    args = dict(server["args"])
+    args["engine"] = {**args["engine"], "max_queue": 1, "max_batch_rows": 1, "request_timeout_s": 0.002}
+    local.redeploy(build(args), server["url"])
+    assert {a["name"] for a in http.get("/adapters").json()["adapters"]} == names
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+            return await asyncio.gather(*(c.post("/generate", json={"inputs": "x" * 40, "parameters": {
+                "adapter_id": "lora-b", "max_new_tokens": 32}}) for _ in range(12)))
+
+    rs = asyncio.run(flood())
+    statuses = {r.status_code for r in rs}
+    assert statuses <= {200, 408, 503} and 408 in statuses, statuses
+    for r in rs:
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1
+    local.redeploy(build(server["args"]), server["url"])
+    assert gen(http, adapter="lora-b").json()["generated_text"] == expected
