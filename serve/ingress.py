@@ -74,6 +74,11 @@ class Ingress:
         return self._described[1]
 
     async def metrics_exposition(self) -> bytes:
+        kinds: dict[str, int] = {}
+        for r in self.registry.list():
+            kinds[r.kind] = kinds.get(r.kind, 0) + 1
+        for kind in ("lora", "ia3", "bitfit", "prompt"):
+            self.metrics.registered_adapters.labels(kind).set(kinds.get(kind, 0))
         await self.pusher.push()  # this replica's HTTP counters are fresh; engines push every interval
         return await self.hub.render.remote()
 
