@@ -77,6 +77,7 @@ class AdapterSlots:
         self.layers = layers
         self.batch = batch
         self.merged: tuple[AdapterKind, int] | None = None
+        self._merged_layers: list[AdaptedLinear] = []
         emb = model.get_input_embeddings()
         n_prompt = config.count(AdapterKind.PROMPT)
         self.prompts = (prompt_kind.PromptSlots(n_prompt, config.max_virtual_tokens, emb.embedding_dim,
@@ -160,16 +161,15 @@ class AdapterSlots:
         if kind == AdapterKind.PROMPT:
             raise SlotError("prompt adapters change the input, not weights; they cannot be merged")
         with torch.no_grad():
-            for layer in self.layers.values():
-                layer.merge(kind, slot + 1)
+            self._merged_layers = [layer for layer in self.layers.values() if layer.merge(kind, slot + 1)]
         self.merged = (kind, slot)
         self.batch.bump()
 
     def unmerge(self) -> None:
         """Restore the exact original weights (bit-identical: saved copies are copied back)."""
         with torch.no_grad():
-            for layer in self.layers.values():
-                if layer.merged:
-                    layer.unmerge()
+            for layer in self._merged_layers:  # only the touched tensors are restored
+                layer.unmerge()
+        self._merged_layers = []
         self.merged = None
         self.batch.bump()

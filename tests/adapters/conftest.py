@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft_zoo import ia3, lora, prompt
 
 from adapters import AdapterKind, BaseDescription, SlotConfig, attach_slots, load_adapter
 
@@ -21,55 +22,6 @@ SLOT_OF = {  # adapter name -> (kind, slot)
 # Rows of the batch: every adapter once, two base rows, and a repeated adapter.
 ROWS = [None, "lora_qv_r4", "ia3_default", "prompt_5", "bitfit_attn", "lora_all_r8_rslora", "ia3_mixed",
         "prompt_9_single", "bitfit_ffn", "lora_layers_pattern", None, "lora_regex", "lora_qv_r4", "prompt_5"]
-
-
-def _save_peft(model, config, out: Path, seed: int, init=None) -> Path:
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(model), config)
-    if init is not None:
-        with torch.no_grad():
-            init(peft_model)
-    peft_model.save_pretrained(out)
-    return out
-
-
-def lora(model, out, seed, **kw):
-    from peft import LoraConfig
-
-    def tame(pm):  # init_lora_weights=False draws B like A; scale it to a trained adapter's size
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.mul_(0.1)
-
-    kw.setdefault("target_modules", ["q", "v"])
-    return _save_peft(model, LoraConfig(task_type="SEQ_2_SEQ_LM", init_lora_weights=False, lora_alpha=16, **kw),
-                      out, seed, init=tame)
-
-
-def ia3(model, out, seed, **kw):
-    from peft import IA3Config
-
-    def randomize(pm):  # vectors around 1 with real spread: a clearly different model, still stable
-        for n, p in pm.named_parameters():
-            if "ia3_l" in n:
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-
-    return _save_peft(model, IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False, **kw), out, seed,
-                      init=randomize)
-
-
-def prompt(model, out, seed, num_virtual_tokens, **kw):
-    from peft import PromptTuningConfig
-
-    def randomize(pm):
-        for n, p in pm.named_parameters():
-            if "prompt_encoder" in n:
-                p.copy_(torch.randn_like(p))
-
-    cfg = PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=num_virtual_tokens, **kw)
-    return _save_peft(model, cfg, out, seed, init=randomize)
 
 
 @pytest.fixture(scope="session")
@@ -114,8 +66,14 @@ def wrap(tiny_base, tiny_desc, zoo, **config):
     config.setdefault("slots", {AdapterKind.LORA: 4, AdapterKind.IA3: 2, AdapterKind.BITFIT: 2, AdapterKind.PROMPT: 2})
     slots = attach_slots(model, SlotConfig(max_rank=8, max_virtual_tokens=12, **config))
     for name, (kind, slot) in SLOT_OF.items():
-        slots.write(kind, slot, load_adapter(zoo[name], tiny_desc))
+        if slot < slots.config.count(kind):
+            slots.write(kind, slot, load_adapter(zoo[name], tiny_desc))
     return model, slots
+
+
+@pytest.fixture(scope="session")
+def make_wrapped(tiny_base, tiny_desc, zoo):
+    return lambda **config: wrap(tiny_base, tiny_desc, zoo, **config)
 
 
 @pytest.fixture(scope="session")
