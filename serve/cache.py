@@ -80,6 +80,7 @@ class AdapterCache:
         self._entries: dict[Hashable, _Entry] = {}
         self._host: OrderedDict[Hashable, object] = OrderedDict()  # LRU: oldest first
         self._host_bytes = 0
+        self._staged: set[Hashable] = set()  # loaded for a waiting request, not yet on device: not evictable
         self._free: dict[str, list[int]] = {k: list(range(n - 1, -1, -1)) for k, n in slots.items()}
         self._resident: OrderedDict[Hashable, None] = OrderedDict()  # device LRU: oldest first
         self._device_bytes = 0
@@ -159,6 +160,8 @@ class AdapterCache:
                 self._evict_device(vkey)
             self._free[e.kind].remove(slot)
             e.slot, e.device_bytes = slot, nbytes
+            self._staged.discard(key)
+            self._enforce_host_bound()
             self._resident[key] = None
             self._device_bytes += nbytes
         t0 = time.perf_counter()
@@ -244,18 +247,20 @@ class AdapterCache:
                 self.stats_.loads += 1
                 self._host[key] = weights
                 self._host_bytes += int(getattr(weights, "nbytes", 0))
-                self._enforce_host_bound(keep=key)
+                self._staged.add(key)
+                self._enforce_host_bound()
         if err is None and not e.removed:
             safe_call(self._observer, "on_swap", "disk_to_host", e.kind, seconds, int(getattr(weights, "nbytes", 0)))
         self._report_bytes()
         self._on_loaded()
 
-    def _enforce_host_bound(self, keep: Hashable) -> None:
-        # The newest entry stays even when it alone exceeds the bound: it is about to be copied to device.
+    def _enforce_host_bound(self) -> None:
+        # Staged entries (loaded for a request, not yet copied to a slot) stay even above the bound:
+        # evicting them would only make their requests load them again.
         for key in list(self._host):
             if self._host_bytes <= self._host_limit:
                 break
-            if key == keep:
+            if key in self._staged:
                 continue
             self._drop_host(key)
             self.stats_.evictions["host"] += 1
@@ -263,6 +268,7 @@ class AdapterCache:
                       if key in self._entries else "unknown")
 
     def _drop_host(self, key: Hashable) -> None:
+        self._staged.discard(key)
         w = self._host.pop(key, None)
         if w is not None:
             self._host_bytes -= int(getattr(w, "nbytes", 0))

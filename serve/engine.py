@@ -376,6 +376,7 @@ class Engine:
                 if self._running:
                     self._step()
                 else:
+                    self._release_idle_merge()
                     self._wake.wait(timeout=0.02 if self._waiting else 0.5)
                 self._report_memory()
             except Exception as e:  # noqa: BLE001 - a failing batch must not kill the server
@@ -559,14 +560,7 @@ class Engine:
         if want == self._merged:
             return
         if self._merged is not None:
-            t0 = time.perf_counter()
-            self.slots.unmerge()
-            dt = time.perf_counter() - t0
-            self.cache.release(self._merged)
-            self._merged = None
-            self.counters["unmerges"] += 1
-            self.counters["unmerge_s"] += dt
-            safe_call(self.observer, "on_unmerge", "ia3", dt)
+            self._unmerge()
         if want is not None:
             t0 = time.perf_counter()
             self.slots.merge(seqs[0].kind, seqs[0].slot)
@@ -577,6 +571,26 @@ class Engine:
             self.counters["merge_s"] += dt
             safe_call(self.observer, "on_merge", "ia3", dt)
         self._rows_cache = None
+
+    def _release_idle_merge(self) -> None:
+        """No rows run: undo a merge whose adapter was removed, or (auto mode) that holds a slot someone
+        waiting may need. A dedicated replica keeps its adapter merged while idle."""
+        if self._merged is None:
+            return
+        removed = not self.cache.contains(self._merged)
+        if removed or (self.config.ia3_merge == "auto" and self._waiting):
+            self._unmerge()
+
+    def _unmerge(self) -> None:
+        t0 = time.perf_counter()
+        self.slots.unmerge()
+        dt = time.perf_counter() - t0
+        self.cache.release(self._merged)
+        self._merged = None
+        self._rows_cache = None
+        self.counters["unmerges"] += 1
+        self.counters["unmerge_s"] += dt
+        safe_call(self.observer, "on_unmerge", "ia3", dt)
 
     def _fail(self, seq: Sequence, error: BaseException | None) -> None:
         self.counters["failed"] += 1
@@ -591,9 +605,7 @@ class Engine:
             self._remove_row(len(self._running) - 1)
             self._fail(seq, wrapped)
         if self._merged is not None:
-            self.slots.unmerge()
-            self.cache.release(self._merged)
-            self._merged = None
+            self._unmerge()
 
     def _fail_all(self, error: BaseException) -> None:
         self._fail_running(error)

@@ -163,3 +163,21 @@ def test_duplicate_key_and_unknown_kind_refused():
         h.add("a")
     with pytest.raises(ValueError, match="no device slots"):
         h.cache.add("p", "prompt", ("p", 1), 1)
+
+
+def test_staged_loads_are_not_evicted_before_their_first_use():
+    """Several cold adapters loading at once over a small host budget: none is thrown away (and reloaded)
+    before its request copied it to a slot."""
+    h = Harness(slots={"lora": 8}, host_bytes=150)
+    names = [f"s{i}" for i in range(5)]
+    for n in names:
+        h.add(n, nbytes=100)
+        assert h.cache.prepare(n).state == LOADING
+    deadline = time.monotonic() + 5
+    while h.cache.stats().loads < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(h.cache.host_keys()) == names  # over the bound while staged
+    for n in names:
+        assert h.cache.prepare(n).state == READY
+    s = h.cache.stats()
+    assert s.loads == 5 and s.host_bytes <= 150
