@@ -78,11 +78,37 @@ async def _save_upload(part: UploadFile, dest_dir: Path, budget: int) -> int:
     return n
 
 
+def refuse_custom_code(path: Path) -> None:
+    """A config that asks for custom code (auto_map, trust_remote_code) is refused at registration: the server
+    never runs it, and an adapter that needs it would not mean what its author expects."""
+    import json
+
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # missing or malformed: inspect_adapter says so precisely
+    asks = [k for k in ("auto_map", "trust_remote_code") if isinstance(config, dict) and config.get(k)]
+    if asks:
+        raise AdapterRejected(f"{CONFIG_FILE} sets {', '.join(asks)}: adapters with custom code are refused "
+                              "(peftserve never imports code from an adapter); remove the key(s) and re-register")
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//|\\\\)|^\\\\")
+
+
+def check_source(source: str) -> None:
+    """Sources are a server directory or a hub id `org/name`; URLs of any scheme are never fetched."""
+    if _URL_SCHEME.match(source):
+        raise AdapterRejected(f"source {source!r} is a URL: sources are a directory on the server or a hub id "
+                              "'org/name'; upload the files as multipart/form-data instead")
+
+
 def make_validator(base, limits):
     """adapters.inspect_adapter against this server's base and limits, its errors as registry errors."""
     from adapters import AdapterError, AdapterLimitError, inspect_adapter
 
     def validate(path: Path):
+        refuse_custom_code(path)
         try:
             return inspect_adapter(path, base, limits)
         except AdapterLimitError as e:
@@ -113,6 +139,7 @@ def add_admin_routes(app: FastAPI, backend) -> None:
                 raise problem(422, f"malformed JSON: {err['msg']}", field="body") from None
             raise problem(422, f"{field}: {err['msg']}", field=field) from None
         check_name(req.name)
+        check_source(req.source)
         validate = await validator()
         if _looks_like_hub_id(req.source):
             def from_hub():

@@ -80,6 +80,9 @@ def _field_of(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPProblem)
     async def _problem(request: Request, exc: HTTPProblem):
@@ -103,6 +106,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR:
+            # FastAPI's reply when the body is not UTF-8 or nests too deep for json.loads: say so (422)
+            return error_response(request, ErrorReply(422, "validation", "body: malformed JSON (not valid UTF-8, "
+                                                      "or nested too deeply to parse)", field="body"))
         r = ErrorReply(exc.status_code, "too_large" if exc.status_code == 413 else "validation"
                        if exc.status_code < 500 else "internal", str(exc.detail))
         return error_response(request, r)

@@ -28,6 +28,13 @@ log = logging.getLogger("peftserve.app")
 ROUTING_HINT_ADAPTERS = int(os.environ.get("PEFTSERVE_ROUTING_HINT_ADAPTERS", "64"))
 
 
+def _fault_injected(fault: str) -> bool:
+    """Test hook, off unless PEFTSERVE_FAULT_DIR is set in the replica's environment: the file
+    `<dir>/<fault>-<pid>` makes this replica process report that fault (tests/reliability)."""
+    fault_dir = os.environ.get("PEFTSERVE_FAULT_DIR")
+    return bool(fault_dir) and os.path.exists(os.path.join(fault_dir, f"{fault}-{os.getpid()}"))
+
+
 def replica_id() -> str:
     try:
         return ray_serve.get_replica_context().replica_id.unique_id
@@ -119,11 +126,14 @@ class EngineReplica:
         info = self.engine.info()
         info["base_name"] = info.get("base")
         info["replica"] = replica_id()
+        info["pid"] = os.getpid()  # which process serves: fault tests and operators match it to logs
         return {"base": self.engine.base_desc, "limits": self.engine.limits, "info": info}
 
     async def check_health(self) -> None:
         if getattr(self.engine, "_closed", False):
             raise RuntimeError("engine is closed")
+        if _fault_injected("unhealthy"):
+            raise RuntimeError("fault injected: health check fails (test hook)")
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -21,6 +21,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_text(values: list[str], what: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: refuse them here (422)."""
+    for v in values:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} holds a lone surrogate (U+{ord(v[e.start]):04X} at index {e.start}); "
+                             "send valid Unicode text") from None
+
+
 # ---- TGI / LoRAX ---------------------------------------------------------------------------------
 
 # name -> neutral value(s); any other value is refused (see module docstring)
@@ -73,6 +83,7 @@ class TGIParameters(_Strict):
     def _stop_nonempty(cls, v: list[str]) -> list[str]:
         if any(not s for s in v):
             raise ValueError("stop sequences must be non-empty strings")
+        check_text(v, "a stop sequence")
         return v
 
     @field_validator("adapter_source")
@@ -169,6 +180,13 @@ class CompletionRequest(_Strict):
         prompts = [v] if isinstance(v, str) else v
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        check_text(prompts, "prompt")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_text(cls, v: str | list[str] | None) -> str | list[str] | None:
+        check_text([] if v is None else [v] if isinstance(v, str) else v, "stop")
         return v
 
     @property
