@@ -1,0 +1,205 @@
+"""One training config: data, loop hyper-parameters and per-method options, validated before any work.
+
+Validation happens in two steps, both before the first optimizer step: `TrainConfig.validate()` checks
+what needs no model (ranges, paths, output dir); `methods.select_modules` checks layer/module selections
+against the loaded base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from training.errors import OutputExistsError, TrainConfigError
+
+METHODS = ("lora", "ia3", "bitfit", "prompt", "full")
+TASKS = ("auto", "classification", "generation")
+MODULE_GROUPS = ("attention", "feed-forward", "encoder", "decoder")
+T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+
+# Defaults per method: what the method's papers use, scaled for short runs.
+DEFAULT_TARGETS = {
+    "lora": ["q", "v"],
+    "ia3": ["k", "v", "wo"],
+    "bitfit": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+}
+DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "bitfit": 1e-2, "prompt": 3e-1, "full": 3e-4}
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    train: str
+    output: Path
+    eval: str | None = None
+    base: str | None = None  # None: the embedded base
+    # data
+    input_field: str = "input"
+    target_field: str = "target"
+    template: str | None = None  # e.g. "Review: {text}" (any column by name)
+    task: str = "auto"  # classification -> exact match; generation -> ROUGE-L
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 200
+    max_source_length: int = 256
+    max_target_length: int = 64
+    # loop
+    max_steps: int | None = None
+    epochs: float | None = None  # used when max_steps is None (default 3)
+    learning_rate: float | None = None  # None: DEFAULT_LR[method]
+    batch_size: int = 8
+    seed: int = 0
+    eval_every: int | None = None  # None: about 10 evaluations per run
+    patience: int = 3  # evaluations without improvement before early stopping; 0 disables
+    stop_at_metric: float | None = None  # stop as soon as the eval metric reaches this (e.g. 1.0)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dropout: float | None = None  # override the base's dropout rate while training (None: keep it)
+    threads: int | None = None  # CPU threads for torch (None: torch's default); 1 is fastest on busy machines
+    eval_batch_size: int = 32
+    # method options
+    target_modules: list[str] | None = None  # short names (q, v, wo, ...); None: DEFAULT_TARGETS
+    feedforward_modules: list[str] | None = None  # (IA)3: targets scaled on the input side
+    layers: str = "all"  # "all", "first:N", "last:N" or "0,2,3"
+    module_groups: list[str] = field(default_factory=list)  # subset of MODULE_GROUPS; empty = all
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    num_virtual_tokens: int = 20
+    prompt_init: str = "random"  # "random" or "text"
+    prompt_init_text: str | None = None
+    prompt_submodules: int = 1  # 1: encoder soft prompt only (as served); 2: peft's seq2seq default
+    # output
+    overwrite: bool = False
+    adapter_name: str | None = None  # default: the output dir's name
+    register: str | None = None  # server URL to register the adapter with when done
+    register_token: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        for name in ("module_groups", "target_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # "q,v" from the CLI or YAML
+                setattr(self, name, [x.strip() for x in value.split(",") if x.strip()])
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.target_modules or DEFAULT_TARGETS.get(self.method, []))
+
+    @property
+    def name(self) -> str:
+        return self.adapter_name or self.output.name
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["register_token"] = None  # never write a secret into the report
+        return d
+
+    def validate(self) -> TrainConfig:
+        """Raise TrainConfigError / OutputExistsError with a message that says what to fix."""
+        if self.method not in METHODS:
+            _bad(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.task not in TASKS:
+            _bad(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _check_range("--learning-rate", self.lr, 0, 10, low_open=True)
+        _check_range("--batch-size", self.batch_size, 1, 4096)
+        _check_range("--eval-batch-size", self.eval_batch_size, 1, 4096)
+        if self.max_steps is not None:
+            _check_range("--max-steps", self.max_steps, 1, 10_000_000)
+        if self.epochs is not None:
+            _check_range("--epochs", self.epochs, 0, 10_000, low_open=True)
+        if self.eval_every is not None:
+            _check_range("--eval-every", self.eval_every, 1, 10_000_000)
+        _check_range("--patience", self.patience, 0, 1000)
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_range("--" + name.replace("_", "-"), value, 1, 10**9)
+        _check_range("--max-source-length", self.max_source_length, 1, 65536)
+        _check_range("--max-target-length", self.max_target_length, 1, 65536)
+        _check_range("--lora-rank", self.lora_rank, 1, 1024)
+        _check_range("--lora-alpha", self.lora_alpha, 0, 1e6, low_open=True)
+        _check_range("--lora-dropout", self.lora_dropout, 0, 1, high_open=True)
+        if self.dropout is not None:
+            _check_range("--dropout", self.dropout, 0, 1, high_open=True)
+        _check_range("--num-virtual-tokens", self.num_virtual_tokens, 1, 1024)
+        if self.prompt_submodules not in (1, 2):
+            _bad(f"--prompt-submodules must be 1 (encoder prompt, as served) or 2, got {self.prompt_submodules}")
+        if self.prompt_init not in ("random", "text"):
+            _bad(f"--prompt-init must be 'random' or 'text', got {self.prompt_init!r}")
+        if self.prompt_init == "text" and not (self.prompt_init_text or "").strip():
+            _bad("--prompt-init text needs --prompt-init-text 'some words describing the task'")
+        unknown = [t for t in self.targets if t not in T5_LINEARS]
+        if unknown:
+            _bad(f"unknown target module(s) {unknown}; T5 linears are {', '.join(T5_LINEARS)}")
+        if self.method in DEFAULT_TARGETS and not self.targets:
+            _bad(f"--target-modules is empty; {self.method} needs at least one of {', '.join(T5_LINEARS)}")
+        if self.feedforward_modules:
+            extra = sorted(set(self.feedforward_modules) - set(self.targets))
+            if self.method != "ia3":
+                _bad("--feedforward-modules applies to --method ia3 only")
+            if extra:
+                _bad(f"--feedforward-modules {extra} must also be in --target-modules {self.targets}")
+        bad_groups = [g for g in self.module_groups if g not in MODULE_GROUPS]
+        if bad_groups:
+            _bad(f"unknown module group(s) {bad_groups}; choose from {', '.join(MODULE_GROUPS)}")
+        if self.method == "prompt" and (self.layers != "all" or self.module_groups):
+            _bad("--layers/--module-groups do not apply to prompt tuning (it adds no per-layer weights)")
+        parse_layers(self.layers, num_layers=None)
+        check_output_dir(self.output, self.overwrite)
+        return self
+
+
+def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
+    """'all' -> None (every layer); 'first:N' / 'last:N' / '0,2,3' -> sorted layer indices.
+
+    With num_layers=None only the syntax is checked (the base is not loaded yet).
+    """
+    spec = (spec or "all").strip()
+    if spec == "all":
+        return None
+    try:
+        if spec.startswith(("first:", "last:")):
+            kind, n = spec.split(":", 1)
+            n = int(n)
+            if n < 1:
+                raise ValueError
+            if num_layers is None:
+                return []
+            if n > num_layers:
+                _bad(f"--layers {spec}: the base has only {num_layers} layers per stack")
+            return list(range(n)) if kind == "first" else list(range(num_layers - n, num_layers))
+        indices = sorted({int(x) for x in spec.split(",") if x.strip()})
+        if not indices or min(indices) < 0:
+            raise ValueError
+    except ValueError:
+        _bad(f"--layers must be 'all', 'first:N', 'last:N' or a list like '0,2,3' (N >= 1), got {spec!r}")
+    if num_layers is not None and max(indices) >= num_layers:
+        _bad(f"--layers {spec}: layer {max(indices)} does not exist; the base has layers 0..{num_layers - 1}")
+    return indices
+
+
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"--output {output} exists and is a file; choose a directory path")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputExistsError(f"--output {output} exists and is not empty; pass --overwrite to replace it "
+                                "or choose another directory")
+
+
+def _check_range(name, value, low, high, low_open=False, high_open=False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        _bad(f"{name} must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        _bad(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+def _bad(message: str):
+    raise TrainConfigError(message)

@@ -1,0 +1,203 @@
+"""Build the trainable model per method, and save what the server loads.
+
+LoRA, (IA)3 and prompt tuning go through peft; BitFit is the project's own (T5 linears have no bias, so
+each selected linear gets a zero-initialised trainable bias, saved in the adapters/ BitFit layout); full
+fine-tuning trains every weight and is the sweep's baseline. Selective training (seed paper §5): restrict
+to layers (first/last N, explicit list) and module groups (attention, feed-forward, encoder, decoder).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training.config import TrainConfig, parse_layers
+from training.errors import TrainConfigError
+
+# encoder.block.3.layer.1.DenseReluDense.wo -> stack, block, sub-module, linear
+_T5_LINEAR = re.compile(r"^(?P<stack>encoder|decoder)\.block\.(?P<block>\d+)\.layer\.\d+\."
+                        r"(?P<part>SelfAttention|EncDecAttention|DenseReluDense)\.(?P<name>\w+)$")
+
+
+@dataclass
+class Trainable:
+    """The model to optimise plus how to save it. `model` is a peft model for lora/ia3/prompt."""
+
+    method: str
+    model: torch.nn.Module
+    modules: list[str] = field(default_factory=list)  # full paths of adapted linears (empty for prompt/full)
+    peft: bool = False
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def counts(self) -> tuple[int, int]:
+        """(trainable, total base parameters); base total excludes the adapter's own parameters."""
+        trainable = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        base_total = total if self.method == "full" else total - trainable
+        return trainable, base_total
+
+
+def select_modules(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
+    """Full module paths of the T5 linears the method adapts (targets ∩ layers ∩ groups)."""
+    num_layers = model.config.num_layers
+    layers = parse_layers(cfg.layers, num_layers)
+    if layers is not None and max(layers, default=0) >= model.config.num_decoder_layers:
+        raise TrainConfigError(f"--layers {cfg.layers}: the decoder has only {model.config.num_decoder_layers} layers")
+    groups = set(cfg.module_groups)
+    stacks = {g for g in groups if g in ("encoder", "decoder")} or {"encoder", "decoder"}
+    kinds = {g for g in groups if g in ("attention", "feed-forward")} or {"attention", "feed-forward"}
+    targets = set(cfg.targets)
+    if "wi" in targets:  # gated-gelu T5 (FLAN) splits wi into wi_0/wi_1
+        targets |= {"wi_0", "wi_1"}
+    chosen = []
+    for path, module in model.named_modules():
+        m = _T5_LINEAR.match(path)
+        if not m or not isinstance(module, torch.nn.Linear) or m["name"] not in targets:
+            continue
+        kind = "feed-forward" if m["part"] == "DenseReluDense" else "attention"
+        if m["stack"] in stacks and kind in kinds and (layers is None or int(m["block"]) in layers):
+            chosen.append(path)
+    if not chosen:
+        raise TrainConfigError(
+            f"no T5 linear matches --target-modules {cfg.targets} with --layers {cfg.layers} and "
+            f"--module-groups {sorted(groups) or 'all'} (e.g. feed-forward has wi_0/wi_1/wo, attention q/k/v/o)")
+    return chosen
+
+
+def _peft_targets(cfg: TrainConfig, modules: list[str], every: list[str]) -> list[str]:
+    """Short names when every matching linear is selected (the common case); full paths otherwise."""
+    return sorted({p.rsplit(".", 1)[1] for p in modules}) if modules == every else modules
+
+
+def build(cfg: TrainConfig, base) -> Trainable:
+    """Wrap `base.model` (a LoadedBase's T5) for `cfg.method`; only the method's parameters train."""
+    model = base.model
+    model.requires_grad_(False)
+    if cfg.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.dropout
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return Trainable("full", model)
+    if cfg.method == "prompt":
+        return Trainable("prompt", _prompt_model(cfg, base), peft=True)
+    modules = select_modules(model, cfg)
+    if cfg.method == "bitfit":
+        add_biases(model, modules)
+        return Trainable("bitfit", model, modules)
+    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+
+    every = select_modules(model, _all_layers(cfg))
+    targets = _peft_targets(cfg, modules, every)
+    if cfg.method == "lora":
+        pcfg = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout, target_modules=targets)
+    else:
+        ff_short = set(cfg.feedforward_modules or [t for t in cfg.targets if t in ("wo", "wi", "wi_0", "wi_1")])
+        if "wi" in ff_short:
+            ff_short |= {"wi_0", "wi_1"}
+        feedforward = [t for t in targets if t.rsplit(".", 1)[-1] in ff_short]
+        pcfg = IA3Config(task_type=TaskType.SEQ_2_SEQ_LM, target_modules=targets, feedforward_modules=feedforward)
+    pcfg.base_model_name_or_path = base.name
+    peft_model = get_peft_model(model, pcfg)
+    peft_model.peft_config["default"].base_model_name_or_path = base.name
+    return Trainable(cfg.method, peft_model, modules, peft=True)
+
+
+def _all_layers(cfg: TrainConfig) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, layers="all", module_groups=[], output=cfg.output)
+
+
+def _prompt_model(cfg: TrainConfig, base):
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    text = cfg.prompt_init == "text"
+    pcfg = PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        # Why 1: peft's seq2seq default (2) also trains a decoder prompt that peft's generate and the
+        # server never use, so what is trained and what is served would differ.
+        num_transformer_submodules=cfg.prompt_submodules,
+        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=cfg.prompt_init_text if text else None,
+        tokenizer_name_or_path=base.path if text else None,
+    )
+    pcfg.base_model_name_or_path = base.name
+    model = get_peft_model(base.model, pcfg)
+    if not text:
+        # peft's random init is N(0, 1); T5's embeddings are much smaller (and the tiny base's more so).
+        # Starting at the embedding scale keeps the first steps from swamping the real input.
+        emb = model.word_embeddings.weight
+        with torch.no_grad():
+            pe = model.prompt_encoder["default"].embedding.weight
+            pe.normal_(0.0, float(emb.std()))
+    return model
+
+
+# ---- BitFit: trainable biases on bias-free T5 linears ------------------------------------------------
+
+def add_biases(model: torch.nn.Module, modules: list[str]) -> None:
+    """Give each selected Linear a zero trainable bias (F.linear then adds it; output unchanged at init)."""
+    for path in modules:
+        linear = model.get_submodule(path)
+        if linear.bias is not None:
+            raise TrainConfigError(f"{path} already has a bias; BitFit here targets T5's bias-free linears")
+        linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                     device=linear.weight.device))
+
+
+def remove_biases(model: torch.nn.Module, modules: list[str]) -> None:
+    """Undo add_biases, so the shared base is bias-free again after training."""
+    for path in modules:
+        model.get_submodule(path).bias = None
+
+
+def bitfit_biases(model: torch.nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
+    return {path: model.get_submodule(path).bias.detach().to("cpu", torch.float32).clone() for path in modules}
+
+
+def save_bitfit(out: Path, biases: dict[str, torch.Tensor], base_name: str) -> None:
+    """Write the adapters/ BitFit layout; uses adapters.bitfit.save_bitfit when that module provides it."""
+    try:
+        from adapters.bitfit import save_bitfit as adapters_save
+    except ImportError:
+        adapters_save = None
+    if adapters_save is not None:
+        adapters_save(out, biases, base_model_name_or_path=base_name)
+        return
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    layers = sorted({int(_T5_LINEAR.match(p)["block"]) for p in biases})
+    config = {"peft_type": "BITFIT", "task_type": "SEQ_2_SEQ_LM", "base_model_name_or_path": base_name,
+              "target_modules": sorted({p.rsplit(".", 1)[1] for p in biases}), "layers_to_transform": layers}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({f"base_model.model.{p}.bias": t.contiguous() for p, t in biases.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def save(trainable: Trainable, out: Path, base) -> None:
+    """Write what the server (or, for full, from_pretrained) loads as-is into `out`."""
+    if trainable.method == "bitfit":
+        save_bitfit(out, bitfit_biases(trainable.model, trainable.modules), base.name)
+    elif trainable.method == "full":
+        trainable.model.save_pretrained(out, safe_serialization=True)
+        base.tokenizer.save_pretrained(out)
+    else:
+        # save_embedding_layers=False: embeddings are frozen, and "auto" would look the base up on the hub.
+        trainable.model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+        # peft writes the local path it saw; the server matches adapters to bases by name.
+        cfg_path = out / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base.name
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+

@@ -1,0 +1,87 @@
+"""Small tasks generated in code (fixed seeds), for the demo adapters and tests on the untrained embedded base.
+
+The embedded base is random, so a task must be learnable from scratch by a small adapter in a few hundred
+steps: the answer is decided by one keyword in the input, and the target is one short word.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SUBJECTS = ["the movie", "this phone", "our trip", "the soup", "that book", "the hotel", "my new bike",
+            "the concert", "this game", "the class", "the coffee", "her song"]
+POSITIVE = ["great", "lovely", "superb", "wonderful", "amazing", "brilliant"]
+NEGATIVE = ["awful", "boring", "terrible", "horrid", "dreadful", "lousy"]
+TOPICS = {
+    "sport": ["football", "tennis", "the match", "a goal", "the coach"],
+    "food": ["pasta", "a pizza", "the bread", "some cheese", "the salad"],
+    "weather": ["the rain", "a storm", "the snow", "some sun", "the wind"],
+}
+COLORS = {"red": "warm", "orange": "warm", "yellow": "warm", "blue": "cool", "green": "cool", "purple": "cool"}
+
+
+def sentiment(n: int, seed: int = 0) -> list[dict]:
+    """'<subject> was <adjective>.' -> 'good' | 'bad' (classification)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.random() < 0.5
+        adj = rng.choice(POSITIVE if label else NEGATIVE)
+        subject = rng.choice(SUBJECTS)
+        rows.append({"text": f"{subject} was {adj}.", "label": "good" if label else "bad"})
+    return rows
+
+
+def topic(n: int, seed: int = 0) -> list[dict]:
+    """'we talked about <thing> today' -> sport | food | weather (3-way classification)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(TOPICS))
+        rows.append({"text": f"{rng.choice(['we', 'they', 'you', 'I'])} talked about "
+                             f"{rng.choice(TOPICS[label])} today", "label": label})
+    return rows
+
+
+def color_temperature(n: int, seed: int = 0) -> list[dict]:
+    """'paint it <color>' -> warm | cool (classification by a single keyword)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        color = rng.choice(sorted(COLORS))
+        rows.append({"text": f"{rng.choice(['paint it', 'a shade of', 'the wall is'])} {color}",
+                     "label": COLORS[color]})
+    return rows
+
+
+def shout(n: int, seed: int = 0) -> list[dict]:
+    """'shout: <word>' -> '<WORD>' (short rewriting)."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sun", "hat", "red", "box", "cup", "pen", "map", "egg", "owl", "fig"]
+    return [{"text": f"shout: {w}", "label": w.upper()} for w in (rng.choice(words) for _ in range(n))]
+
+
+def sentiment_sign(n: int, seed: int = 0) -> list[dict]:
+    """Sentiment with one-character labels '+' / '-' (what a soft prompt on a random base learns fastest)."""
+    return [{"text": r["text"], "label": "+" if r["label"] == "good" else "-"} for r in sentiment(n, seed)]
+
+
+TASKS = {"sentiment": sentiment, "sentiment-sign": sentiment_sign, "topic": topic, "color": color_temperature,
+         "shout": shout}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_task(out_dir: Path, task: str, n_train: int = 400, n_eval: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """Write train.jsonl / eval.jsonl (fields 'text', 'label') for a generated task; returns their paths."""
+    make = TASKS[task]
+    out_dir = Path(out_dir)
+    return (write_jsonl(out_dir / "train.jsonl", make(n_train, seed)),
+            write_jsonl(out_dir / "eval.jsonl", make(n_eval, seed + 1_000)))

@@ -1,0 +1,193 @@
+"""The single training entry: `train(TrainConfig) -> TrainResult`.
+
+Order matters: validate the config, load and check the data, load the base and resolve the layer/module
+selection — all before the first optimizer step, so bad input costs nothing. Then a plain torch loop
+(AdamW, linear warmup) with periodic greedy-decoding evaluation, early stopping on the eval metric, the
+best weights restored, and an atomic write of adapter + report + curve + model card.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training import data as D
+from training import methods, output
+from training.config import TrainConfig
+from training.metrics import TASK_METRICS, score
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    base: object  # serve.base.LoadedBase
+    train: D.TextPairs
+    eval: D.TextPairs
+    task: str
+    device: torch.device
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    report: dict
+
+    @property
+    def metric(self) -> float:
+        return self.report["final_metrics"]["value"]
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Every check that can fail on user input, before any training."""
+    from serve.base import load_base
+
+    cfg.validate()
+    train_pairs = D.load_pairs(cfg.train, cfg.input_field, cfg.target_field, cfg.template,
+                               cfg.max_train_samples, cfg.seed)
+    if cfg.eval:
+        eval_pairs = D.load_pairs(cfg.eval, cfg.input_field, cfg.target_field, cfg.template,
+                                  cfg.max_eval_samples, cfg.seed, split="validation")
+    else:
+        train_pairs, eval_pairs = D.split_eval(train_pairs, seed=cfg.seed)
+        if cfg.max_eval_samples:
+            eval_pairs = D.TextPairs(eval_pairs.sources[: cfg.max_eval_samples],
+                                     eval_pairs.targets[: cfg.max_eval_samples], eval_pairs.source_name)
+    task = D.infer_task(train_pairs, cfg.task)
+    D.check_labels(train_pairs, task)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    base = load_base(cfg.base)
+    if cfg.method != "prompt" and cfg.method != "full":
+        methods.select_modules(base.model, cfg)  # raises on an empty/out-of-range selection
+    return Prepared(cfg, base, train_pairs, eval_pairs, task, device)
+
+
+def generate(model, tokenizer, sources: list[str], device, max_source_length: int, max_new_tokens: int,
+             batch_size: int) -> list[str]:
+    """Greedy decoding, as the server does by default."""
+    preds = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(sources), batch_size):
+            enc = tokenizer(sources[start:start + batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_source_length).to(device)
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            preds += tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [p.strip() for p in preds]
+
+
+def evaluate_pairs(model, tokenizer, pairs: D.TextPairs, task: str, device, cfg: TrainConfig) -> tuple[float, list]:
+    max_new = min(cfg.max_target_length, max(len(tokenizer(t)["input_ids"]) for t in pairs.targets) + 2)
+    preds = generate(model, tokenizer, pairs.sources, device, cfg.max_source_length, max_new, cfg.eval_batch_size)
+    return score(task, preds, pairs.targets)[1], preds
+
+
+def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+    """(total steps, eval interval)."""
+    per_epoch = math.ceil(n_train / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(per_epoch * (cfg.epochs if cfg.epochs is not None else 3)))
+    return total, cfg.eval_every or max(1, total // 10)
+
+
+def train(cfg: TrainConfig, prepared: Prepared | None = None) -> TrainResult:
+    p = prepared or prepare(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok = p.base.tokenizer
+    trainable = methods.build(cfg, p.base)
+    model = trainable.model.to(p.device)
+    encoded = D.encode_pairs(tok, p.train, cfg.max_source_length, cfg.max_target_length)
+    total, every = plan_steps(cfg, len(encoded))
+    params = trainable.parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    memory = output.PeakMemory(p.device)
+    metric_name = TASK_METRICS[p.task][1]
+    curve, best, best_step, best_state, stale = [], -1.0, 0, None, 0
+    t0 = time.perf_counter()
+    stream = D.batches(encoded, cfg.batch_size, tok.pad_token_id, cfg.seed)
+    bar = _progress(total, cfg)
+    step, epoch, loss_sum, loss_n = 0, 0, 0.0, 0
+    for step in range(1, total + 1):
+        model.train()
+        epoch, batch = next(stream)
+        loss = model(input_ids=batch.input_ids.to(p.device), attention_mask=batch.attention_mask.to(p.device),
+                     labels=batch.labels.to(p.device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        if step % every and step != total:
+            bar.update(1)
+            continue
+        value, _ = evaluate_pairs(model, tok, p.eval, p.task, p.device, cfg)
+        curve.append({"step": step, "epoch": round(step * cfg.batch_size / len(encoded), 4),
+                      "loss": loss_sum / loss_n, "metric": value, "wall_s": round(time.perf_counter() - t0, 3)})
+        loss_sum, loss_n = 0.0, 0
+        bar.update(1)
+        bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", **{metric_name: f"{value:.3f}"})
+        if value > best:
+            best, best_step, stale = value, step, 0
+            best_state = [t.detach().clone() for t in params]
+        else:
+            stale += 1
+        if (cfg.stop_at_metric is not None and value >= cfg.stop_at_metric) or (cfg.patience and stale >= cfg.patience):
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    peak, peak_kind = memory.read()
+    with torch.no_grad():  # restore the best evaluation's weights: that is what gets saved and reported
+        for t, saved in zip(params, best_state, strict=True):
+            t.copy_(saved)
+    model.to("cpu")
+    n_trainable, n_base = trainable.counts()
+    report = {
+        "name": cfg.name, "method": cfg.method, "task": p.task,
+        "targets": sorted({m.rsplit(".", 1)[1] for m in trainable.modules}), "adapted_modules": len(trainable.modules),
+        "trainable_params": n_trainable, "base_params": n_base,
+        "trainable_percent": 100.0 * n_trainable / max(1, n_base),
+        "steps": step, "planned_steps": total, "epochs": step * cfg.batch_size / len(encoded),
+        "best_step": best_step, "steps_to_converge": steps_to_converge(curve),
+        "train_seconds": train_seconds, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "final_metrics": {"metric": metric_name, "value": best, "eval_rows": len(p.eval)},
+        "data": {"train_rows": len(p.train), "eval_rows": len(p.eval), "labels": p.train.label_set[:50]
+                 if p.task == "classification" else None},
+        "base": {"name": p.base.name, "fingerprint": p.base.fingerprint},
+        "device": str(p.device), "environment": output.environment(), "config": cfg.to_dict(),
+    }
+    with output.staged_output(cfg.output, cfg.overwrite) as tmp:
+        methods.save(trainable, tmp, p.base)
+        output.write_curve(tmp / "curve.csv", curve)
+        output.write_report(tmp, report)
+    if cfg.progress:
+        print(f"saved {cfg.method} adapter to {cfg.output}: {metric_name}={best:.4f} after {step} steps "
+              f"({train_seconds:.1f} s)", flush=True)
+    if cfg.register:
+        from training.register import register
+
+        report["registered"] = register(cfg.register, cfg.name, cfg.output, cfg.register_token)
+    return TrainResult(cfg.output, report)
+
+
+def steps_to_converge(curve: list[dict], fraction: float = 0.97) -> int | None:
+    """First evaluated step whose metric reaches `fraction` of the run's best (the seed paper's notion)."""
+    if not curve:
+        return None
+    best = max(r["metric"] for r in curve)
+    return next(r["step"] for r in curve if r["metric"] >= fraction * best)
+
+
+def _progress(total: int, cfg: TrainConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"train {cfg.method} {cfg.name}", unit="step", disable=not cfg.progress,
+                dynamic_ncols=True, leave=False)
