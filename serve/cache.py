@@ -152,6 +152,11 @@ class AdapterCache:
                 return Prepared(LOADING)
             self._host.move_to_end(key)
             nbytes = int(getattr(weights, "nbytes", 0))
+            if self._device_limit is not None and nbytes > self._device_limit:
+                e.error = ValueError(f"the adapter needs {nbytes} bytes on the device, more than the whole "
+                                     f"device_bytes budget ({self._device_limit}); raise device_bytes")
+                self._drop_host(key)
+                return Prepared(FAILED, error=e.error)
             plan = self._plan_slot(e.kind, nbytes)
             if plan is None:
                 return Prepared(BLOCKED)
@@ -287,8 +292,6 @@ class AdapterCache:
             victims.append(same[0])
             slot = self._entries[same[0]].slot
         if self._device_limit is not None:
-            if nbytes > self._device_limit:
-                return None
             used = self._device_bytes - sum(self._entries[v].device_bytes for v in victims)
             for k in unpinned:
                 if used + nbytes <= self._device_limit:

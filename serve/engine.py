@@ -110,6 +110,7 @@ class Engine:
         self.counters = {"steps": 0, "tokens": 0, "prefills": 0, "merges": 0, "unmerges": 0, "merge_s": 0.0,
                          "unmerge_s": 0.0, "finished": 0, "failed": 0}
         self._closed = False
+        self.device_map: dict[str, str] | None = None
         self._last_mem_report = 0.0
         self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
         self._thread.start()
@@ -373,6 +374,7 @@ class Engine:
             try:
                 self._reap()
                 self._admit()
+                safe_call(self.observer, "on_queue_depth", self._queued, len(self._running))
                 if self._running:
                     self._step()
                 else:
@@ -455,7 +457,18 @@ class Engine:
         if admitted:
             for seq in admitted:
                 self._dequeue(seq)
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception as e:  # noqa: BLE001 - only the joining rows fail; running rows are intact
+                log.exception("encoder pass failed for %d joining requests", len(admitted))
+                joined = set(map(id, self._running))
+                error = PeftServeError(f"generation failed: {e!r}")
+                for seq in admitted:
+                    if id(seq) in joined:
+                        self._remove_row(self._running.index(seq))
+                    elif seq.key is not None:
+                        self.cache.release(seq.key)
+                    self._fail(seq, error)
 
     def _pairs(self, seqs: list[Sequence]):
         from adapters import RowAdapters

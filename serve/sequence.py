@@ -5,6 +5,7 @@ Owned by the engine loop thread once enqueued; other threads only set `cancelled
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 from serve.decode import SamplingRow
 from serve.requests import GenerationParams, GenerationRequest, GenerationResult, TokenEvent
 
+log = logging.getLogger("peftserve.engine")
 REPLACEMENT_CHAR = "\ufffd"  # a partial UTF-8 sequence (byte-level tokenizers): wait for the next byte
 
 
@@ -88,8 +90,12 @@ class Sequence:
         delta = text[self.emitted_chars:safe] if safe > self.emitted_chars else ""
         self.emitted_chars = max(self.emitted_chars, safe)
         if self.on_event is not None:
-            self.on_event(TokenEvent(token_id=token, text=delta, logprob=logprob if self.params.logprobs else None,
-                                     index=len(self.tokens) - 1))
+            event = TokenEvent(token_id=token, text=delta, logprob=logprob if self.params.logprobs else None,
+                               index=len(self.tokens) - 1)
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - the consumer is gone (e.g. its event loop closed)
+                self.cancelled = True
         return reason
 
     def result(self, finish_reason: str) -> GenerationResult:
@@ -107,4 +113,7 @@ class Sequence:
         self.done = True
         self.error = error
         if self.on_done is not None:
-            self.on_done(result, error)
+            try:
+                self.on_done(result, error)
+            except Exception:  # noqa: BLE001 - a vanished consumer must not break the batch
+                log.warning("could not deliver the result of a request (its caller went away)")

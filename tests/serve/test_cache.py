@@ -120,7 +120,8 @@ def test_device_byte_bound_evicts_across_kinds_and_blocks_when_pinned():
     assert h.ready("c").state == READY  # 150+100+120 > 300: LRU "a" goes
     assert h.cache.stats().device_bytes == 220 and h.cache.resident() == ["b", "c"]
     h.add("big", nbytes=301)
-    assert h.ready("big").state == BLOCKED  # can never fit
+    p = h.ready("big")
+    assert p.state == FAILED and "device_bytes" in str(p.error)  # can never fit: fail fast, not wait
     h.cache.pin("b"), h.cache.pin("c")
     h.add("d", nbytes=100)
     assert h.ready("d").state == BLOCKED

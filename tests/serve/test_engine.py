@@ -260,3 +260,44 @@ def test_info_and_adapter_listing(engine):
     assert info["adapters"]["by_kind"]["lora"] >= 2 and info["limits"]["max_new_tokens"] == 24
     listed = {a["name"]: a for a in engine.adapters()}
     assert listed["prompt"]["kind"] == "prompt" and listed["lora_a"]["tier"] in {"device", "host", "disk"}
+
+
+def test_failed_encoder_pass_fails_only_the_joining_requests(engine, monkeypatch):
+    from serve.errors import PeftServeError
+
+    real = engine.slots.encoder_inputs
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device failure")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine.slots, "encoder_inputs", flaky)
+    with pytest.raises(PeftServeError, match="simulated device failure"):
+        engine.generate([GenerationRequest("boom", adapter="lora_a")])
+    assert engine.cache.stats().pinned == 0
+    ok = engine.generate([GenerationRequest("fine", adapter="lora_a", params=GenerationParams(max_new_tokens=3))])
+    assert ok[0].generated_tokens >= 1
+
+
+def test_static_scheduling_gives_the_same_outputs(tiny_base_dir, zoo, engine):
+    reqs = mixed_requests(sampled=False)[:6]
+    expected = [engine.generate([r])[0].token_ids for r in reqs]
+    class JoinWatcher(RecordingObserver):
+        joined_running_batch = 0
+
+        def on_prefill(self, rows, tokens, seconds):
+            if len(self.engine._running) != rows:  # rows joined a batch that was already decoding
+                self.joined_running_batch += 1
+
+    for mode, joins in (("static", False), ("continuous", True)):
+        watcher = JoinWatcher()
+        with Engine.from_config(small_config(tiny_base_dir, scheduling=mode), observer=watcher) as eng:
+            watcher.engine = eng
+            for name in ("lora_a", "lora_b", "ia3", "bitfit", "prompt"):
+                eng.register_adapter(name, zoo[name])
+            got = asyncio.run(staggered(eng, reqs))
+        assert [g.token_ids for g in got] == expected, mode
+        assert (watcher.joined_running_batch > 0) == joins, mode
