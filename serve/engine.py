@@ -127,7 +127,8 @@ class Engine:
         plan = config.device_map
         if plan is None and (config.device_memory or config.device == "auto"):
             budgets = config.device_memory or _cuda_budgets()
-            plan = plan_device_map(model.config, budgets, torch.finfo(dtype).bits // 8)
+            nbytes = torch.finfo(dtype).bits // 8
+            plan = plan_device_map(model.config, budgets, nbytes, **_block_extras(model.config, config, nbytes))
         if plan is not None:
             apply_device_map(model, plan)
         else:
@@ -650,6 +651,25 @@ def _resolve(fut: asyncio.Future, res, exc) -> None:
 def _slim_spec(spec):
     """Intern module paths: every adapter of a base shares the same few hundred strings."""
     return replace(spec, modules=tuple(sys.intern(m) for m in spec.modules))
+
+
+def _block_extras(t5, cfg: EngineConfig, nbytes: int) -> dict[str, int]:
+    """Bytes that live with each block besides its weights: slot tensors (all kinds, every target linear)
+    and, for decoder blocks, the preallocated KV cache rows. The planner counts them with the block."""
+    d, inner, dff = t5.d_model, t5.num_heads * t5.d_kv, t5.d_ff
+    ffn = [(d, dff), (d, dff), (dff, d)] if str(t5.feed_forward_proj).startswith("gated") else [(d, dff), (dff, d)]
+    attention = [(d, inner)] * 3 + [(inner, d)]
+    slots = cfg.device_slots
+
+    def slot_bytes(linears) -> int:
+        per = sum(slots["lora"] * cfg.max_rank * (i + o) + slots["ia3"] * max(i, o) + slots["bitfit"] * o
+                  for i, o in linears)
+        return per * nbytes
+
+    virtual = cfg.max_virtual_tokens if slots.get("prompt", 0) else 0
+    kv = 2 * cfg.max_batch_rows * inner * (cfg.max_new_tokens_cap + cfg.max_input_tokens + virtual) * nbytes
+    return {"extra_encoder_block": slot_bytes(attention + ffn),
+            "extra_decoder_block": slot_bytes(attention * 2 + ffn) + kv}
 
 
 def _cuda_budgets() -> dict[str, int]:
