@@ -39,7 +39,8 @@ class HTTPProblem(Exception):
 
 
 _TYPE_BY_STATUS = {400: "validation", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout",
-                   409: "conflict", 413: "too_large", 422: "validation", 503: "overloaded"}
+                   409: "conflict", 413: "too_large", 422: "validation", 503: "overloaded",
+                   507: "storage_full"}
 
 
 def reply_for(exc: BaseException) -> ErrorReply:

@@ -108,9 +108,13 @@ class Ingress:
 
 
 def _ray_failure(e: Exception) -> dict:
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(e, BackPressureError):
         return {"status": 503, "error_type": "overloaded", "message": "all replicas are at their request "
                 "limit; retry later", "field": None, "retry_after_s": 1.0}
+    if isinstance(e, RayActorError):  # the engine replica died mid-request (crash, OOM kill); Serve replaces it
+        return {"status": 503, "error_type": "overloaded", "message": "the engine replica serving this request "
+                "died; it is being replaced, retry", "field": None, "retry_after_s": 2.0}
     return reply_for(e).to_dict()

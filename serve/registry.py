@@ -14,6 +14,7 @@ replicas compare on each request to decide whether to resync their engine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -62,6 +63,20 @@ class AdapterRejected(RegistryError):
 
 class AdapterTooLarge(AdapterRejected):
     status = 413
+
+
+class StoreFull(RegistryError):
+    """The store's filesystem (or the catalog's) has no space left; nothing was registered."""
+
+    status = 507
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _store_full(where: str, detail: object) -> StoreFull:
+    return StoreFull(f"the adapter store is full ({where}: {detail}); nothing was registered — free space "
+                     "under the registry directory (AdapterRegistry.gc() removes unreferenced objects) and retry")
 
 
 def check_name(name: str) -> str:
@@ -143,6 +158,10 @@ def adapter_files(directory: Path) -> list[Path]:
                               f"directory with {CONFIG_FILE} and *{WEIGHT_SUFFIX})")
     files = sorted(p for p in directory.iterdir()
                    if p.is_file() and (p.name == CONFIG_FILE or p.name.endswith(WEIGHT_SUFFIX)))
+    links = [p.name for p in files if p.is_symlink()]
+    if links:  # a link can point anywhere on the server: only the directory's own files are an adapter
+        raise AdapterRejected(f"adapter source {directory}: {', '.join(links)} is a symlink; copy the real "
+                              "files into the adapter directory")
     if not any(p.name == CONFIG_FILE for p in files):
         pickles = [p.name for p in directory.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
         hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
@@ -197,10 +216,13 @@ class AdapterRegistry:
         db.execute("BEGIN IMMEDIATE")  # take the write lock up front: check-then-insert is atomic
         try:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("COMMIT")
+        except BaseException as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+                raise _store_full("catalog", e) from None
             raise
-        db.execute("COMMIT")
 
     # ---- reads -----------------------------------------------------------------------------------
 
@@ -240,9 +262,13 @@ class AdapterRegistry:
     def staging(self) -> Iterator[Path]:
         """A fresh directory on the store's filesystem (rename into the store is atomic); removed after."""
         path = self.tmp / uuid.uuid4().hex
-        path.mkdir()
         try:
+            path.mkdir()
             yield path
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise _store_full("staging", e.strerror) from None
+            raise
         finally:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -15,13 +15,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.app_fixtures import app_args, build, make_zoo
+from tests.serve.app_fixtures import app_args, make_zoo
 
 from .harness import ADMIN, FAULT_DIR_ENV, FIGURES_ENV, mount_tmpfs, unmount, write_figures
 
 ENGINE = {"max_batch_rows": 4, "max_queue": 12, "max_new_tokens_cap": 256, "default_max_new_tokens": 8,
           "request_timeout_s": 60, "max_input_tokens": 256}
 MAX_BODY, MAX_UPLOAD = 64 * 1024, 256 * 1024
+# Health checks every second (default 10 s) so that a failing check_health is acted on within CI time.
+DEPLOYMENTS = {"EngineReplica": {"health_check_period_s": 1, "health_check_timeout_s": 10}}
+
+
+def build(args: dict):
+    from serve.app_config import AppConfig
+    from serve.launch import build_application
+
+    return build_application(AppConfig.model_validate(args), {k: dict(v) for k, v in DEPLOYMENTS.items()})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,7 +68,7 @@ def server(tiny_base_dir):
                     engine=dict(ENGINE))
     try:
         url = local.start(build(args), port=local.free_port(), num_cpus=4)
-        yield {"url": url, "args": args, "registry": mnt, "tmpfs": tmpfs, "faults": fault_dir,
+        yield {"url": url, "args": args, "build": build, "registry": mnt, "tmpfs": tmpfs, "faults": fault_dir,
                "port": int(url.rsplit(":", 1)[1])}
     finally:
         local.stop()

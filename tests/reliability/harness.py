@@ -72,7 +72,8 @@ def upload(http: httpx.Client, name: str, files: list[tuple[str, bytes]], header
 
 
 def adapter_files(d: Path) -> list[tuple[str, bytes]]:
-    return [(p.name, p.read_bytes()) for p in sorted(d.iterdir()) if p.is_file()]
+    """Every file of an adapter directory as upload parts, except the README.md that PEFT writes."""
+    return [(p.name, p.read_bytes()) for p in sorted(d.iterdir()) if p.is_file() and p.name != "README.md"]
 
 
 def registry_state(http: httpx.Client, registry_dir: Path) -> tuple:
