@@ -1,9 +1,124 @@
-"""Placeholder subcommand: filled in by the issue that owns it."""
+"""`peftserve train ...` (one adapter) and `peftserve train sweep --config sweep.yaml` (the seed paper's grid).
+
+Heavy imports (torch, datasets, peft) happen inside `run`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EPILOG = """examples:
+  peftserve train --method lora --train data/train.jsonl --eval data/dev.jsonl --output adapters/my-lora
+  peftserve train --method ia3 --train cola/train.jsonl --max-train-samples 500 --layers last:2 \\
+      --module-groups feed-forward --output out/cola-ia3 --register http://127.0.0.1:8000
+  peftserve train --method prompt --train rows.csv --input-field sentence --target-field label \\
+      --template "Is this acceptable? {sentence}" --num-virtual-tokens 20 --output out/prompt
+  peftserve train sweep --config training/sweeps/seed_paper.yaml --output sweeps/seed
+
+Data files are JSONL/JSON/CSV rows; a name that is not a local file is loaded as a hub dataset
+(NAME or NAME:SPLIT) when online. Without --eval, 10% of the training rows are held out.
+"""
 
 
-def add_arguments(parser) -> None:
-    pass
+def _csv(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("action", nargs="?", choices=["sweep"], default=None,
+                        help="'sweep': run a grid of methods x data sizes from --config (omit to train one adapter)")
+    g = parser.add_argument_group("what to train")
+    g.add_argument("--method", choices=["lora", "ia3", "bitfit", "prompt", "full"],
+                   help="adapter kind, or full fine-tuning (the baseline); required unless 'sweep'")
+    g.add_argument("--base", default=None, help="base model: hub id or local T5 directory (default: embedded base)")
+    g.add_argument("--output", type=Path, help="output directory (the adapter; for sweep: the results directory)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    g.add_argument("--name", dest="adapter_name", default=None, help="adapter name (default: the output dir's name)")
+    d = parser.add_argument_group("data")
+    d.add_argument("--train", help="training data: .jsonl/.json/.csv file or hub dataset id[:split]")
+    d.add_argument("--eval", default=None, help="eval data (default: hold out 10%% of --train)")
+    d.add_argument("--input-field", default="input", help="column holding the model input (default: input)")
+    d.add_argument("--target-field", default="target", help="column holding the target text (default: target)")
+    d.add_argument("--template", default=None,
+                   help="prompt template over columns, e.g. 'Classify: {text}' (overrides --input-field)")
+    d.add_argument("--task", choices=["auto", "classification", "generation"], default="auto",
+                   help="classification -> exact match, generation -> ROUGE-L (default: auto from the targets)")
+    d.add_argument("--max-train-samples", type=int, default=None, help="random subset of N training rows (seeded)")
+    d.add_argument("--max-eval-samples", type=int, default=200, help="evaluate on at most N rows (default 200)")
+    d.add_argument("--max-source-length", type=int, default=256, help="truncate inputs to N tokens")
+    d.add_argument("--max-target-length", type=int, default=64, help="truncate targets to N tokens")
+    t = parser.add_argument_group("optimisation")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (overrides --epochs)")
+    t.add_argument("--epochs", type=float, default=None, help="passes over the training rows (default 3)")
+    t.add_argument("--learning-rate", type=float, default=None,
+                   help="default per method: lora 1e-3, ia3 1e-2, bitfit 1e-2, prompt 0.3, full 3e-4")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 10 per run)")
+    t.add_argument("--patience", type=int, default=3, help="early stop after N evals without improvement (0: off)")
+    t.add_argument("--stop-at-metric", type=float, default=None, help="stop once the eval metric reaches this")
+    t.add_argument("--dropout", type=float, default=None, help="override the base's dropout while training")
+    t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    m = parser.add_argument_group("method options")
+    m.add_argument("--target-modules", type=_csv, default=None,
+                   help="T5 linears, comma-separated (q,k,v,o,wi_0,wi_1,wo); defaults: lora q,v; "
+                        "ia3 k,v,wo; bitfit all")
+    m.add_argument("--feedforward-modules", type=_csv, default=None,
+                   help="(IA)3: targets scaled on their input side (default: the feed-forward ones)")
+    m.add_argument("--layers", default="all", help="train only these blocks: all, first:N, last:N or 0,2,3")
+    m.add_argument("--module-groups", type=_csv, default=[],
+                   help="restrict to groups: attention, feed-forward, encoder, decoder (comma-separated)")
+    m.add_argument("--lora-rank", type=int, default=8)
+    m.add_argument("--lora-alpha", type=float, default=16.0)
+    m.add_argument("--lora-dropout", type=float, default=0.0)
+    m.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
+    m.add_argument("--prompt-init", choices=["random", "text"], default="random")
+    m.add_argument("--prompt-init-text", default=None, help="prompt tuning: text whose embeddings start the prompt")
+    m.add_argument("--prompt-submodules", type=int, choices=[1, 2], default=1,
+                   help="1 (default): encoder soft prompt only, exactly what is served; 2: peft's seq2seq "
+                        "default, which also trains a decoder prompt that generation never uses")
+    r = parser.add_argument_group("register / sweep")
+    r.add_argument("--register", metavar="URL", default=None, help="register the finished adapter with this server")
+    r.add_argument("--token", dest="register_token", default=None,
+                   help="admin token for --register (default: $PEFTSERVE_ADMIN_TOKEN)")
+    r.add_argument("--config", type=Path, default=None, help="sweep: the sweep YAML")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args):
+    from training.config import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    kwargs["progress"] = not args.quiet
+    return TrainConfig(**kwargs)
 
 
 def run(args) -> int:
-    raise SystemExit("peftserve: this subcommand is not implemented yet")
+    from training.errors import TrainConfigError
+
+    if args.action == "sweep":
+        if args.config is None:
+            raise TrainConfigError("peftserve train sweep needs --config sweep.yaml "
+                                   "(see training/sweeps/seed_paper.yaml)")
+        from training.sweep import run_sweep
+
+        result = run_sweep(args.config, output=args.output, overwrite=args.overwrite, progress=not args.quiet,
+                           threads=args.threads)
+        print(f"sweep results in {result.output}: {result.table_md}")
+        return 0
+    missing = [flag for flag, v in (("--method", args.method), ("--train", args.train), ("--output", args.output))
+               if v is None]
+    if missing:
+        raise TrainConfigError(f"missing {', '.join(missing)} (or use 'peftserve train sweep --config FILE')")
+    from training.train import train
+
+    result = train(config_from_args(args))
+    r = result.report
+    print(f"{r['final_metrics']['metric']}={r['final_metrics']['value']:.4f} trainable={r['trainable_params']} "
+          f"({r['trainable_percent']:.3f}%) steps={r['steps']} time={r['train_seconds']:.1f}s -> {result.output}")
+    return 0

@@ -165,30 +165,14 @@ def bitfit_biases(model: torch.nn.Module, modules: list[str]) -> dict[str, torch
     return {path: model.get_submodule(path).bias.detach().to("cpu", torch.float32).clone() for path in modules}
 
 
-def save_bitfit(out: Path, biases: dict[str, torch.Tensor], base_name: str) -> None:
-    """Write the adapters/ BitFit layout; uses adapters.bitfit.save_bitfit when that module provides it."""
-    try:
-        from adapters.bitfit import save_bitfit as adapters_save
-    except ImportError:
-        adapters_save = None
-    if adapters_save is not None:
-        adapters_save(out, biases, base_model_name_or_path=base_name)
-        return
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    layers = sorted({int(_T5_LINEAR.match(p)["block"]) for p in biases})
-    config = {"peft_type": "BITFIT", "task_type": "SEQ_2_SEQ_LM", "base_model_name_or_path": base_name,
-              "target_modules": sorted({p.rsplit(".", 1)[1] for p in biases}), "layers_to_transform": layers}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({f"base_model.model.{p}.bias": t.contiguous() for p, t in biases.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
 def save(trainable: Trainable, out: Path, base) -> None:
     """Write what the server (or, for full, from_pretrained) loads as-is into `out`."""
     if trainable.method == "bitfit":
-        save_bitfit(out, bitfit_biases(trainable.model, trainable.modules), base.name)
+        from adapters.bitfit import save_bitfit
+
+        layers = sorted({int(_T5_LINEAR.match(p)["block"]) for p in trainable.modules})
+        save_bitfit(out, bitfit_biases(trainable.model, trainable.modules), base_model_name_or_path=base.name,
+                    layers_to_transform=layers, base_fingerprint=base.fingerprint)
     elif trainable.method == "full":
         trainable.model.save_pretrained(out, safe_serialization=True)
         base.tokenizer.save_pretrained(out)
@@ -201,3 +185,10 @@ def save(trainable: Trainable, out: Path, base) -> None:
         cfg["base_model_name_or_path"] = base.name
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
+
+
+def save_bitfit(out: Path, biases: dict[str, torch.Tensor], base_name: str) -> Path:
+    """Kept for callers of the first training API (loadtests); delegates to adapters.bitfit.save_bitfit."""
+    from adapters.bitfit import save_bitfit as write
+
+    return write(out, biases, base_model_name_or_path=base_name)

@@ -122,7 +122,7 @@ trained with `peftserve train`.
 Data: `{cfg["train"]}` (input `{cfg["template"] or cfg["input_field"]}`, target `{cfg["target_field"]}`).
 The learning curve is in `curve.csv`; the full configuration in `train_report.json`.
 
-Serve it: `peftserve register --name {r["name"]} --path <this directory>` against a running server,
+Serve it: `peftserve register {r["name"]} <this directory> --url URL` against a running server,
 or load it with `peft.PeftModel.from_pretrained(base, <this directory>)` (LoRA, (IA)3, prompt).
 """
 

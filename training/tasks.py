@@ -68,7 +68,22 @@ def sentiment_sign(n: int, seed: int = 0) -> list[dict]:
     return [{"text": r["text"], "label": "+" if r["label"] == "good" else "-"} for r in sentiment(n, seed)]
 
 
-TASKS = {"sentiment": sentiment, "sentiment-sign": sentiment_sign, "topic": topic, "color": color_temperature,
+def color_letter(n: int, seed: int = 0) -> list[dict]:
+    """The color task with one-letter labels 'W' / 'C'."""
+    return [{"text": r["text"], "label": r["label"][0].upper()} for r in color_temperature(n, seed)]
+
+
+def parity(n: int, seed: int = 0) -> list[dict]:
+    """'number 7' -> 'odd' | 'even' (the last digit decides)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randrange(10, 1000)
+        rows.append({"text": f"number {k}", "label": "odd" if k % 2 else "even"})
+    return rows
+
+
+TASKS = {"color-letter": color_letter, "parity": parity, "sentiment": sentiment, "sentiment-sign": sentiment_sign, "topic": topic, "color": color_temperature,
          "shout": shout}
 
 

@@ -1,0 +1,192 @@
+"""`peftserve train sweep --config sweep.yaml`: methods × data sizes (× layer/module selections) per task.
+
+Writes, under the output directory: runs/<run id>/ (each run's adapter + report), results.csv, results.md
+(the seed paper's table shape: metric, steps to converge, time, trainable params, peak memory, each also
+normalised to full fine-tuning of the same task and data size), plots (PNG) and the method recommendation
+per task type and data size computed from the results (recommend.py). Finished runs are reused when a
+sweep is re-run on the same directory (resume after an interruption); --overwrite starts afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from training.config import TrainConfig
+from training.errors import TrainConfigError
+from training.recommend import recommend, recommendation_markdown
+
+COLUMNS = ["task", "task_type", "method", "selection", "data_size", "metric_name", "metric", "steps",
+           "steps_to_converge", "train_seconds", "trainable_params", "trainable_percent", "peak_memory_mb",
+           "metric_vs_full", "steps_vs_full", "time_vs_full", "params_vs_full", "memory_vs_full"]
+SELECTABLE = ("lora", "ia3", "bitfit")  # methods with per-layer weights
+
+
+@dataclass
+class SweepResult:
+    output: Path
+    rows: list[dict]
+    table_md: Path
+    recommendations: list[dict]
+
+
+def load_sweep(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"sweep config {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"sweep config {path} is not valid YAML: {e}") from None
+    for key in ("tasks", "methods"):
+        if not spec.get(key):
+            raise TrainConfigError(f"sweep config {path}: '{key}' is missing or empty")
+    known = {f.name for f in fields(TrainConfig)}
+    for where, entries in (("defaults", [spec.get("defaults") or {}]), ("methods", spec["methods"]),
+                           ("selections", spec.get("selections") or []), ("tasks", spec["tasks"])):
+        for entry in entries:
+            extra = set(entry) - known - {"name", "type", "method", "generated", "rows"}
+            if extra:
+                raise TrainConfigError(f"sweep config {path}: unknown keys {sorted(extra)} in {where}")
+    from training.tasks import TASKS
+
+    for task in spec["tasks"]:
+        if "name" not in task or not ("train" in task or "generated" in task):
+            raise TrainConfigError(f"sweep config {path}: every task needs 'name' and 'train' (or 'generated')")
+        if task.get("generated") and task["generated"] not in TASKS:
+            raise TrainConfigError(f"sweep config {path}: generated task {task['generated']!r} is not one of "
+                                   f"{', '.join(TASKS)}")
+        for key in ("train", "eval"):  # paths relative to the YAML file
+            if task.get(key) and not Path(task[key]).is_absolute() and (path.parent / task[key]).exists():
+                task[key] = str((path.parent / task[key]).resolve())
+    return spec
+
+
+def plan_runs(spec: dict, output: Path) -> list[tuple[str, dict, TrainConfig]]:
+    """(run id, row labels, config) for every cell of the grid; configs validated up front."""
+    runs = []
+    selections = spec.get("selections") or [{"name": "all"}]
+    for task in spec["tasks"]:
+        for method in spec["methods"]:
+            sels = selections if method["method"] in SELECTABLE else [{"name": "all"}]
+            for sel in sels:
+                for size in spec.get("data_sizes") or [None]:
+                    labels = {"task": task["name"], "method": method.get("name", method["method"]),
+                              "selection": sel.get("name", "all"), "data_size": size}
+                    run_id = "-".join(str(x) for x in (labels["task"], labels["method"], labels["selection"],
+                                                       size or "all"))
+                    kw = {**(spec.get("defaults") or {}),
+                          **{k: v for k, v in task.items() if k not in ("name", "type")},
+                          **{k: v for k, v in method.items() if k != "name"},
+                          **{k: v for k, v in sel.items() if k != "name"}}
+                    kw.update(task=task.get("type", kw.get("task", "auto")), max_train_samples=size,
+                              output=output / "runs" / run_id, base=spec.get("base"), overwrite=True)
+                    try:
+                        cfg = TrainConfig(**kw).validate()
+                    except TypeError as e:
+                        raise TrainConfigError(f"sweep run {run_id}: {e}") from None
+                    runs.append((run_id, labels, cfg))
+    return runs
+
+
+def run_sweep(config: Path, output: Path | None = None, overwrite: bool = False, progress: bool = True,
+              threads: int | None = None) -> SweepResult:
+    spec = load_sweep(config)
+    output = Path(output or spec.get("output") or Path(config).with_suffix(""))
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    for task in spec["tasks"]:
+        if task.get("generated"):  # tasks generated in code: the sweep runs anywhere, no data files needed
+            from training.tasks import write_task
+
+            train_file, eval_file = write_task(output / "data" / task["name"], task.pop("generated"),
+                                               n_train=task.pop("rows", 400), n_eval=64)
+            task.update(train=str(train_file), eval=str(eval_file), input_field="text", target_field="label")
+    runs = plan_runs(spec, output)
+    from tqdm.auto import tqdm
+
+    from training.train import train
+
+    rows = []
+    bar = tqdm(runs, desc=f"sweep {Path(config).name}", unit="run", disable=not progress)
+    for run_id, labels, cfg in bar:
+        bar.set_postfix_str(run_id)
+        report_file = cfg.output / "train_report.json"
+        if report_file.exists():  # finished in an earlier, interrupted sweep
+            report = json.loads(report_file.read_text())
+        else:
+            cfg.progress, cfg.threads = progress, threads or cfg.threads
+            report = train(cfg).report
+        rows.append(row_from_report(labels, report))
+    normalise(rows)
+    return write_results(output, rows)
+
+
+def row_from_report(labels: dict, r: dict) -> dict:
+    return {**labels, "task_type": r["task"], "metric_name": r["final_metrics"]["metric"],
+            "metric": r["final_metrics"]["value"], "steps": r["steps"], "steps_to_converge": r["steps_to_converge"],
+            "train_seconds": r["train_seconds"], "trainable_params": r["trainable_params"],
+            "trainable_percent": r["trainable_percent"], "peak_memory_mb": r["peak_memory_bytes"] / 2**20}
+
+
+def normalise(rows: list[dict]) -> None:
+    """Add *_vs_full: each quantity divided by full fine-tuning's on the same task and data size."""
+    full = {(r["task"], r["data_size"]): r for r in rows if r["method"] == "full"}
+    pairs = {"metric_vs_full": "metric", "steps_vs_full": "steps_to_converge", "time_vs_full": "train_seconds",
+             "params_vs_full": "trainable_params", "memory_vs_full": "peak_memory_mb"}
+    for r in rows:
+        ref = full.get((r["task"], r["data_size"]))
+        for key, src in pairs.items():
+            num, den = r.get(src), ref.get(src) if ref else None
+            r[key] = (num / den) if (num is not None and den) else None
+
+
+def write_results(output: Path, rows: list[dict]) -> SweepResult:
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in COLUMNS})
+    recs = recommend(rows)
+    (output / "recommendation.json").write_text(json.dumps(recs, indent=2) + "\n")
+    md = output / "results.md"
+    md.write_text(results_markdown(rows) + "\n" + recommendation_markdown(recs))
+    from training.plots import plot_sweep
+
+    plot_sweep(rows, output)
+    return SweepResult(output, rows, md, recs)
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """One table per task: a row per method × selection × data size, every quantity and its ratio to full."""
+    out = ["# Sweep results", "",
+           "Ratios are to full fine-tuning on the same task and data size (metric: higher is better; "
+           "steps, time, params, memory: lower is better). Steps = steps to reach 97% of the run's best.", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        sub = [r for r in rows if r["task"] == task]
+        out += [f"## {task} ({sub[0]['task_type']}, {sub[0]['metric_name']})", "",
+                "| method | selection | train rows | metric | ×full | steps | ×full | time s | ×full "
+                "| trainable params | % | ×full | peak MiB | ×full |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sub:
+            out.append("| " + " | ".join(_fmt(x) for x in (
+                r["method"], r["selection"], r["data_size"] or "all", r["metric"], r["metric_vs_full"],
+                r["steps_to_converge"], r["steps_vs_full"], r["train_seconds"], r["time_vs_full"],
+                r["trainable_params"], r["trainable_percent"], r["params_vs_full"], r["peak_memory_mb"],
+                r["memory_vs_full"])) + " |")
+        out.append("")
+    return "\n".join(out)
