@@ -219,19 +219,22 @@ def test_cancelled_stream_and_submit_free_their_rows(engine):
 
     failed = engine.counters["failed"]
     asyncio.run(scenario())
-    deadline = time.monotonic() + 5
-    while engine.info()["queue"]["running"] and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10  # the loop thread frees them between steps
+    while engine.counters["failed"] < failed + 2 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert engine.counters["failed"] == failed + 2
     assert engine.info()["queue"] == {"waiting": 0, "running": 0}
-    assert engine.counters["failed"] >= failed + 2
     assert engine.observer.counts["on_request_failed:cancelled"] >= 2
 
 
 def test_cold_adapter_load_overlaps_other_rows(engine, zoo, monkeypatch):
     real = engine._load_weights
+    steps_during_load = []
 
     def slow(spec):
+        before = engine.counters["steps"]
         time.sleep(0.3)
+        steps_during_load.append(engine.counters["steps"] - before)
         return real(spec)
 
     monkeypatch.setattr(engine.cache, "_load", slow)
@@ -241,14 +244,14 @@ def test_cold_adapter_load_overlaps_other_rows(engine, zoo, monkeypatch):
         busy = asyncio.ensure_future(engine.submit(GenerationRequest(
             "keep decoding", params=GenerationParams(max_new_tokens=24))))
         await asyncio.sleep(0.02)
-        steps = engine.counters["steps"]
         cold = await engine.submit(GenerationRequest("hi", adapter="cold",
                                                      params=GenerationParams(max_new_tokens=2)))
-        return steps, cold, await busy
+        return cold, await busy
 
-    steps0, cold, busy = asyncio.run(scenario())
+    cold, busy = asyncio.run(scenario())
     assert cold.timings["queue_s"] >= 0.25  # it waited for its own adapter ...
-    assert busy.generated_tokens == 24 and busy.timings["total_s"] < cold.timings["total_s"] + 1
+    assert steps_during_load[0] > 0  # ... while the busy row kept decoding
+    assert busy.generated_tokens == 24
     assert engine.observer.counts["on_swap:disk_to_host"] >= 1
     assert engine.observer.counts["on_swap:host_to_device"] >= 1
     engine.remove_adapter("cold")
