@@ -156,3 +156,22 @@ def test_registrations_cost_only_metadata(engine, zoo):
     assert engine.cache.stats().host_entries == 0 and engine.cache.stats().device_entries == 0
     for name in [f"meta-{i}" for i in range(n)] + [f"warm-{i}" for i in range(10)]:
         engine.remove_adapter(name)
+
+
+def test_bfloat16_engine_serves_every_kind_like_float32(tiny_base_dir, zoo, engine):
+    """bf16 (the GPU default) through the same loop: KV cache, slots and soft prompts in bf16."""
+    reqs = [GenerationRequest("quick fox", adapter=a, params=GenerationParams(max_new_tokens=3))
+            for a in [None, *zoo]]
+    for name, path in zoo.items():
+        engine.register_adapter(name, path)
+    try:
+        fp32 = engine.generate(reqs)
+    finally:
+        for name in zoo:
+            engine.remove_adapter(name)
+    with Engine.from_config(small_config(tiny_base_dir, dtype="bfloat16")) as bf16:
+        for name, path in zoo.items():
+            bf16.register_adapter(name, path)
+        got = bf16.generate(reqs)
+        assert bf16.info()["dtype"] == "torch.bfloat16"
+    assert [g.token_ids[0] for g in got] == [f.token_ids[0] for f in fp32]
