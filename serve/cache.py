@@ -114,6 +114,17 @@ class AdapterCache:
                 del self._entries[key]
         self._report_bytes()
 
+    def prefetch(self, key: Hashable) -> bool:
+        """Start loading `key` into host memory if it is in no tier yet (e.g. right after registration).
+        Prefetched entries are ordinary LRU members of the host tier. Returns whether a load started."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.removed or e.loading or e.slot is not None or key in self._host or e.error:
+                return False
+            e.loading = True
+            self._pool.submit(self._load_into_host, key, e, False)
+            return True
+
     def contains(self, key: Hashable) -> bool:
         with self._lock:
             e = self._entries.get(key)
@@ -148,7 +159,7 @@ class AdapterCache:
             if weights is None:
                 if not e.loading:
                     e.loading = True
-                    self._pool.submit(self._load_into_host, key, e)
+                    self._pool.submit(self._load_into_host, key, e, True)
                 return Prepared(LOADING)
             self._host.move_to_end(key)
             nbytes = int(getattr(weights, "nbytes", 0))
@@ -232,7 +243,7 @@ class AdapterCache:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- internals (lock held unless noted) -----------------------------------------------------------
-    def _load_into_host(self, key: Hashable, e: _Entry) -> None:
+    def _load_into_host(self, key: Hashable, e: _Entry, for_request: bool) -> None:
         """Loader thread: disk -> host, outside the lock; the result lands only if still wanted."""
         t0 = time.perf_counter()
         try:
@@ -252,7 +263,8 @@ class AdapterCache:
                 self.stats_.loads += 1
                 self._host[key] = weights
                 self._host_bytes += int(getattr(weights, "nbytes", 0))
-                self._staged.add(key)
+                if for_request:
+                    self._staged.add(key)
                 self._enforce_host_bound()
         if err is None and not e.removed:
             safe_call(self._observer, "on_swap", "disk_to_host", e.kind, seconds, int(getattr(weights, "nbytes", 0)))

@@ -60,6 +60,8 @@ class EngineConfig(BaseModel):
     # --- scheduling ------------------------------------------------------------------------------
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="static = admit a new batch only when the running one is done (baseline)")
+    max_prefill_tokens: int | None = Field(
+        8192, ge=1, description="input tokens per encoder pass (joins beyond wait one step); None: no pacing")
     fairness_max_skips: int = Field(
         16, ge=0, description="a waiting request overtaken this many times blocks younger ones (aging)")
     ia3_merge: Literal["auto", "never", "dedicated"] = Field(

@@ -152,10 +152,11 @@ class Engine:
         self.close()
 
     # ---- adapters ----------------------------------------------------------------------------------
-    def register_adapter(self, name: str, path, replace: bool = False):
+    def register_adapter(self, name: str, path, replace: bool = False, prefetch: bool = False):
         """Validate `path` against the base (config + safetensors header only) and register it under
         `name`. With replace=True an existing name gets a new version: running rows finish on the old
-        one, later requests use the new one. Returns the AdapterSpec. Raises AdapterError subclasses
+        one, later requests use the new one. prefetch=True starts loading it into host memory now (its
+        first request then skips the disk read). Returns the AdapterSpec. Raises AdapterError subclasses
         (bad directory), AdapterExistsError, RequestValidationError (bad name)."""
         from adapters import inspect_adapter
 
@@ -178,6 +179,8 @@ class Engine:
             self._adapters[name] = reg
         if old is not None:
             self.cache.discard(old.key)  # pinned by running rows: freed when they finish
+        if prefetch:
+            self.cache.prefetch(reg.key)
         return spec
 
     def remove_adapter(self, name: str) -> None:
@@ -238,7 +241,8 @@ class Engine:
         if seed is None and params.do_sample:
             seed = secrets.randbits(63)
         seq = Sequence(request=request, params=params, input_ids=ids, seed=seed,
-                       deadline=time.perf_counter() + cfg.request_timeout_s, cost_tokens=cost)
+                       deadline=time.perf_counter() + cfg.request_timeout_s, cost_tokens=cost,
+                       prefill_tokens=len(ids) + virtual)
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
@@ -447,7 +451,7 @@ class Engine:
         admitted, failed = admit(self._waiting, len(self._running), running_tokens,
                                  max_rows=cfg.max_batch_rows, max_tokens=cfg.max_batch_tokens,
                                  max_skips=cfg.fairness_max_skips, static=cfg.scheduling == "static",
-                                 readiness=self._readiness)
+                                 readiness=self._readiness, max_prefill_tokens=cfg.max_prefill_tokens)
         if not admitted and not failed:
             return
         gone = set(map(id, admitted)) | set(map(id, failed))

@@ -7,6 +7,7 @@ Pure logic over a small protocol (no torch, no threads), so fairness and bounds 
 - ... unless it has been overtaken `max_skips` times because of *capacity* (no free slot for its adapter
   kind, not enough token budget): then admission turns strict FIFO until it is in (aging). Requests whose
   adapter is still loading from disk are not "blocked": they wait only for their own adapter.
+- Joins are paced by `max_prefill_tokens` per encoder pass (running rows keep a steady token rate).
 - static mode (the benchmark baseline): a new batch is admitted only when the running one is empty.
 """
 
@@ -20,7 +21,8 @@ OK, WAIT, BLOCKED, FAIL = "ok", "wait", "blocked", "fail"
 
 
 class Schedulable(Protocol):
-    cost_tokens: int
+    cost_tokens: int  # input + soft prompt + max_new_tokens: what it holds while running
+    prefill_tokens: int  # input + soft prompt: the size of its encoder pass
     skips: int
 
 
@@ -31,9 +33,13 @@ class Budget:
 
 
 def admit(waiting: Iterable[Schedulable], running_rows: int, running_tokens: int, *, max_rows: int,
-          max_tokens: int, max_skips: int, static: bool,
-          readiness: Callable[[Schedulable], str]) -> tuple[list[Schedulable], list[Schedulable]]:
+          max_tokens: int, max_skips: int, static: bool, readiness: Callable[[Schedulable], str],
+          max_prefill_tokens: int | None = None) -> tuple[list[Schedulable], list[Schedulable]]:
     """Pick requests (arrival order) to admit now. Returns (admitted, failed).
+
+    `max_prefill_tokens` paces joins: one encoder pass takes at most that many tokens (but always at
+    least one request), so running rows are not stalled by a burst of long inputs; the rest join at the
+    next step.
 
     `readiness(req)` is asked only for requests that fit the budget; it may start loading their adapter
     and returns OK (servable now), WAIT (adapter loading), BLOCKED (no capacity for it) or FAIL.
@@ -42,17 +48,19 @@ def admit(waiting: Iterable[Schedulable], running_rows: int, running_tokens: int
     if static and running_rows > 0:
         return [], []
     rows_left, tokens_left = max_rows - running_rows, max_tokens - running_tokens
+    prefill_left = max_prefill_tokens if max_prefill_tokens is not None else float("inf")
     admitted: list[Schedulable] = []
     failed: list[Schedulable] = []
     overtaken: list[Schedulable] = []  # older requests held back by capacity
     for req in waiting:
-        if rows_left <= 0:
+        if rows_left <= 0 or (admitted and req.prefill_tokens > prefill_left):
             break
         state = readiness(req) if req.cost_tokens <= tokens_left else BLOCKED
         if state == OK:
             admitted.append(req)
             rows_left -= 1
             tokens_left -= req.cost_tokens
+            prefill_left -= req.prefill_tokens
             for old in overtaken:
                 old.skips += 1
             overtaken = []

@@ -29,7 +29,8 @@ class Sequence:
     on_event: Callable[[TokenEvent], None] | None = None
     on_done: Callable[[GenerationResult | None, BaseException | None], None] | None = None
     # scheduling
-    cost_tokens: int = 0
+    cost_tokens: int = 0  # input + soft prompt + max_new_tokens
+    prefill_tokens: int = 0  # input + soft prompt
     skips: int = 0
     counted: bool = False  # cache hit/miss recorded
     # adapter resolved at admission (a replaced adapter's newest version)

@@ -182,3 +182,19 @@ def test_staged_loads_are_not_evicted_before_their_first_use():
         assert h.cache.prepare(n).state == READY
     s = h.cache.stats()
     assert s.loads == 5 and s.host_bytes <= 150
+
+
+def test_prefetch_warms_host_without_pinning_it():
+    h = Harness(slots={"lora": 2}, host_bytes=150)
+    h.add("a"), h.add("b")
+    assert h.cache.prefetch("a") is True
+    deadline = time.monotonic() + 5
+    while h.cache.stats().loads < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert h.cache.prefetch("a") is False  # already on host
+    assert h.cache.prepare("a", count=True).state == READY  # host hit: no disk read on first use
+    assert h.cache.stats().hits["host"] == 1
+    h.cache.prefetch("b")
+    while h.cache.stats().loads < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert h.cache.stats().host_bytes <= 150  # prefetched entries obey the host bound

@@ -11,13 +11,16 @@ from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit
 class R:
     name: str
     cost_tokens: int = 10
+    prefill_tokens: int = 4
     skips: int = 0
     state: str = OK
 
 
-def run(waiting, running_rows=0, running_tokens=0, max_rows=4, max_tokens=100, max_skips=3, static=False):
+def run(waiting, running_rows=0, running_tokens=0, max_rows=4, max_tokens=100, max_skips=3, static=False,
+        max_prefill=None):
     admitted, failed = admit(waiting, running_rows, running_tokens, max_rows=max_rows, max_tokens=max_tokens,
-                             max_skips=max_skips, static=static, readiness=lambda r: r.state)
+                             max_skips=max_skips, static=static, readiness=lambda r: r.state,
+                             max_prefill_tokens=max_prefill)
     return [r.name for r in admitted], [r.name for r in failed]
 
 
@@ -67,3 +70,10 @@ def test_static_mode_admits_only_into_an_empty_batch():
     w = [R("a"), R("b")]
     assert run(w, running_rows=1, static=True) == ([], [])
     assert run(w, running_rows=0, static=True) == (["a", "b"], [])
+
+
+def test_prefill_budget_paces_joins_but_always_admits_one():
+    w = [R("a", prefill_tokens=6), R("b", prefill_tokens=6), R("c", prefill_tokens=2)]
+    assert run(w, max_prefill=10)[0] == ["a"]  # b would exceed the encoder budget: next step
+    assert run([R("huge", prefill_tokens=50)], max_prefill=10)[0] == ["huge"]
+    assert run(w, max_prefill=None)[0] == ["a", "b", "c"]
