@@ -101,6 +101,9 @@ class AdaptedLinear(nn.Module):
             self._cache_key, self._cache = key, out
         return out
 
+    def drop_cache(self) -> None:
+        self._cache_key, self._cache = None, []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.batch.rows
         y_bias = self._merged_bias

@@ -78,6 +78,7 @@ class AdapterSlots:
         self.batch = batch
         self.merged: tuple[AdapterKind, int] | None = None
         self._merged_layers: list[AdaptedLinear] = []
+        self._touched: dict[tuple[AdapterKind, int], list[AdaptedLinear]] = {}  # layers each written slot changes
         emb = model.get_input_embeddings()
         n_prompt = config.count(AdapterKind.PROMPT)
         self.prompts = (prompt_kind.PromptSlots(n_prompt, config.max_virtual_tokens, emb.embedding_dim,
@@ -115,6 +116,7 @@ class AdapterSlots:
             with torch.no_grad():
                 for path, layer in self.layers.items():
                     layer.slots[kind.value].write(slot + 1, weights, path)
+            self._touched[(kind, slot)] = [self.layers[m] for m in weights.spec.modules]
         self.batch.bump()
 
     def clear(self, kind, slot: int) -> None:
@@ -124,6 +126,7 @@ class AdapterSlots:
         else:
             for layer in self.layers.values():
                 layer.slots[kind.value].clear(slot + 1)
+            self._touched.pop((kind, slot), None)
         self.batch.bump()
 
     def set_rows(self, rows: RowAdapters | None) -> None:
@@ -136,6 +139,9 @@ class AdapterSlots:
             return  # same mapping: every layer keeps its gathered per-row weights
         self.batch.rows = rows
         self.batch.bump()
+        if rows is None:  # idle: free the gathered per-row tensors
+            for layer in self.layers.values():
+                layer.drop_cache()
 
     def encoder_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: RowAdapters):
         """inputs_embeds with each prompt row's soft prompt first, and the matching attention mask."""
@@ -161,7 +167,7 @@ class AdapterSlots:
         if kind == AdapterKind.PROMPT:
             raise SlotError("prompt adapters change the input, not weights; they cannot be merged")
         with torch.no_grad():
-            self._merged_layers = [layer for layer in self.layers.values() if layer.merge(kind, slot + 1)]
+            self._merged_layers = [layer for layer in self._touched.get((kind, slot), ()) if layer.merge(kind, slot + 1)]
         self.merged = (kind, slot)
         self.batch.bump()
 

@@ -112,3 +112,13 @@ def forward(model, slots, rows, ids, mask, dec):
 @pytest.fixture(scope="session")
 def run_batch():
     return forward
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny base's ops are microseconds long: on a shared CI box, OpenMP hand-offs between threads cost
+    more than the math. One thread per test here; restored afterwards for the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -76,12 +76,7 @@ def test_ten_thousand_random_ia3_merge_cycles_leave_base_bit_identical(make_wrap
         pm.save_pretrained(tmp_path / f"ia3_{slot}")
         slots.write(AdapterKind.IA3, slot, load_adapter(tmp_path / f"ia3_{slot}", tiny_desc))
     before = weights_hash(slots)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 10k tiny copies: thread hand-offs would dominate on a busy CI box
-    try:
-        changed = cycles(slots, random.Random(0), 10_000)
-    finally:
-        torch.set_num_threads(threads)
+    changed = cycles(slots, random.Random(0), 10_000)
     assert changed == 3
     assert weights_hash(slots) == before
 
@@ -91,10 +86,11 @@ def cycles(slots, rng, n: int) -> int:
     changed = 0
     for _ in range(n):
         slot = rng.randrange(3)
-        layer = next(lay for lay in slots.layers.values() if lay.slots["ia3"].touches(slot + 1))
-        w0 = layer.weight.detach().clone() if changed < 3 else None
+        if changed < 3:
+            layer = next(lay for lay in slots.layers.values() if lay.slots["ia3"].touches(slot + 1))
+            w0 = layer.weight.detach().clone()
         slots.merge(AdapterKind.IA3, slot)
-        if w0 is not None:
+        if changed < 3:
             assert not torch.equal(w0, layer.weight)
             changed += 1
         slots.unmerge()
