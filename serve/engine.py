@@ -42,6 +42,7 @@ from serve.errors import (
     RequestValidationError,
     UnknownAdapterError,
 )
+from serve.merge_policy import MergePolicy
 from serve.observer import EngineObserver, safe_call
 from serve.requests import (
     GenerationParams,
@@ -105,8 +106,7 @@ class Engine:
         self._running: list[Sequence] = []  # loop thread only, index == KV-cache row
         self._rows_cache = None
         self._merged: tuple[str, int] | None = None  # key of the (IA)3 adapter merged into the weights
-        self._uniform_key: tuple[str, int] | None = None
-        self._uniform_steps = 0
+        self.merge_policy = MergePolicy(config.ia3_merge, config.ia3_merge_after_steps, config.dedicated_adapter)
         self.counters = {"steps": 0, "tokens": 0, "prefills": 0, "merges": 0, "unmerges": 0, "merge_s": 0.0,
                          "unmerge_s": 0.0, "finished": 0, "failed": 0}
         self._closed = False
@@ -558,23 +558,8 @@ class Engine:
             self.cache.release(seq.key)
 
     def _apply_merge_policy(self, seqs: list[Sequence]) -> None:
-        """Merge the (IA)3 adapter every row uses; unmerge exactly as soon as rows mix."""
-        mode = self.config.ia3_merge
-        if mode == "never" or not seqs:
-            return
-        keys = {s.key for s in seqs}
-        want = None
-        if len(keys) == 1 and seqs[0].kind == "ia3":
-            want = seqs[0].key
-            if mode == "dedicated" and want[0] != self.config.dedicated_adapter:
-                want = None
-        # Merging copies every targeted weight: do it only after the batch stayed uniform for a while
-        # (a dedicated replica merges at once). Unmerging when rows mix is immediate (correctness).
-        self._uniform_steps = self._uniform_steps + 1 if want is not None and want == self._uniform_key else 0
-        self._uniform_key = want
-        if want is not None and want != self._merged and mode == "auto" \
-                and self._uniform_steps < self.config.ia3_merge_after_steps:
-            want = None
+        """Merge the (IA)3 adapter every row uses (serve/merge_policy.py); unmerge exactly when rows mix."""
+        want = self.merge_policy.target([(s.key, s.kind) for s in seqs], self._merged)
         if want == self._merged:
             return
         if self._merged is not None:
@@ -591,12 +576,9 @@ class Engine:
         self._rows_cache = None
 
     def _release_idle_merge(self) -> None:
-        """No rows run: undo a merge whose adapter was removed, or (auto mode) that holds a slot someone
-        waiting may need. A dedicated replica keeps its adapter merged while idle."""
-        if self._merged is None:
-            return
-        removed = not self.cache.contains(self._merged)
-        if removed or (self.config.ia3_merge == "auto" and self._waiting):
+        """No rows run: a removed merged adapter, or one holding a slot others wait for, is unmerged."""
+        if self.merge_policy.release_when_idle(self._merged, self._merged is not None and not
+                                               self.cache.contains(self._merged), bool(self._waiting)):
             self._unmerge()
 
     def _unmerge(self) -> None:
