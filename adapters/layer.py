@@ -56,13 +56,15 @@ class BatchState:
 
     def bump(self) -> None:
         self.version += 1
-        self._index.clear()
+        self._index = {}  # a new dict, not clear(): a reader holding the old one is never surprised
 
     def index_on(self, kind: AdapterKind, device: torch.device) -> torch.Tensor:
+        """Per-row slot indices of `kind` on `device`, built once per version per device."""
         key = (kind, device)
-        if key not in self._index:
-            self._index[key] = torch.tensor(self.rows.slot_index(kind), dtype=torch.long, device=device)
-        return self._index[key]
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = torch.tensor(self.rows.slot_index(kind), dtype=torch.long, device=device)
+        return index
 
 
 class AdaptedLinear(nn.Module):

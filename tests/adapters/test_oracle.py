@@ -59,3 +59,32 @@ def test_mixed_batch_matches_peft_per_row(tiny_base, zoo, mixed_batch, wrapped, 
             with torch.no_grad():
                 plain = tiny_base.model(input_ids=ids_i, decoder_input_ids=dec_i).logits
             assert (plain - ref).abs().max() > 1e-2, f"{name} barely changes the logits"
+
+
+def test_two_submodule_prompt_greedy_tokens_equal_peft_generate(tiny_base, zoo, wrapped, slot_of, mixed_batch,
+                                                                run_batch):
+    """prompt_5 was saved with num_transformer_submodules=2: served as peft's generate uses it."""
+    from peft import PeftModel
+
+    model, slots = wrapped
+    _, ids, mask, _, lengths = mixed_batch
+    rows = RowAdapters.from_pairs([slot_of["prompt_5"], None, slot_of["prompt_5"]])
+    ids, mask = ids[[1, 2, 3]], mask[[1, 2, 3]]
+
+    def greedy(rows):
+        dec = torch.zeros(3, 1, dtype=torch.long)
+        for _ in range(6):  # full forward each step
+            nxt = run_batch(model, slots, rows, ids, mask, dec)[:, -1].argmax(-1, keepdim=True)
+            dec = torch.cat((dec, nxt), 1)
+        return dec
+
+    dec = greedy(rows)
+    assert not torch.equal(dec[0], greedy(RowAdapters.base(3))[0])  # the prompt matters
+    pm = PeftModel.from_pretrained(copy.deepcopy(tiny_base.model), str(zoo["prompt_5"])).eval()
+    assert pm.peft_config["default"].num_transformer_submodules == 2
+    with torch.no_grad():
+        for row in (0, 2):
+            n = lengths[[1, 2, 3][row]]
+            ref = pm.generate(input_ids=ids[row: row + 1, :n], attention_mask=mask[row: row + 1, :n],
+                              max_new_tokens=6, do_sample=False)[0]
+            assert dec[row, : len(ref)].tolist() == ref.tolist()
