@@ -10,6 +10,7 @@ Sections (each can be selected with --only; a failing section is recorded, not f
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import random
 import statistics
@@ -20,7 +21,7 @@ from pathlib import Path
 from loadtests import report
 from loadtests.measure import distribution, machine, timed_cell
 from loadtests.presets import KINDS, Preset
-from loadtests.workload import ensure_base, make_adapters, make_requests, random_texts
+from loadtests.workload import Request, ensure_base, make_adapters, make_requests, random_texts
 
 SECTIONS = ("throughput", "swap", "batching", "idle")
 
@@ -62,35 +63,12 @@ def throughput(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]
     texts = random_texts(max(row_sizes), preset.input_chars, preset.seed)
     by_kind = {k: list(paths[k]) for k in KINDS}
     all_paths = {name: p for k in KINDS for name, p in paths[k].items()}
-    cells: list[dict] = []
     engine = open_engine(base_dir, preset, device_slots=slots_for(top), max_batch_rows=max(row_sizes),
                          host_bytes=8 * 2**30)
     try:
         peer = EnginePeer(engine)
         peer.register(all_paths)
-        mem = peer.memory_bytes()
-        for rows in row_sizes:
-            ns = [n for n in preset.distinct if max(preset.batch_rows, n) == rows]
-            base_req = make_requests(texts[:rows], [None], preset.new_tokens)
-            before = timed_cell(lambda r=base_req: peer.run(r), preset.repeats)
-            log(f"engine base, {rows} rows: {before['tokens_per_s']:.1f} tok/s")
-            adapter_cells = []
-            for kind in (*KINDS, "mixed"):
-                for n in ns:
-                    names = mixed_names(by_kind, n) if kind == "mixed" else by_kind[kind][:n]
-                    reqs = make_requests(texts[:rows], names, preset.new_tokens)
-                    stats = timed_cell(lambda r=reqs: peer.run(r), preset.repeats)
-                    adapter_cells.append(_cell("engine", kind, n, rows, stats, mem))
-                    log(f"engine {kind} N={n}: {stats['tokens_per_s']:.1f} tok/s")
-            after = timed_cell(lambda r=base_req: peer.run(r), preset.repeats)
-            # the base is measured before and after its adapter cells: the mean of both is the reference,
-            # which halves the effect of load drift from other processes on a shared machine
-            base_tps = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
-            for n in ns:
-                base_stats = dict(before, tokens_per_s=base_tps, base_before=before["tokens_per_s"],
-                                  base_after=after["tokens_per_s"])
-                cells.append(_cell("engine", "base", n, rows, base_stats, mem))
-            cells.extend(adapter_cells)
+        cells = engine_rounds(peer, engine_plan(preset, texts, by_kind, row_sizes), preset)
     finally:
         _close(engine)
     base_of = {c["rows"]: c["tokens_per_s"] for c in cells if c["kind"] == "base"}
@@ -118,8 +96,61 @@ def throughput(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]
             cells.append(_cell(peer.name, "lora", n, rows, stats, mem, projected))
             log(f"{peer.name} N={n}: {stats['tokens_per_s']:.1f} tok/s")
     for c in cells:
-        c["ratio_to_base"] = c["tokens_per_s"] / base_of[c["rows"]] if base_of.get(c["rows"]) else None
+        if c["peer"] != "engine":  # engine cells carry ratios paired within each round
+            c["ratio_to_base"] = c["tokens_per_s"] / base_of[c["rows"]] if base_of.get(c["rows"]) else None
     return cells
+
+
+def engine_plan(preset: Preset, texts: list[str], by_kind: dict[str, list[str]], row_sizes: list[int]) -> list:
+    """(kind, N, rows, requests) for every engine cell; base cells first at each row count."""
+    plan = []
+    for rows in row_sizes:
+        ns = [n for n in preset.distinct if max(preset.batch_rows, n) == rows]
+        plan += [("base", n, rows, make_requests(texts[:rows], [None], preset.new_tokens)) for n in ns[:1]]
+        for kind in (*KINDS, "mixed"):
+            if rows > preset.batch_rows and kind not in preset.wide_kinds:
+                continue
+            for n in ns:
+                names = mixed_names(by_kind, n) if kind == "mixed" else by_kind[kind][:n]
+                plan.append((kind, n, rows, make_requests(texts[:rows], names, preset.new_tokens)))
+    return plan
+
+
+def engine_rounds(peer, plan: list, preset: Preset) -> list[dict]:
+    """Run every cell once per round, `repeats` rounds, after a one-token warm-up round that makes
+    every adapter resident. Load from other processes drifts over minutes; within a round every cell
+    sees about the same load, so each cell's ratio to the base is taken per round (same rows, same
+    round) and the median over rounds is reported."""
+    from loadtests.measure import percentile
+
+    for _, _, _, reqs in plan:
+        peer.run([replace_tokens(r, 1) for r in reqs])
+    runs: list[list] = [[] for _ in plan]
+    for round_ in range(preset.repeats):
+        for i, (_, _, _, reqs) in enumerate(plan):
+            runs[i].append(peer.run(reqs))
+        log(f"engine round {round_ + 1}/{preset.repeats} done")
+    base_runs = {rows: runs[i] for i, (kind, _, rows, _) in enumerate(plan) if kind == "base"}
+    mem = peer.memory_bytes()
+    cells = []
+    for i, (kind, n, rows, _) in enumerate(plan):
+        rates = [r.tokens / r.seconds for r in runs[i]]
+        ratios = [rate / (b.tokens / b.seconds) for rate, b in zip(rates, base_runs[rows], strict=True)]
+        lat = [x for r in runs[i] for x in r.latencies]
+        stats = {"tokens_per_s": statistics.median(rates), "tokens_per_s_runs": rates,
+                 "tokens_per_run": runs[i][0].tokens, "p50_latency_s": percentile(lat, 50),
+                 "p99_latency_s": percentile(lat, 99), "ratio_to_base": statistics.median(ratios),
+                 "ratio_runs": ratios}
+        ns = [n] if kind != "base" else [m for m in preset.distinct if max(preset.batch_rows, m) == rows]
+        for m in ns:
+            cells.append(_cell("engine", kind, m, rows, stats, mem))
+        log(f"engine {kind} N={n} rows={rows}: {stats['tokens_per_s']:.1f} tok/s, "
+            f"{stats['ratio_to_base']:.2f}x base")
+    return cells
+
+
+def replace_tokens(request: Request, n: int) -> Request:
+    return dataclasses.replace(request, max_new_tokens=n)
 
 
 def swap(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> dict:
@@ -237,7 +268,7 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
 
 def adapters_for(preset: Preset, base_dir: Path, work: Path) -> dict[str, dict[str, Path]]:
     """{kind: {name: path}} with max(N) adapters per kind, plus 'swap': LoRA adapters for the swap tiers."""
-    root = work / "adapters" / preset.base_preset
+    root = work / "adapters" / base_dir.name
     top = max(*preset.distinct, *preset.peer_distinct)
     out = {}
     for kind in KINDS:

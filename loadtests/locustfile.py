@@ -19,10 +19,13 @@ import json
 import os
 import time
 
+import gevent
 from locust import HttpUser, constant, events, task
+from locust.exception import StopUser
 
 PLAN: dict = {}
-_cursor = {"next": 0, "tokens": 0}
+_cursor = {"next": 0, "ended": 0, "tokens": 0, "finished": 0, "first_start": None, "last_end": None,
+           "latencies": [], "ttfts": [], "errors": {}}
 
 
 def load_plan(path: str) -> dict:
@@ -48,7 +51,7 @@ def _on_quit(environment, **_):
     out = os.environ.get("PEFTSERVE_LOAD_SIDE")
     if out:  # what locust's CSV does not know: tokens streamed back, requests issued
         with open(out, "w") as f:
-            json.dump({"issued": _cursor["next"], "tokens": _cursor["tokens"]}, f)
+            json.dump({"issued": _cursor.pop("next"), **_cursor}, f)
 
 
 def next_request() -> dict | None:
@@ -76,39 +79,55 @@ class StreamingUser(HttpUser):
     @task
     def generate(self):
         req = next_request()
-        if req is None:
-            self.environment.runner.quit()
-            return
+        if req is None:  # budget handed out: this user is done; the last request to end stops the run
+            raise StopUser()
+        try:
+            self._send(req)
+        finally:
+            _cursor["ended"] += 1
+            if _cursor["ended"] == len(PLAN["requests"]):  # quit from its own greenlet, not this user's
+                gevent.spawn(self.environment.runner.quit)
+
+    def _send(self, req: dict) -> None:
         headers = {"Authorization": f"Bearer {PLAN['api_key']}"} if PLAN.get("api_key") else {}
         payload = {"inputs": req["inputs"],
                    "parameters": {"adapter_id": req["adapter"], "max_new_tokens": PLAN["max_new_tokens"]}}
         t0 = time.perf_counter()
-        first = None
+        if _cursor["first_start"] is None:  # wall clock: the span of the whole load
+            _cursor["first_start"] = time.time()
         with self.client.post(PLAN["path"], json=payload, headers=headers, stream=True,
                               name=req.get("label", "generate"), catch_response=True) as resp:
             if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
-                return
-            tokens, done = 0, False
+                return _fail(resp, f"HTTP {resp.status_code}", resp.text[:200])
+            first, tokens, done = None, 0, False
             try:
                 for line in resp.iter_lines():
                     event = parse_sse(line)
                     if event is None:
                         continue
                     if "error" in event:
-                        resp.failure(f"stream error: {event['error']}")
-                        return
+                        return _fail(resp, "stream error", str(event["error"]))
                     if first is None:
                         first = time.perf_counter() - t0
                     tokens += 1
                     done = done or event.get("details") is not None
             except Exception as e:  # noqa: BLE001 - a broken stream is a failed request
-                resp.failure(f"broken stream: {e!r}")
-                return
+                return _fail(resp, "broken stream", repr(e))
+            total = time.perf_counter() - t0
+            # locust timed the response headers; the request ends with its last event
+            resp.request_meta["response_time"] = 1000 * total
             if not done:
-                resp.failure("stream ended without a final event")
-                return
+                return _fail(resp, "no final event", "stream ended without a final event")
             _cursor["tokens"] += tokens
+            _cursor["finished"] += 1
+            _cursor["last_end"] = time.time()
+            _cursor["latencies"].append(total)
+            _cursor["ttfts"].append(first)
             resp.success()
         events.request.fire(request_type="TTFT", name="time to first token", response_time=1000 * first,
                             response_length=0, exception=None, context={})
+
+
+def _fail(resp, kind: str, detail: str) -> None:
+    _cursor["errors"][kind] = _cursor["errors"].get(kind, 0) + 1
+    resp.failure(f"{kind}: {detail}")

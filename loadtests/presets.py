@@ -22,9 +22,10 @@ class Preset:
     # Throughput sweep: N distinct adapters per batch; batch rows = max(batch_rows, N).
     distinct: tuple[int, ...] = (1, 8, 32, 128)
     batch_rows: int = 32
+    wide_kinds: tuple[str, ...] = ("lora", "mixed")  # kinds also measured at N > batch_rows (more rows)
     input_chars: int = 32  # the tokenizer is byte-level: one char = one token
-    new_tokens: int = 16
-    repeats: int = 3  # timed repeats per cell after one warm-up; the median is reported
+    new_tokens: int = 8
+    repeats: int = 2  # timed rounds over every engine cell (after a warm-up round); medians reported
     # Peers that hold one model (or one resident adapter set) per adapter are bounded by memory:
     # beyond this many adapters they run on a round-robin pool and their memory is projected.
     max_materialized: int = 8
@@ -68,7 +69,8 @@ PRESETS: dict[str, Preset] = {
     "cpu-small": Preset(name="cpu-small", base_preset="flan-t5-small", device="cpu", dtype="float32"),
     # FLAN-T5-XL shape, bf16, on one CUDA device (skipped cleanly without one).
     "gpu-xl": Preset(
-        name="gpu-xl", base_preset="flan-t5-xl", device="cuda", dtype="bfloat16", new_tokens=32,
+        name="gpu-xl", base_preset="flan-t5-xl", device="cuda", dtype="bfloat16", new_tokens=32, repeats=3,
+        wide_kinds=("lora", "ia3", "bitfit", "prompt", "mixed"),
         peer_distinct=(1, 8, 32, 128), max_materialized=4, swap_samples=100, poisson_requests=128,
         poisson_rate=20.0, max_batch_rows=32, http_requests=1000, http_users=32,
     ),

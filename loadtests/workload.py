@@ -31,23 +31,30 @@ class Request:
 
 
 def ensure_base(work: Path, base_preset: str, seed: int = 0) -> Path:
-    """The random-weight base for a preset, built once under `work/bases/<preset>`.
+    """The random-weight base for a preset, built once under `work/bases/<preset>-bench`.
 
-    The LM head's EOS row is zeroed: a random model otherwise stops some rows after a token or two,
-    and peers would be compared on different amounts of work. The EOS logit is then exactly 0 while
-    the winning logit is positive, so greedy decoding runs every request to its max_new_tokens.
+    Two LM-head edits make a random model behave like a served one; every peer gets the same base and
+    the head still computes every logit, so the cost of a step is unchanged:
+    - the EOS row is zeroed: a random model otherwise stops some rows after a token or two, and peers
+      would be compared on different amounts of work (greedy now runs to max_new_tokens);
+    - only the byte tokens of the (ByT5) tokenizer keep their rows: a random head otherwise picks ids
+      the tokenizer cannot decode (the flan-t5 shapes have 32,128 logits, ByT5 has 259 byte ids).
+    The zeroed logits are exactly 0 while the best of ~256 random logits is positive.
     """
     from serve.base import FINGERPRINT_FILE, build_base
 
-    path = work / "bases" / f"{base_preset}-noeos"
+    path = work / "bases" / f"{base_preset}-bench"
     if not (path / FINGERPRINT_FILE).exists():
         print(f"[bench] building a random {base_preset} base at {path}", flush=True)
         build_base(path, base_preset, seed)
-        _zero_eos_row(path)
+        _restrict_head(path)
     return path
 
 
-def _zero_eos_row(path: Path) -> None:
+BYTE_IDS = range(3, 259)  # ByT5: 0 pad, 1 eos, 2 unk, then the 256 bytes
+
+
+def _restrict_head(path: Path) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import T5ForConditionalGeneration
 
@@ -63,12 +70,14 @@ def _zero_eos_row(path: Path) -> None:
 
     weights_file = next(f for f in sorted(path.glob("*.safetensors")) if holds_head(f))  # sharded for XL
     tensors = load_file(str(weights_file))
-    eos = json.loads((path / "config.json").read_text())["eos_token_id"]
-    tensors["lm_head.weight"][eos] = 0
+    head = tensors["lm_head.weight"]
+    keep = torch.zeros(head.shape[0], dtype=torch.bool)
+    keep[BYTE_IDS.start:BYTE_IDS.stop] = True
+    head[~keep] = 0
     save_file(tensors, str(weights_file), metadata={"format": "pt"})
     model = T5ForConditionalGeneration.from_pretrained(str(path))
     meta["fingerprint"] = fingerprint(model)  # adapters validate against the modified weights
-    meta["name"] += "-noeos"
+    meta["name"] += "-bench"
     meta_file.write_text(json.dumps(meta, indent=2))
 
 

@@ -1,0 +1,187 @@
+"""HTTP load: register adapters with a server (started here on loopback, or given), run the locust
+scenarios headless, scrape the server's /metrics before and after each, write a summary.
+
+Adapter names outnumber adapter files: N names (100, 1,000) are registered over a pool of distinct
+files of all four kinds. The registry's store is content-addressed (identical files are stored once),
+but every name is its own cache entry in the engine, so popularity, cold loads and evictions behave
+as with N different adapters while disk and registration stay cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loadtests import popularity
+from loadtests.metrics_scrape import delta_summary, scrape
+from loadtests.presets import KINDS, Preset
+from loadtests.workload import ensure_base, make_adapters, random_texts
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+def log(msg: str) -> None:
+    print(f"[bench http {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def adapter_pool(preset: Preset, base_dir: Path, work: Path, per_kind: int) -> list[Path]:
+    root = work / "adapters" / base_dir.name
+    by_kind = [make_adapters(base_dir, root, k, per_kind, preset.lora_rank, preset.prompt_tokens, preset.seed)
+               for k in KINDS]
+    return [by_kind[i % len(KINDS)][i // len(KINDS)] for i in range(per_kind * len(KINDS))]  # kinds interleaved
+
+
+def register_names(url: str, pool: list[Path], count: int, prefix: str, token: str | None) -> list[str]:
+    """Register `count` names over the pool (round-robin, so kinds mix); existing names are kept."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    names = [f"{prefix}-{i:05d}" for i in range(count)]
+    with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
+        for i, name in enumerate(names):
+            r = client.post("/adapters", json={"name": name, "source": str(pool[i % len(pool)].resolve())})
+            if r.status_code not in (200, 201, 409):  # 409: registered by an earlier run
+                raise RuntimeError(f"registering {name} failed: HTTP {r.status_code} {r.text[:300]}")
+            if (i + 1) % 250 == 0:
+                log(f"registered {i + 1}/{count}")
+    return names
+
+
+def run_locust(url: str, plan: dict, users: int, seconds: float, workdir: Path) -> dict:
+    """Headless locust over `plan`; returns the users' per-request records (locust's CSVs stay in workdir)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan_file, side_file, prefix = workdir / "plan.json", workdir / "side.json", workdir / "locust"
+    plan_file.write_text(json.dumps(plan))
+    env = {**os.environ, "PEFTSERVE_LOAD_PLAN": str(plan_file), "PEFTSERVE_LOAD_SIDE": str(side_file)}
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r",
+           str(users), "--run-time", f"{int(seconds)}s", "--host", url, "--csv", str(prefix), "--only-summary",
+           "--loglevel", "WARNING", "--stop-timeout", "30"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):  # 1: some requests failed, which the summary reports
+        raise RuntimeError(f"locust exited {proc.returncode}: {proc.stderr[-2000:]}")
+    if not side_file.exists():
+        raise RuntimeError(f"locust wrote no summary ({side_file}); its stderr: {proc.stderr[-2000:]}")
+    return {"side": json.loads(side_file.read_text()), "wall_s": wall}
+
+
+def summarize(locust: dict, metrics: dict) -> dict:
+    """Latency, TTFT and throughput from the users' own per-request records (exact, not locust's
+    rounded buckets); locust's CSV stays next to the results."""
+    from loadtests.measure import percentile
+
+    side = locust["side"]
+    lat, ttft = side.get("latencies", []), side.get("ttfts", [])
+    span = max(1e-9, (side.get("last_end") or 0) - (side.get("first_start") or 0))
+    return {
+        "requests": side.get("finished", 0) + sum(side.get("errors", {}).values()),
+        "errors": sum(side.get("errors", {}).values()), "error_kinds": side.get("errors", {}),
+        "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
+        "client_ttft_p50_s": percentile(ttft, 50), "client_ttft_p95_s": percentile(ttft, 95),
+        "client_ttft_p99_s": percentile(ttft, 99),
+        "requests_per_s": side.get("finished", 0) / span, "tokens_per_s": side.get("tokens", 0) / span,
+        "tokens": side.get("tokens", 0), "load_seconds": span, "locust_wall_s": locust["wall_s"],
+        "server": metrics,
+    }
+
+
+def run_http(preset: Preset, out: Path, work: Path, target: str, scenarios: tuple[str, ...], command: str,
+             api_key: str | None = None) -> dict:
+    from loadtests.bench import _quiet
+    from loadtests.measure import machine
+
+    _quiet()
+    for s in scenarios:
+        if s not in popularity.SCENARIOS:
+            raise ValueError(f"unknown scenario {s!r}; choose from {', '.join(popularity.SCENARIOS)}")
+    base_dir = ensure_base(work, preset.base_preset, preset.seed)
+    pool = adapter_pool(preset, base_dir, work, per_kind=max(2, min(8, preset.http_adapters[0] // 4)))
+    started_here = target == "start"
+    url = start_server(preset, base_dir, work) if started_here else target.rstrip("/")
+    results = {"preset": preset.to_dict(), "machine": machine(), "command": command, "url": url,
+               "started_server": started_here, "scenarios": {}}
+    try:
+        texts = random_texts(64, preset.input_chars, preset.seed + 17)
+        for count in preset.http_adapters:
+            names = register_names(url, pool, count, f"load{count}", api_key)
+            for scenario in scenarios:
+                label = f"{scenario}-{count}"
+                seq = popularity.sequence(scenario, names, preset.http_requests, preset.seed)
+                plan = {"requests": [{"inputs": texts[i % len(texts)], "adapter": a, "label": scenario}
+                                     for i, a in enumerate(seq)],
+                        "max_new_tokens": preset.http_new_tokens, "api_key": api_key}
+                before = scrape(url, api_key)
+                locust = run_locust(url, plan, preset.http_users, preset.http_seconds, out / "locust" / label)
+                after = scrape(url, api_key)
+                summary = summarize(locust, delta_summary(before, after))
+                results["scenarios"][label] = {"scenario": scenario, "adapters": count, **summary}
+                log(f"{label}: {summary['requests']} requests, {summary['errors']} errors, p50 "
+                    f"{summary['p50_s']} s, p99 {summary['p99_s']} s, {summary['tokens_per_s']:.1f} tok/s")
+    finally:
+        if started_here:
+            stop_server()
+    write(results, out)
+    return results
+
+
+def start_server(preset: Preset, base_dir: Path, work: Path) -> str:
+    """The real Serve app on 127.0.0.1, sized for the preset; adapters loaded on demand."""
+    from serve.app import app_builder
+    from serve.local import free_port, start
+
+    args = {"engine": {"base": str(base_dir), "device": preset.device, "dtype": preset.dtype,
+                       "max_rank": preset.lora_rank, "max_virtual_tokens": max(preset.prompt_tokens, 1),
+                       "max_batch_rows": preset.http_users, "max_new_tokens_cap": max(preset.http_new_tokens, 8),
+                       "device_slots": {k: 8 for k in KINDS}, "host_bytes": "1GiB", "max_queue": 4096},
+            "registry_dir": str(work / "registry" / preset.base_preset), "demo_adapters": False,
+            "metrics_push_interval_s": 0.5}
+    log("starting a loopback server")
+    # logical CPUs for Ray's scheduler (the app's three deployments ask for 2.5); torch threads are separate
+    return start(app_builder(args), host="127.0.0.1", port=free_port(), num_cpus=max(4, os.cpu_count() or 1))
+
+
+def stop_server() -> None:
+    from serve.local import stop
+
+    stop()
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# peftserve HTTP load — preset `{results['preset']['name']}`", "",
+             f"Command: `{results['command']}`  ", f"Server: {results['url']} "
+             f"({'started by the bench, loopback' if results['started_server'] else 'given'})  ",
+             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores  ",
+             f"{results['preset']['http_requests']} requests per scenario, {results['preset']['http_users']} "
+             f"closed-loop users, {results['preset']['http_new_tokens']} new tokens each.", "",
+             "Client TTFT is the first SSE event; TGI framing sends a token once the next one exists, so it "
+             "is about the second token's time. Server TTFT comes from the server's own histogram.", "",
+             "| scenario | adapters | requests | errors | p50 s | p95 s | p99 s | client TTFT p50 s | server TTFT "
+             "mean s | tokens/s | cold loads (disk->host) | warm swaps (host->device) | swap p99 s disk->host "
+             "/ host->device | evictions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    for s in results["scenarios"].values():
+        m = s["server"]
+        lines.append(
+            f"| {s['scenario']} | {s['adapters']} | {s['requests']} | {s['errors']} | {f(s['p50_s'])} | "
+            f"{f(s['p95_s'])} | {f(s['p99_s'])} | {f(s['client_ttft_p50_s'])} | {f(m.get('ttft_mean_s'))} | "
+            f"{s['tokens_per_s']:.1f} | {f(m['swaps'].get('disk_to_host', {}).get('count'))} | "
+            f"{f(m['swaps'].get('host_to_device', {}).get('count'))} | "
+            f"{f(m['swaps'].get('disk_to_host', {}).get('p99_s'))} / "
+            f"{f(m['swaps'].get('host_to_device', {}).get('p99_s'))} | {f(m.get('evictions'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "http_results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "http_results.md").write_text(markdown(results))
+    log(f"results: {out}/http_results.json, http_results.md")
