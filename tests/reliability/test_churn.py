@@ -1,4 +1,4 @@
-"""Churn: register -> generate -> delete cycles on the real Engine + registry (300 in CI, 10,000 in the soak)
+"""Churn: register -> generate -> delete cycles on the real Engine + registry (200 in CI, 10,000 in the soak)
 with RSS drift <= 2 % after warm-up and the base pristine afterwards; 100 concurrent register/delete of one
 name over HTTP end in a consistent state with no 5xx."""
 
@@ -40,7 +40,7 @@ def _run_churn(tiny_base_dir, zoo, tmp_path, cycles: int, time_limit_s: float, p
 
 
 def test_churn_cycles_rss_flat_and_base_pristine(tiny_base_dir, zoo, tmp_path):
-    _run_churn(tiny_base_dir, zoo, tmp_path, cycles=300, time_limit_s=60, prefix="churn_ci")
+    _run_churn(tiny_base_dir, zoo, tmp_path, cycles=200, time_limit_s=60, prefix="churn_ci")
 
 
 @pytest.mark.soak

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .harness import record
 
+TRIALS = 4
+
 WRITER = r"""
 import sys, os
 from pathlib import Path
@@ -47,7 +49,7 @@ def test_kill_during_registration_lists_only_complete_adapters(tmp_path):
     committed: set[str] = set()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     start_index, leftovers = 0, 0
-    for _trial in range(6):
+    for _trial in range(TRIALS):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(src), str(start_index)],
                                 stdout=subprocess.PIPE, text=True, env=env)
         time.sleep(rng.uniform(0.6, 1.6))
@@ -59,7 +61,7 @@ def test_kill_during_registration_lists_only_complete_adapters(tmp_path):
         reg = AdapterRegistry(root)  # "restart"
         listed = {r.name: r for r in reg.list()}
         assert committed <= set(listed), "a committed adapter was lost"
-        assert len(set(listed) - committed) <= 1 * (_trial + 1), "more than the in-flight registration appeared"
+        assert len(set(listed) - committed) <= 1, "more than the in-flight registration appeared"
         for r in listed.values():
             obj = Path(r.path)
             assert {p.name for p in obj.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
@@ -70,6 +72,6 @@ def test_kill_during_registration_lists_only_complete_adapters(tmp_path):
         assert not list(reg.tmp.iterdir())
         live = {r.digest for r in reg.list()}
         assert {p.name for p in reg.objects.iterdir()} == live
-    record("kill_during_registration_trials", 6)
+    record("kill_during_registration_trials", TRIALS)
     record("kill_during_registration_committed", len(committed))
     record("kill_during_registration_staging_leftovers_collected", leftovers)
