@@ -8,7 +8,11 @@ import gc
 import tracemalloc
 
 import pytest
-from test_engine import make_adapters, small_config  # same directory (pytest prepend import mode)
+
+try:  # same directory, pytest's default (prepend) import mode
+    from test_engine import make_adapters, small_config
+except ImportError:  # tests/ laid out as packages
+    from tests.serve.test_engine import make_adapters, small_config
 
 from serve.config import EngineConfig
 from serve.engine import Engine, GenerationParams, GenerationRequest
