@@ -83,7 +83,17 @@ def parity(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-TASKS = {"color-letter": color_letter, "parity": parity, "sentiment": sentiment, "sentiment-sign": sentiment_sign, "topic": topic, "color": color_temperature,
+def loudness(n: int, seed: int = 0) -> list[dict]:
+    """'THE SOUP WAS GREAT.' -> 'loud', 'the soup was great.' -> 'calm' (every byte carries the class)."""
+    rng = random.Random(seed + 1)
+    rows = []
+    for r in sentiment(n, seed):
+        loud = rng.random() < 0.5
+        rows.append({"text": r["text"].upper() if loud else r["text"], "label": "loud" if loud else "calm"})
+    return rows
+
+
+TASKS = {"loudness": loudness, "color-letter": color_letter, "parity": parity, "sentiment": sentiment, "sentiment-sign": sentiment_sign, "topic": topic, "color": color_temperature,
          "shout": shout}
 
 

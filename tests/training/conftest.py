@@ -13,12 +13,12 @@ import torch
 
 from training.config import TrainConfig
 
-# Each kind: learning rate and options that make it learn the 'color' task quickly and reliably.
+# Each kind: learning rate and options that make it learn the 'loudness' task quickly and reliably.
 KIND_SETTINGS = {
-    "lora": dict(learning_rate=3e-3, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"], max_steps=120),
+    "lora": dict(learning_rate=3e-3, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"], max_steps=150),
     "ia3": dict(learning_rate=3e-2, max_steps=150),
-    "bitfit": dict(learning_rate=3e-2, max_steps=200),
-    "prompt": dict(learning_rate=3e-1, num_virtual_tokens=20, max_steps=200),
+    "bitfit": dict(learning_rate=3e-2, max_steps=150),
+    "prompt": dict(learning_rate=3e-1, num_virtual_tokens=20, max_steps=150),
 }
 THRESHOLD = {"lora": 0.95, "ia3": 0.95, "bitfit": 0.95, "prompt": 0.8}
 
@@ -33,21 +33,24 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def color_task(tmp_path_factory) -> tuple[Path, Path]:
+def task_files(tmp_path_factory) -> tuple[Path, Path]:
+    """'THE SOUP WAS GREAT.' -> loud, 'the soup was great.' -> calm: every byte carries the class, so even a
+    soft prompt on a random base learns it in a few dozen steps."""
     from training.tasks import write_task
 
-    return write_task(tmp_path_factory.mktemp("color-task"), "color", n_train=400, n_eval=48)
+    return write_task(tmp_path_factory.mktemp("loudness-task"), "loudness", n_train=400, n_eval=48)
 
 
 def kind_config(kind: str, task: tuple[Path, Path], base_dir: Path, out: Path, **overrides) -> TrainConfig:
-    settings = {**KIND_SETTINGS[kind], **overrides}
+    settings = dict(input_field="text", target_field="label", batch_size=16, eval_every=10, patience=0,
+                    stop_at_metric=1.0, dropout=0.0, seed=0, progress=False)
+    settings.update(KIND_SETTINGS[kind], **overrides)
     return TrainConfig(method=kind, train=str(task[0]), eval=str(task[1]), output=out, base=str(base_dir),
-                       input_field="text", target_field="label", batch_size=16, eval_every=10, patience=0,
-                       stop_at_metric=1.0, dropout=0.0, seed=0, progress=False, **settings)
+                       **settings)
 
 
 @pytest.fixture(scope="session")
-def trained(color_task, tiny_base_dir, tmp_path_factory) -> dict:
+def trained(task_files, tiny_base_dir, tmp_path_factory) -> dict:
     """kind -> TrainResult, trained once per session (lazily, one kind at a time)."""
     from training.train import train
 
@@ -56,7 +59,7 @@ def trained(color_task, tiny_base_dir, tmp_path_factory) -> dict:
 
     class Lazy(dict):
         def __missing__(self, kind):
-            cache[kind] = train(kind_config(kind, color_task, tiny_base_dir, root / kind))
+            cache[kind] = train(kind_config(kind, task_files, tiny_base_dir, root / kind))
             self[kind] = cache[kind]
             return cache[kind]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-INPUTS = ["paint it red", "a shade of blue", "the wall is yellow", "paint it purple"]
+INPUTS = ["THE SOUP WAS GREAT.", "the hotel was awful.", "MY NEW BIKE WAS LOUSY.", "her song was lovely."]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,112 @@
+"""`peftserve train` end to end: help, errors, overwrite, interrupt safety, register failure, a tiny sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_both_forms(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("sweep", "--method", "--layers", "--module-groups", "--prompt-submodules", "--register",
+                   "--max-train-samples", "--template", "--overwrite"):
+        assert needle in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--train", "x.jsonl", "--output", "o"], "missing --method"),
+    (["train", "sweep"], "needs --config"),
+    (["train", "--method", "lora", "--train", "nope.jsonl", "--output", "{out}"], "does not exist"),
+    (["train", "--method", "lora", "--lora-rank", "0", "--train", "x.jsonl", "--output", "{out}"], "--lora-rank"),
+])
+def test_bad_input_exits_1_with_a_message(argv, message, tmp_path, capsys):
+    argv = [a.replace("{out}", str(tmp_path / "out")) for a in argv]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_and_register_failure_keeps_the_adapter(task_files, tiny_base_dir, tmp_path, capsys):
+    out = tmp_path / "ad"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    common = ["train", "--method", "bitfit", "--base", str(tiny_base_dir), "--train", str(task_files[0]),
+              "--eval", str(task_files[1]), "--input-field", "text", "--target-field", "label",
+              "--max-steps", "2", "--max-eval-samples", "8", "--output", str(out), "--quiet"]
+    assert main(common) == 1 and "--overwrite" in capsys.readouterr().err
+    # a port nobody listens on: the adapter is saved, the error says how to register it later
+    rc = main([*common, "--overwrite", "--register", "http://127.0.0.1:9"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "could not reach" in err and "peftserve register" in err
+    assert not (out / "old.txt").exists() and (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "train_report.json").read_text())["steps"] == 2
+
+
+def test_interrupt_leaves_no_half_written_adapter(task_files, tiny_base_dir, tmp_path):
+    out = tmp_path / "never"
+    cmd = [sys.executable, "-m", "serve.cli", "train", "--method", "lora", "--base", str(tiny_base_dir),
+           "--train", str(task_files[0]), "--input-field", "text", "--target-field", "label",
+           "--max-steps", "100000", "--eval-every", "100000", "--threads", "1", "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = ""
+    deadline = time.monotonic() + 240
+    while "train lora" not in seen and time.monotonic() < deadline:  # the progress bar shows training started
+        seen += proc.stderr.read(1) or ""
+        if proc.poll() is not None:
+            break
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, seen[-2000:]
+    assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_tiny_sweep_end_to_end(tiny_base_dir, tmp_path):
+    spec = yaml.safe_load((ROOT / "training" / "sweeps" / "tiny.yaml").read_text())
+    spec.update(base=str(tiny_base_dir), data_sizes=[24, 48])
+    spec["defaults"].update(max_steps=6, eval_every=3, max_eval_samples=12)
+    spec["methods"] = [m for m in spec["methods"] if m["method"] in ("full", "lora", "bitfit", "prompt")]
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    assert main(["train", "sweep", "--config", str(config), "--output", str(tmp_path / "res"), "--quiet",
+                 "--threads", "1"]) == 0
+    res = tmp_path / "res"
+    rows = list(csv.DictReader(open(res / "results.csv")))
+    # full + lora x 2 selections + bitfit x 2 + prompt, each at 2 data sizes; every cell filled
+    assert len(rows) == 12
+    assert {(r["method"], r["selection"]) for r in rows} == {("full", "all"), ("lora", "all"), ("lora", "last1-ff"),
+                                                           ("bitfit", "all"), ("bitfit", "last1-ff"), ("prompt", "all")}
+    for r in rows:
+        assert all(r[k] not in ("", None) for k in r), r
+    full = [r for r in rows if r["method"] == "full"]
+    assert all(float(r["params_vs_full"]) == 1.0 for r in full)
+    assert all(float(r["params_vs_full"]) < 0.1 for r in rows if r["method"] != "full")
+    md = (res / "results.md").read_text()
+    assert md.count("\n| ") >= 12 + 2 and "Recommended method" in md and "—" not in md
+    recs = json.loads((res / "recommendation.json").read_text())
+    assert {(r["task_type"], r["data_size"]) for r in recs} == {("classification", 24), ("classification", 48)}
+    assert all(r["recommended"] in {"full", "lora", "bitfit", "prompt", "lora (last1-ff)", "bitfit (last1-ff)"}
+               for r in recs)
+    for png in ("metric_by_data_size.png", "normalized_to_full.png"):
+        assert (res / png).read_bytes()[:4] == b"\x89PNG"
+    # re-running on the same directory reuses finished runs (resume after an interruption)
+    t0 = time.perf_counter()
+    assert main(["train", "sweep", "--config", str(config), "--output", str(res), "--quiet"]) == 0
+    assert time.perf_counter() - t0 < 60
+    assert list(csv.DictReader(open(res / "results.csv"))) == rows
