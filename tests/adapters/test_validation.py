@@ -7,7 +7,6 @@ import pickle
 import shutil
 import struct
 
-import peft_zoo
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +22,7 @@ from adapters import (
     inspect_adapter,
     load_adapter,
 )
+from tests.adapters import peft_zoo
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
