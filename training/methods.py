@@ -105,9 +105,7 @@ def build(cfg: TrainConfig, base) -> Trainable:
             ff_short |= {"wi_0", "wi_1"}
         feedforward = [t for t in targets if t.rsplit(".", 1)[-1] in ff_short]
         pcfg = IA3Config(task_type=TaskType.SEQ_2_SEQ_LM, target_modules=targets, feedforward_modules=feedforward)
-    pcfg.base_model_name_or_path = base.name
     peft_model = get_peft_model(model, pcfg)
-    peft_model.peft_config["default"].base_model_name_or_path = base.name
     return Trainable(cfg.method, peft_model, modules, peft=True)
 
 
@@ -131,7 +129,6 @@ def _prompt_model(cfg: TrainConfig, base):
         prompt_tuning_init_text=cfg.prompt_init_text if text else None,
         tokenizer_name_or_path=base.path if text else None,
     )
-    pcfg.base_model_name_or_path = base.name
     model = get_peft_model(base.model, pcfg)
     if not text:
         # peft's random init is N(0, 1); T5's embeddings are much smaller (and the tiny base's more so).

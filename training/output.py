@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-CURVE_FIELDS = ("step", "epoch", "loss", "metric", "wall_s")
+CURVE_FIELDS = ("step", "epoch", "loss", "eval_loss", "metric", "wall_s")
 
 
 @contextmanager

@@ -81,6 +81,21 @@ def generate(model, tokenizer, sources: list[str], device, max_source_length: in
     return [p.strip() for p in preds]
 
 
+def eval_loss(model, tokenizer, pairs: D.TextPairs, device, cfg: TrainConfig) -> float:
+    """Teacher-forced mean loss on the eval rows: the tie-breaker while the metric is flat."""
+    encoded = D.encode_pairs(tokenizer, pairs, cfg.max_source_length, cfg.max_target_length)
+    total, n = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(encoded), cfg.eval_batch_size):
+            chunk = encoded[start:start + cfg.eval_batch_size]
+            b = D.collate(chunk, tokenizer.pad_token_id)
+            loss = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
+                         labels=b.labels.to(device)).loss
+            total, n = total + loss.item() * len(chunk), n + len(chunk)
+    return total / max(1, n)
+
+
 def evaluate_pairs(model, tokenizer, pairs: D.TextPairs, task: str, device, cfg: TrainConfig) -> tuple[float, list]:
     max_new = min(cfg.max_target_length, max(len(tokenizer(t)["input_ids"]) for t in pairs.targets) + 2)
     preds = generate(model, tokenizer, pairs.sources, device, cfg.max_source_length, max_new, cfg.eval_batch_size)
@@ -96,9 +111,17 @@ def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
 
 def train(cfg: TrainConfig, prepared: Prepared | None = None) -> TrainResult:
     p = prepared or prepare(cfg)
-    torch.manual_seed(cfg.seed)
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, p)
+    finally:
+        torch.set_num_threads(threads_before)  # the caller's process (e.g. a serving replica) keeps its setting
+
+
+def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
+    torch.manual_seed(cfg.seed)
     tok = p.base.tokenizer
     trainable = methods.build(cfg, p.base)
     model = trainable.model.to(p.device)
@@ -110,7 +133,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None) -> TrainResult:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     memory = output.PeakMemory(p.device)
     metric_name = TASK_METRICS[p.task][1]
-    curve, best, best_step, best_state, stale = [], -1.0, 0, None, 0
+    curve, best, best_loss, best_step, best_state, stale = [], -1.0, float("inf"), 0, None, 0
     t0 = time.perf_counter()
     stream = D.batches(encoded, cfg.batch_size, tok.pad_token_id, cfg.seed)
     bar = _progress(total, cfg)
@@ -130,13 +153,16 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None) -> TrainResult:
             bar.update(1)
             continue
         value, _ = evaluate_pairs(model, tok, p.eval, p.task, p.device, cfg)
+        ev_loss = eval_loss(model, tok, p.eval, p.device, cfg)
         curve.append({"step": step, "epoch": round(step * cfg.batch_size / len(encoded), 4),
-                      "loss": loss_sum / loss_n, "metric": value, "wall_s": round(time.perf_counter() - t0, 3)})
+                      "loss": loss_sum / loss_n, "eval_loss": ev_loss, "metric": value,
+                      "wall_s": round(time.perf_counter() - t0, 3)})
         loss_sum, loss_n = 0.0, 0
         bar.update(1)
         bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", **{metric_name: f"{value:.3f}"})
-        if value > best:
-            best, best_step, stale = value, step, 0
+        # better: a higher metric, or the same metric at a clearly lower eval loss (still learning)
+        if value > best or (value == best and ev_loss < best_loss * 0.99):
+            best, best_loss, best_step, stale = value, ev_loss, step, 0
             best_state = [t.detach().clone() for t in params]
         else:
             stale += 1

@@ -23,7 +23,7 @@ def test_kind_learns_the_task_and_writes_a_servable_adapter(kind, trained, tiny_
     assert report["peak_memory_bytes"] > 0 and report["train_seconds"] > 0
     assert report["steps"] <= report["planned_steps"]
     curve = (result.output / "curve.csv").read_text().splitlines()
-    assert curve[0] == "step,epoch,loss,metric,wall_s" and len(curve) >= 2
+    assert curve[0] == "step,epoch,loss,eval_loss,metric,wall_s" and len(curve) >= 2
     assert "exact_match" in (result.output / "README.md").read_text()
     # the server's own validation and loader accept it as-is
     base = BaseDescription.from_model(tiny_base.model, tiny_base.name, tiny_base.fingerprint)
