@@ -170,16 +170,27 @@ class LoraSlots(KindSlots):
         return self.rank[slot] > 0
 
     def gather(self, index_host, index, dtype):
-        r = max(self.rank[s] for s in index_host)
-        if r == 0:
+        """(rows, A_rows, B_rows): rows is None when every row has LoRA on this layer, else the row indices
+        that do — the others (base rows, other kinds, layers outside layers_to_transform) are not computed."""
+        active = [i for i, s in enumerate(index_host) if self.rank[s] > 0]
+        if not active:
             return None
-        return (self.a[:, :, :r].index_select(0, index).to(dtype), self.b[:, :r, :].index_select(0, index).to(dtype))
+        r = max(self.rank[index_host[i]] for i in active)
+        rows = None
+        if len(active) < len(index_host):
+            rows = torch.tensor(active, dtype=torch.long, device=index.device)
+            index = index.index_select(0, rows)
+        return (rows, self.a[:, :, :r].index_select(0, index).to(dtype),
+                self.b[:, :r, :].index_select(0, index).to(dtype))
 
     def post(self, y, x, g):
-        a_rows, b_rows = g
+        rows, a_rows, b_rows = g
         shape = y.shape
-        y = apply(y.reshape(shape[0], -1, shape[-1]), x.reshape(shape[0], -1, x.shape[-1]), a_rows, b_rows)
-        return y.reshape(shape)
+        y3, x3 = y.reshape(shape[0], -1, shape[-1]), x.reshape(shape[0], -1, x.shape[-1])
+        if rows is None:
+            return apply(y3, x3, a_rows, b_rows).reshape(shape)
+        delta = torch.bmm(torch.bmm(x3.index_select(0, rows), a_rows), b_rows)
+        return y3.index_add_(0, rows, delta).reshape(shape)  # y is this layer's fresh output
 
     def merge_into(self, slot: int, weight: torch.Tensor):
         r = self.rank[slot]
