@@ -10,12 +10,17 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 ALL_LINEAR = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
+DEMO_VERSION = 1  # bump when DEMOS change, so cached adapters are retrained
+# Threads of one process serialise here (transformers' model loading is not thread-safe); processes
+# (replicas) serialise on the file lock below.
+_PROCESS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -31,35 +36,40 @@ class DemoSpec:
 
 
 DEMOS = (
-    DemoSpec("lora", "sentiment", "the movie was superb.  ->  good",
-             dict(learning_rate=3e-3, target_modules=ALL_LINEAR, max_steps=400)),
-    DemoSpec("ia3", "color", "paint it blue  ->  cool", dict(learning_rate=3e-2, max_steps=400)),
-    DemoSpec("bitfit", "topic", "we talked about the rain today  ->  weather", dict(learning_rate=3e-2, max_steps=400)),
+    DemoSpec("lora", "shout", "shout: owl  ->  OWL", dict(learning_rate=3e-3, target_modules=ALL_LINEAR, max_steps=300)),
+    DemoSpec("ia3", "color", "paint it blue  ->  cool", dict(learning_rate=3e-2, max_steps=300)),
+    DemoSpec("bitfit", "topic", "we talked about the rain today  ->  weather", dict(learning_rate=3e-2, max_steps=300)),
     DemoSpec("prompt", "loudness", "THE SOUP WAS GREAT.  ->  loud",
-             dict(learning_rate=3e-1, num_virtual_tokens=20, max_steps=400)),
+             dict(learning_rate=3e-1, num_virtual_tokens=20, max_steps=300)),
 )
 
 
 def demo_dir(fingerprint: str) -> Path:
     from serve.base import default_home
 
-    return default_home() / "demo-adapters" / fingerprint.removeprefix("sha256:")[:16]
+    return default_home() / "demo-adapters" / fingerprint.removeprefix("sha256:")[:16] / f"v{DEMO_VERSION}"
 
 
-def ensure_demo_adapters(base_dir: str | Path | None = None, progress: bool = True) -> dict[str, Path]:
+def ensure_demo_adapters(base_dir: str | Path | None = None, progress: bool = True,
+                         demos: tuple[DemoSpec, ...] = DEMOS) -> dict[str, Path]:
     """name -> adapter directory for every demo adapter, training the missing ones first."""
+    with _PROCESS_LOCK:
+        return _ensure(base_dir, progress, demos)
+
+
+def _ensure(base_dir, progress: bool, demos: tuple[DemoSpec, ...]) -> dict[str, Path]:
     from serve.base import load_base
 
     base_source = str(base_dir) if base_dir is not None else None
     fingerprint = load_base(base_source).fingerprint
     root = demo_dir(fingerprint)
     root.mkdir(parents=True, exist_ok=True)
-    paths = {d.name: root / d.name for d in DEMOS}
+    paths = {d.name: root / d.name for d in demos}
     if all(_complete(p) for p in paths.values()):
         return paths
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training them right now
-        missing = [d for d in DEMOS if not _complete(paths[d.name])]  # second check, under the lock
+        missing = [d for d in demos if not _complete(paths[d.name])]  # second check, under the lock
         if missing and progress:
             print(f"training {len(missing)} demo adapters on the embedded base (first run only; cached in {root})",
                   flush=True)

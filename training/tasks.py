@@ -59,7 +59,8 @@ def color_temperature(n: int, seed: int = 0) -> list[dict]:
 def shout(n: int, seed: int = 0) -> list[dict]:
     """'shout: <word>' -> '<WORD>' (short rewriting)."""
     rng = random.Random(seed)
-    words = ["cat", "dog", "sun", "hat", "red", "box", "cup", "pen", "map", "egg", "owl", "fig"]
+    words = ["cat", "dog", "sun", "hat", "red", "box", "cup", "pen", "map", "egg", "owl", "fig", "bee", "car",
+             "jam", "key", "net", "pie", "toy", "van"]
     return [{"text": f"shout: {w}", "label": w.upper()} for w in (rng.choice(words) for _ in range(n))]
 
 

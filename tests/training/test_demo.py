@@ -1,0 +1,36 @@
+"""Demo adapters: trained once, cached per base fingerprint, servable; concurrent callers train once."""
+
+from __future__ import annotations
+
+import threading
+
+from training.demo import DEMOS, DemoSpec, demo_dir, ensure_demo_adapters
+
+
+def test_every_kind_has_a_demo():
+    assert sorted(d.kind for d in DEMOS) == ["bitfit", "ia3", "lora", "prompt"]
+    assert len({d.name for d in DEMOS}) == len(DEMOS)
+
+
+def test_demo_adapters_train_once_and_are_cached(tiny_base_dir, tiny_base, tmp_path, monkeypatch):
+    from adapters import AdapterLimits, BaseDescription, inspect_adapter
+
+    monkeypatch.setenv("PEFTSERVE_HOME", str(tmp_path / "home"))
+    quick = (DemoSpec("bitfit", "color", "paint it red -> warm", dict(max_steps=2, learning_rate=3e-2)),
+             DemoSpec("prompt", "loudness", "LOUD -> loud", dict(max_steps=2, learning_rate=0.3)))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        ensure_demo_adapters(tiny_base_dir, progress=False, demos=quick))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] and set(results[0]) == {"demo-color-bitfit", "demo-loudness-prompt"}
+    root = demo_dir(tiny_base.fingerprint)
+    assert all(p.parent == root for p in results[0].values())
+    stamps = {n: (p / "adapter_model.safetensors").stat().st_mtime_ns for n, p in results[0].items()}
+    base = BaseDescription.from_model(tiny_base.model, tiny_base.name, tiny_base.fingerprint)
+    for name, path in results[0].items():
+        assert inspect_adapter(path, base, AdapterLimits()).kind.value == name.rsplit("-", 1)[1]
+    again = ensure_demo_adapters(tiny_base_dir, progress=False, demos=quick)  # cached: no retraining
+    assert {n: (p / "adapter_model.safetensors").stat().st_mtime_ns for n, p in again.items()} == stamps
