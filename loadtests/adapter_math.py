@@ -119,12 +119,13 @@ def build(preset: dict):
 
 def layer_section(model, slots, preset: dict, progress) -> list[dict]:
     out = []
-    n, reps = preset["batch"], preset["repeats"] * 3
+    n = preset["batch"]
     for short in preset["layers"]:
         path = next(p for p in slots.layers if p.startswith("decoder.block.0.") and p.endswith("." + short))
         layer, bare = slots.layers[path], model.get_submodule(path)
         for phase, t in (("decode", 1), ("encode", preset["enc_len"])):
             x = torch.randn(n, t, layer.in_features)
+            reps = preset["repeats"] * 3 if phase == "decode" else max(2, preset["repeats"] // 3)
             cells = {}
             for name, rows, cached in [("lora", rows_for(AdapterKind.LORA, n), True),
                                        ("lora (no gather cache)", rows_for(AdapterKind.LORA, n), False),
@@ -181,6 +182,7 @@ def model_section(model, wrapped, slots, preset: dict, progress) -> dict:
         return run
 
     base_enc_fn = encode(model, RowAdapters.base(n))
+    reps = max(2, reps // 5)  # an encoder pass is ~T times a decoder step
     enc = {str(k): compare(base_enc_fn, encode(wrapped, rows_for(k, n)), reps) for k in MODEL_CASES}
     progress(f"model encoder pass base {enc['lora']['base_s'] * 1e3:.2f} ms; throughput vs base: " +
              "  ".join(f"{k} {1 / c['ratio']:.2f}x" for k, c in enc.items()))
