@@ -38,7 +38,8 @@ def plot_sweep(rows: list[dict], output: Path) -> list[Path]:
     plt.close(fig)
     written.append(output / "metric_by_data_size.png")
 
-    keys = ["metric_vs_full", "steps_vs_full", "time_vs_full", "params_vs_full", "memory_vs_full"]
+    keys = ["metric_vs_full", "steps_vs_full", "time_vs_full", "params_vs_full", "memory_vs_full",
+            "grad_optim_vs_full"]
     methods = [m for m in dict.fromkeys(_label(r) for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(methods)), 4))
     width = 0.8 / len(keys)

@@ -23,7 +23,8 @@ from training.recommend import recommend, recommendation_markdown
 
 COLUMNS = ["task", "task_type", "method", "selection", "data_size", "metric_name", "metric", "steps",
            "steps_to_converge", "train_seconds", "trainable_params", "trainable_percent", "peak_memory_mb",
-           "metric_vs_full", "steps_vs_full", "time_vs_full", "params_vs_full", "memory_vs_full"]
+           "grad_optim_mb", "metric_vs_full", "steps_vs_full", "time_vs_full", "params_vs_full", "memory_vs_full",
+           "grad_optim_vs_full"]
 SELECTABLE = ("lora", "ia3", "bitfit")  # methods with per-layer weights
 
 
@@ -131,14 +132,16 @@ def row_from_report(labels: dict, r: dict) -> dict:
     return {**labels, "task_type": r["task"], "metric_name": r["final_metrics"]["metric"],
             "metric": r["final_metrics"]["value"], "steps": r["steps"], "steps_to_converge": r["steps_to_converge"],
             "train_seconds": r["train_seconds"], "trainable_params": r["trainable_params"],
-            "trainable_percent": r["trainable_percent"], "peak_memory_mb": r["peak_memory_bytes"] / 2**20}
+            "trainable_percent": r["trainable_percent"], "peak_memory_mb": r["peak_memory_bytes"] / 2**20,
+            "grad_optim_mb": r.get("grad_optimizer_bytes", 0) / 2**20}
 
 
 def normalise(rows: list[dict]) -> None:
     """Add *_vs_full: each quantity divided by full fine-tuning's on the same task and data size."""
     full = {(r["task"], r["data_size"]): r for r in rows if r["method"] == "full"}
     pairs = {"metric_vs_full": "metric", "steps_vs_full": "steps_to_converge", "time_vs_full": "train_seconds",
-             "params_vs_full": "trainable_params", "memory_vs_full": "peak_memory_mb"}
+             "params_vs_full": "trainable_params", "memory_vs_full": "peak_memory_mb",
+             "grad_optim_vs_full": "grad_optim_mb"}
     for r in rows:
         ref = full.get((r["task"], r["data_size"]))
         for key, src in pairs.items():
@@ -175,18 +178,21 @@ def results_markdown(rows: list[dict]) -> str:
     """One table per task: a row per method × selection × data size, every quantity and its ratio to full."""
     out = ["# Sweep results", "",
            "Ratios are to full fine-tuning on the same task and data size (metric: higher is better; "
-           "steps, time, params, memory: lower is better). Steps = steps to reach 97% of the run's best.", ""]
+           "steps, time, params, memory: lower is better). Steps = steps to reach 97% of the run's best. "
+           "Peak MiB: CUDA max allocated on GPU, the process's peak RSS on CPU (libraries included); "
+           "grad+optim MiB: gradients and AdamW moments of the trained tensors, what each method adds.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         sub = [r for r in rows if r["task"] == task]
         out += [f"## {task} ({sub[0]['task_type']}, {sub[0]['metric_name']})", "",
                 "| method | selection | train rows | metric | ×full | steps | ×full | time s | ×full "
-                "| trainable params | % | ×full | peak MiB | ×full |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| trainable params | % | ×full | peak MiB | ×full | grad+optim MiB | ×full |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                "| ---: | ---: |"]
         for r in sub:
             out.append("| " + " | ".join(_fmt(x) for x in (
                 r["method"], r["selection"], r["data_size"] or "all", r["metric"], r["metric_vs_full"],
                 r["steps_to_converge"], r["steps_vs_full"], r["train_seconds"], r["time_vs_full"],
                 r["trainable_params"], r["trainable_percent"], r["params_vs_full"], r["peak_memory_mb"],
-                r["memory_vs_full"])) + " |")
+                r["memory_vs_full"], r["grad_optim_mb"], r["grad_optim_vs_full"])) + " |")
         out.append("")
     return "\n".join(out)

@@ -184,6 +184,8 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
         "steps": step, "planned_steps": total, "epochs": step * cfg.batch_size / len(encoded),
         "best_step": best_step, "steps_to_converge": steps_to_converge(curve),
         "train_seconds": train_seconds, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        # what the method itself adds to memory: gradients + AdamW's two moments of the trained tensors
+        "grad_optimizer_bytes": sum(3 * t.numel() * t.element_size() for t in params),
         "final_metrics": {"metric": metric_name, "value": best, "eval_rows": len(p.eval)},
         "data": {"train_rows": len(p.train), "eval_rows": len(p.eval), "labels": p.train.label_set[:50]
                  if p.task == "classification" else None},

@@ -110,3 +110,14 @@ def test_tiny_sweep_end_to_end(tiny_base_dir, tmp_path):
     assert main(["train", "sweep", "--config", str(config), "--output", str(res), "--quiet"]) == 0
     assert time.perf_counter() - t0 < 60
     assert list(csv.DictReader(open(res / "results.csv"))) == rows
+
+
+def test_seed_paper_sweep_config_plans_every_cell(shared_data, tmp_path):
+    from training.sweep import load_sweep, plan_runs
+
+    spec = load_sweep(ROOT / "training" / "sweeps" / "seed_paper.yaml")
+    runs = plan_runs(spec, tmp_path)
+    # 3 tasks x (full + prompt + 3 selectable methods x 4 selections) x 4 data sizes
+    assert len(runs) == 3 * (2 + 3 * 4) * 4
+    assert all(Path(cfg.train).is_file() and Path(cfg.eval).is_file() for _, _, cfg in runs)
+    assert {cfg.task for _, _, cfg in runs} == {"classification", "generation"}
