@@ -131,3 +131,10 @@ def test_metrics_load_offline_from_the_project(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0.5", "1.0"]
+
+
+def test_unreachable_hub_dataset_is_a_data_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="could not load hub dataset 'no-such-org/no-such-set'"):
+        load_pairs("no-such-org/no-such-set")

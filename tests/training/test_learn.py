@@ -48,3 +48,15 @@ def test_bitfit_leaves_bias_free_linears_and_saves_every_target(trained, tiny_ba
     assert len(keys) == len([n for n, m in tiny_base.model.named_modules()
                              if ".block." in n and n.rsplit(".", 1)[1] in {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}])
     assert all(tiny_base.model.get_submodule(n).bias is None for n in linears)
+
+
+def test_early_stopping_on_a_flat_eval_metric(task_files, tiny_base_dir, tmp_path):
+    from tests.training.conftest import kind_config
+    from training.train import train
+
+    # a learning rate too small to move anything: metric and eval loss stay flat -> stop after patience evals
+    cfg = kind_config("bitfit", task_files, tiny_base_dir, tmp_path / "flat", learning_rate=1e-9, max_steps=100,
+                      eval_every=2, patience=2, stop_at_metric=None, max_eval_samples=8)
+    report = train(cfg).report
+    assert report["steps"] == 6 and report["planned_steps"] == 100 and report["best_step"] == 2
+    assert report["steps_to_converge"] == 2
