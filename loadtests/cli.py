@@ -56,7 +56,7 @@ def _command(args) -> str:
     parts = ["peftserve", "bench", "--preset", args.preset]
     for flag, value in (("--only", None if args.only == ",".join(SECTIONS) else args.only),
                         ("--distinct", args.distinct), ("--repeats", args.repeats), ("--threads", args.threads),
-                        ("--http", args.http), ("--out", args.out)):
+                        ("--http", args.http)):
         if value is not None:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -102,7 +102,8 @@ def run_http(preset: Preset, out: Path, work: Path, target: str, scenarios: tupl
     base_dir = ensure_base(work, preset.base_preset, preset.seed)
     pool = adapter_pool(preset, base_dir, work, per_kind=max(2, min(8, preset.http_adapters[0] // 4)))
     started_here = target == "start"
-    url = start_server(preset, base_dir, work) if started_here else target.rstrip("/")
+    server = LoopbackServer(preset, base_dir, work, out / "server.log") if started_here else None
+    url = server.url if server else target.rstrip("/")
     results = {"preset": preset.to_dict(), "machine": machine(), "command": command, "url": url,
                "started_server": started_here, "scenarios": {}}
     try:
@@ -117,38 +118,88 @@ def run_http(preset: Preset, out: Path, work: Path, target: str, scenarios: tupl
                         "max_new_tokens": preset.http_new_tokens, "api_key": api_key}
                 before = scrape(url, api_key)
                 locust = run_locust(url, plan, preset.http_users, preset.http_seconds, out / "locust" / label)
-                after = scrape(url, api_key)
+                after = settled_scrape(url, api_key, before, locust["side"])
                 summary = summarize(locust, delta_summary(before, after))
                 results["scenarios"][label] = {"scenario": scenario, "adapters": count, **summary}
                 log(f"{label}: {summary['requests']} requests, {summary['errors']} errors, p50 "
-                    f"{summary['p50_s']} s, p99 {summary['p99_s']} s, {summary['tokens_per_s']:.1f} tok/s")
+                    f"{summary['p50_s'] or 0:.3f} s, p99 {summary['p99_s'] or 0:.3f} s, "
+                    f"{summary['tokens_per_s']:.1f} tok/s")
     finally:
-        if started_here:
-            stop_server()
+        if server:
+            server.stop()
     write(results, out)
     return results
 
 
-def start_server(preset: Preset, base_dir: Path, work: Path) -> str:
-    """The real Serve app on 127.0.0.1, sized for the preset; adapters loaded on demand."""
-    from serve.app import app_builder
-    from serve.local import free_port, start
-
-    args = {"engine": {"base": str(base_dir), "device": preset.device, "dtype": preset.dtype,
-                       "max_rank": preset.lora_rank, "max_virtual_tokens": max(preset.prompt_tokens, 1),
-                       "max_batch_rows": preset.http_users, "max_new_tokens_cap": max(preset.http_new_tokens, 8),
-                       "device_slots": {k: 8 for k in KINDS}, "host_bytes": "1GiB", "max_queue": 4096},
-            "registry_dir": str(work / "registry" / preset.base_preset), "demo_adapters": False,
-            "metrics_push_interval_s": 0.5}
-    log("starting a loopback server")
-    # logical CPUs for Ray's scheduler (the app's three deployments ask for 2.5); torch threads are separate
-    return start(app_builder(args), host="127.0.0.1", port=free_port(), num_cpus=max(4, os.cpu_count() or 1))
+def settled_scrape(url: str, token: str | None, before: dict, side: dict, timeout_s: float = 15.0) -> dict:
+    """Scrape /metrics until the server counts every request the users ended (replicas push their
+    metrics every `metrics_push_interval_s`, so the last ones arrive a moment after the load)."""
+    ended = side.get("finished", 0) + sum(side.get("errors", {}).values())
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = scrape(url, token)
+        if delta_summary(before, after)["requests"] >= ended or time.monotonic() > deadline:
+            return after
+        time.sleep(0.5)
 
 
-def stop_server() -> None:
-    from serve.local import stop
+class LoopbackServer:
+    """`peftserve serve` in a child process on 127.0.0.1, sized for the preset; stopped with SIGTERM
+    (the launcher's clean shutdown), killed only if that hangs. A child process keeps Ray's cluster
+    out of the benchmark's own process."""
 
-    stop()
+    def __init__(self, preset: Preset, base_dir: Path, work: Path, log_file: Path, ready_timeout_s: float = 600):
+        import yaml
+
+        from serve.local import free_port
+
+        config = {"engine": {"base": str(base_dir), "device": preset.device, "dtype": preset.dtype,
+                             "max_rank": preset.lora_rank, "max_virtual_tokens": max(preset.prompt_tokens, 1),
+                             "max_batch_rows": preset.http_users, "max_new_tokens_cap": max(preset.http_new_tokens, 8),
+                             "device_slots": {k: 8 for k in KINDS}, "host_bytes": "1GiB", "max_queue": 4096},
+                  "registry_dir": str(work / "registry" / base_dir.name), "demo_adapters": False,
+                  "metrics_push_interval_s": 0.5}
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        cfg = log_file.with_suffix(".yaml")
+        cfg.write_text(yaml.safe_dump(config))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        # logical CPUs for Ray's scheduler (the app's three deployments ask for 2.5); torch threads are separate
+        cmd = [sys.executable, "-m", "serve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--config", str(cfg), "--num-cpus", str(max(4, os.cpu_count() or 1))]
+        log(f"starting a loopback server: {' '.join(cmd)} (log: {log_file})")
+        self._log = open(log_file, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_healthy(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self._log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"the server did not become healthy within {timeout_s:.0f} s; see {self._log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
 
 
 def markdown(results: dict) -> str:
