@@ -2,7 +2,7 @@
 #   docker build -t peftserve .
 #   docker run --gpus all -p 8000:8000 -v /mnt/peftserve:/mnt/peftserve peftserve          # 4 x A10, XL
 #   docker run -p 8000:8000 peftserve serve run deploy/local.yaml                         # CPU, tiny base
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -28,8 +28,9 @@ COPY --chown=peftserve:peftserve adapters ./adapters
 COPY --chown=peftserve:peftserve training ./training
 COPY --chown=peftserve:peftserve loadtests ./loadtests
 COPY --chown=peftserve:peftserve deploy ./deploy
+# PyPI's Linux torch wheel is the CUDA build and brings its own CUDA libraries; the image supplies the driver.
 RUN pip install --upgrade pip==25.3 \
-    && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124 \
+    && pip install torch==2.13.0 \
     && pip install .
 
 EXPOSE 8000

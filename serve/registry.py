@@ -308,7 +308,9 @@ class AdapterRegistry:
                        (name, version, digest, str(spec_dict.get("kind", "unknown")), size, source_label,
                         json.dumps(spec_dict, default=str), time.time()))
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
-        return self.get(name)
+            # read back inside the transaction: a concurrent register/delete may follow right after the commit
+            row = db.execute("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version)).fetchone()
+        return self._record(row)
 
     def delete(self, name: str) -> AdapterRecord:
         """Retire every version of `name`; store objects stay (in-flight requests may still read them)."""
