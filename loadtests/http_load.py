@@ -2,9 +2,9 @@
 scenarios headless, scrape the server's /metrics before and after each, write a summary.
 
 Adapter names outnumber adapter files: N names (100, 1,000) are registered over a pool of distinct
-files of all four kinds. The registry's store is content-addressed (identical files are stored once),
-but every name is its own cache entry in the engine, so popularity, cold loads and evictions behave
-as with N different adapters while disk and registration stay cheap.
+files of all four kinds. The registry's store is content-addressed (identical files are stored once);
+whether names that share a file share a cached copy is the server's business, and the summary shows
+the server's own cold-load and swap counts, so read "cold" as "new file" where counts are low.
 """
 
 from __future__ import annotations
