@@ -5,6 +5,7 @@ Owned by the engine loop thread once enqueued; other threads only set `cancelled
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -74,7 +75,7 @@ class Sequence:
         reason = None
         if token == eos_id:
             reason = "eos"
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = decode_known(tokenizer, self.tokens)
         if self.params.stop:
             cut = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1)
             if cut >= 0:
@@ -118,3 +119,15 @@ class Sequence:
                 self.on_done(result, error)
             except Exception:  # noqa: BLE001 - a vanished consumer must not break the batch
                 log.warning("could not deliver the result of a request (its caller went away)")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_size(tokenizer) -> int:
+    return len(tokenizer)
+
+
+def decode_known(tokenizer, ids: list[int]) -> str:
+    """Decode, dropping ids the tokenizer does not know: T5 heads are padded past the tokenizer's
+    vocabulary (FLAN-T5: 32,128 logits, 32,100 tokens), and a sampled padding id must not fail the batch."""
+    size = _tokenizer_size(tokenizer)
+    return tokenizer.decode([t for t in ids if t < size], skip_special_tokens=True)
