@@ -107,14 +107,16 @@ class BitFitSlots(KindSlots):
         self.register_buffer("bias", torch.zeros(n + 1, fan_out, dtype=dtype, device=device), persistent=False)
         self.has = [False] * (n + 1)
 
-    def write(self, slot: int, weights: BitFitWeights, path: str) -> None:
+    def stage(self, slot: int, weights: BitFitWeights, path: str, dst: list, src: list) -> None:
         if path not in weights.biases:
             return self.clear(slot)
-        self.bias[slot].copy_(weights.biases[path])
+        dst.append(self.bias[slot])
+        src.append(weights.biases[path])
         self.has[slot] = True
 
     def clear(self, slot: int) -> None:
-        self.bias[slot].zero_()
+        if self.has[slot]:  # slots a layer does not use are already zero
+            self.bias[slot].zero_()
         self.has[slot] = False
 
     def touches(self, slot: int) -> bool:

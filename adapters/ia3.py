@@ -104,20 +104,24 @@ class IA3Slots(KindSlots):
         self.has_in = [False] * (n + 1)
         self.has_out = [False] * (n + 1)
 
-    def write(self, slot: int, weights: IA3Weights, path: str) -> None:
+    def stage(self, slot: int, weights: IA3Weights, path: str, dst: list, src: list) -> None:
         self.clear(slot)
         if path not in weights.vectors:
             return
         if weights.feedforward[path]:
-            self.scale_in[slot].copy_(weights.vectors[path])
+            dst.append(self.scale_in[slot])
             self.has_in[slot] = True
         else:
-            self.scale_out[slot].copy_(weights.vectors[path])
+            dst.append(self.scale_out[slot])
             self.has_out[slot] = True
+        src.append(weights.vectors[path])
 
     def clear(self, slot: int) -> None:
-        self.scale_in[slot].fill_(1.0)
-        self.scale_out[slot].fill_(1.0)
+        # Sides a slot does not scale are already ones (the identity): refill only what it used.
+        if self.has_in[slot]:
+            self.scale_in[slot].fill_(1.0)
+        if self.has_out[slot]:
+            self.scale_out[slot].fill_(1.0)
         self.has_in[slot] = self.has_out[slot] = False
 
     def touches(self, slot: int) -> bool:
@@ -132,7 +136,8 @@ class IA3Slots(KindSlots):
         return x if g[0] is None else x * _per_row(g[0], x)
 
     def post(self, y, x, g):
-        return y if g[1] is None else y * _per_row(g[1], y)
+        # y is the wrapped layer's fresh output (nobody else holds it): scale in place, no new tensor
+        return y if g[1] is None else y.mul_(_per_row(g[1], y))
 
     def merge_into(self, slot: int, weight: torch.Tensor):
         if self.has_in[slot]:

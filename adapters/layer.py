@@ -15,6 +15,13 @@ from .errors import SlotError
 from .kinds import AdapterKind
 
 
+def copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i in one fused call (one dispatch instead of hundreds per swap)."""
+    if dst:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+
+
 class KindSlots(nn.Module):
     """Interface of one kind's slots on one layer. Slot indices here are internal (>= 1; 0 = identity).
 
@@ -23,7 +30,16 @@ class KindSlots(nn.Module):
 
     kind: AdapterKind
 
-    def write(self, slot: int, weights, path: str) -> None: ...
+    def stage(self, slot: int, weights, path: str, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        """Prepare writing `weights` (this layer's part of them, or nothing) into `slot`: append the
+        (slot view, host tensor) copy pairs to dst/src — the caller copies all layers' pairs at once — and
+        update host-side bookkeeping. Small fills (identity values) may happen right here."""
+        raise NotImplementedError
+
+    def write(self, slot: int, weights, path: str) -> None:
+        dst, src = [], []
+        self.stage(slot, weights, path, dst, src)
+        copy_all(dst, src)
 
     def clear(self, slot: int) -> None: ...
 
@@ -67,6 +83,18 @@ class BatchState:
         return index
 
 
+class Gathered:
+    """One layer's per-row weights for the current batch: kinds with pre/post hooks (in `kinds` order),
+    and the BitFit per-row bias [B, out] kept apart so the base matmul can add it."""
+
+    __slots__ = ("pre", "post", "bias")
+
+    def __init__(self) -> None:
+        self.pre: list[tuple[KindSlots, object]] = []
+        self.post: list[tuple[KindSlots, object]] = []
+        self.bias: torch.Tensor | None = None
+
+
 class AdaptedLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, path: str, batch: BatchState, kinds: dict[AdapterKind, KindSlots],
                  cache_gathered: bool = True) -> None:
@@ -79,7 +107,10 @@ class AdaptedLinear(nn.Module):
         self.kinds = tuple(kinds.items())  # (kind, KindSlots) in a fixed order: pre/post hooks run in it
         self.cache_gathered = cache_gathered
         self._cache_key = None
-        self._cache: list[tuple[KindSlots, object]] = []
+        self._cache = Gathered()
+        # a bare nn.Linear (no bias, no hooks): its matmul can be fused with per-row biases
+        self._plain = (type(base_layer) is nn.Linear and base_layer.bias is None
+                       and not base_layer._forward_hooks and not base_layer._forward_pre_hooks)
         self._backup: torch.Tensor | None = None  # exact copy of the weight while a slot is merged
         self._merged_bias: torch.Tensor | None = None
 
@@ -87,24 +118,31 @@ class AdaptedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def _gathered(self, dtype: torch.dtype) -> list[tuple[KindSlots, object]]:
+    def _gathered(self, dtype: torch.dtype) -> Gathered:
         key = (self.batch.version, dtype)
         if key == self._cache_key:
             return self._cache
         rows = self.batch.rows
-        out = []
+        out = Gathered()
         for kind, slots in self.kinds:
             if not rows.uses(kind):  # one Python check per kind, not per row
                 continue
             g = slots.gather(rows.slot_index(kind), self.batch.index_on(kind, self.weight.device), dtype)
-            if g is not None:
-                out.append((slots, g))
+            if g is None:
+                continue
+            if kind == AdapterKind.BITFIT:
+                out.bias = g  # [B, out]: added by the base matmul itself (addmm), or in place after it
+            else:  # only hooks a kind overrides are called per forward (LoRA has no pre)
+                if type(slots).pre is not KindSlots.pre:
+                    out.pre.append((slots, g))
+                if type(slots).post is not KindSlots.post:
+                    out.post.append((slots, g))
         if self.cache_gathered:
             self._cache_key, self._cache = key, out
         return out
 
     def drop_cache(self) -> None:
-        self._cache_key, self._cache = None, []
+        self._cache_key, self._cache = None, Gathered()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.batch.rows
@@ -112,18 +150,26 @@ class AdaptedLinear(nn.Module):
         if rows is None or not rows.kinds:
             y = self.base_layer(x)
             return y if y_bias is None else y + y_bias.to(y.dtype)
-        if x.shape[0] != len(rows):
-            raise SlotError(f"{self.path}: batch has {x.shape[0]} rows but set_rows described {len(rows)}; "
+        n = x.shape[0]
+        if n != len(rows):
+            raise SlotError(f"{self.path}: batch has {n} rows but set_rows described {len(rows)}; "
                             "call AdapterSlots.set_rows for this batch before the forward")
-        active = self._gathered(x.dtype)
+        g = self._gathered(x.dtype)
         h = x
-        for slots, g in active:
-            h = slots.pre(h, g)
-        y = self.base_layer(h)
-        if y_bias is not None:
-            y = y + y_bias.to(y.dtype)
-        for slots, g in active:
-            y = slots.post(y, x, g)
+        for slots, gk in g.pre:
+            h = slots.pre(h, gk)
+        bias = g.bias
+        if bias is not None and y_bias is None and self._plain and h.numel() == n * self.in_features:
+            # one token per row (decode): the per-row bias rides along in the GEMM, y = bias + h @ W.T
+            y = torch.addmm(bias, h.reshape(n, -1), self.base_layer.weight.t()).view(*h.shape[:-1], -1)
+        else:
+            y = self.base_layer(h)
+            if y_bias is not None:
+                y = y + y_bias.to(y.dtype)
+            if bias is not None:  # y is this layer's fresh output: add in place
+                y.add_(bias.view(n, *([1] * (y.dim() - 2)), bias.shape[-1]))
+        for slots, gk in g.post:
+            y = slots.post(y, x, gk)
         return y
 
     # ---- merging: exact, by restoring a saved copy (never by dividing) ------------------------------

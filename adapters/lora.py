@@ -117,11 +117,16 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
 
 
 def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> LoraWeights:
+    """A and B are stored transposed in memory (A.T [in, r], B.T [r, out] contiguous; `a`/`b` are their
+    [r, in] / [out, r] views): that is the slot layout, so the transposing copy happens here, on the
+    loader thread, and the swap (`LoraSlots.stage`) is a plain contiguous copy."""
     a, b = {}, {}
     for module in spec.modules:
         key = f"base_model.model.{module}"
-        a[module] = tensors[f"{key}.lora_A.weight"].contiguous()
-        b[module] = (tensors[f"{key}.lora_B.weight"] * scaling_for(files.config, module, a[module].shape[0])).contiguous()
+        a_t = tensors[f"{key}.lora_A.weight"].t().contiguous()
+        a[module] = a_t.t()
+        b_t = tensors[f"{key}.lora_B.weight"].t().contiguous()
+        b[module] = b_t.mul_(scaling_for(files.config, module, a_t.shape[1])).t()
     return LoraWeights(spec=spec, a=a, b=b)
 
 
@@ -130,6 +135,11 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
 def apply(y: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
     """y + x @ A_row @ B_row for every row. x [B, T, in], a_rows [B, in, r], b_rows [B, r, out]."""
     return torch.baddbmm(y, torch.bmm(x, a_rows), b_rows)
+
+
+def apply_(y: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+    """`apply` accumulated into y in place (y must be a fresh tensor nobody else reads): no new output."""
+    return y.baddbmm_(torch.bmm(x, a_rows), b_rows)
 
 
 def delta_weight(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -150,20 +160,27 @@ class LoraSlots(KindSlots):
         self.register_buffer("b", torch.zeros(n + 1, max_rank, fan_out, dtype=dtype, device=device), persistent=False)
         self.rank = [0] * (n + 1)  # host-side: this layer's rank per slot (0 = slot does not touch it)
 
-    def write(self, slot: int, weights: LoraWeights, path: str) -> None:
+    # Invariant: a[slot, :, rank:] and b[slot, rank:, :] are zero, so a write only copies the adapter's
+    # own [:r] block and zeroes the tail only when the previous occupant had a larger rank on this layer.
+    def stage(self, slot: int, weights: LoraWeights, path: str, dst: list, src: list) -> None:
         if path not in weights.a:
             return self.clear(slot)
         a, b = weights.a[path], weights.b[path]
         r = a.shape[0]
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.a[slot, :, :r].copy_(a.T)
-        self.b[slot, :r, :].copy_(b.T)
+        slot_a, slot_b = self._buffers["a"][slot], self._buffers["b"][slot]  # no nn.Module __getattr__: hot in swaps
+        if self.rank[slot] > r:
+            slot_a[:, r:].zero_()
+            slot_b[r:].zero_()
+        if r < slot_b.shape[0]:
+            slot_a, slot_b = slot_a[:, :r], slot_b[:r]
+        dst += (slot_a, slot_b)
+        src += (a.T, b.T)  # contiguous when built by `build` (stored transposed)
         self.rank[slot] = r
 
     def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.b[slot].zero_()
+        if self.rank[slot]:
+            self.a[slot].zero_()
+            self.b[slot].zero_()
         self.rank[slot] = 0
 
     def touches(self, slot: int) -> bool:
@@ -188,7 +205,7 @@ class LoraSlots(KindSlots):
         shape = y.shape
         y3, x3 = y.reshape(shape[0], -1, shape[-1]), x.reshape(shape[0], -1, x.shape[-1])
         if rows is None:
-            return apply(y3, x3, a_rows, b_rows).reshape(shape)
+            return apply_(y3, x3, a_rows, b_rows).reshape(shape)
         delta = torch.bmm(torch.bmm(x3.index_select(0, rows), a_rows), b_rows)
         return y3.index_add_(0, rows, delta).reshape(shape)  # y is this layer's fresh output
 

@@ -20,7 +20,7 @@ from .bitfit import BitFitSlots
 from .errors import SlotError
 from .ia3 import IA3Slots
 from .kinds import LINEAR_KINDS, AdapterKind
-from .layer import AdaptedLinear, BatchState
+from .layer import AdaptedLinear, BatchState, copy_all
 from .lora import LoraSlots
 from .rows import RowAdapters
 
@@ -113,9 +113,11 @@ class AdapterSlots:
             if kind == AdapterKind.LORA and (weights.spec.rank or 0) > self.config.max_rank:
                 raise SlotError(f"adapter {weights.spec.name!r} has rank {weights.spec.rank} > slot max_rank "
                                 f"{self.config.max_rank}")
+            dst, src = [], []
             with torch.no_grad():
                 for path, layer in self.layers.items():
-                    layer.slots[kind.value].write(slot + 1, weights, path)
+                    layer.slots[kind.value].stage(slot + 1, weights, path, dst, src)
+            copy_all(dst, src)
             self._touched[(kind, slot)] = [self.layers[m] for m in weights.spec.modules]
         self.batch.bump()
 
