@@ -4,7 +4,8 @@ Sections (each can be selected with --only; a failing section is recorded, not f
 - throughput: N distinct adapters per batch (per kind, and four kinds mixed) on the engine; peft mixed
   batch, swap per request and merged-per-adapter on LoRA; the engine's base and HF generate as bases.
 - swap: cold (disk -> servable), warm (host -> device), hot, and register -> first token.
-- batching: continuous vs static batching under Poisson arrivals, output lengths 4-64.
+- batching: continuous batching vs classic static batching (HF generate, finished rows padded until the
+  batch's longest ends) and vs the engine's compacting static mode, Poisson arrivals, output lengths 4-64.
 - idle: memory of registered, never-used adapters.
 """
 
@@ -207,6 +208,15 @@ def batching(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]], 
             _close(engine)
         out[mode] = stats
         log(f"{mode} batching: {stats['tokens_per_s']:.1f} tok/s, p50 latency {stats['p50_latency_s']:.2f} s")
+    import torch
+
+    from loadtests.classic_static import run_classic_static
+
+    stats = run_classic_static(base_dir, preset.device, getattr(torch, preset.dtype), requests, arrivals,
+                               preset.max_batch_rows)
+    out["classic_static"] = stats
+    log(f"classic static batching (HF generate): {stats['tokens_per_s']:.1f} tok/s, "
+        f"p50 latency {stats['p50_latency_s']:.2f} s, {stats['batches']} batches")
     return out
 
 

@@ -2,9 +2,10 @@
 scenarios headless, scrape the server's /metrics before and after each, write a summary.
 
 Adapter names outnumber adapter files: N names (100, 1,000) are registered over a pool of distinct
-files of all four kinds. The registry's store is content-addressed (identical files are stored once);
-whether names that share a file share a cached copy is the server's business, and the summary shows
-the server's own cold-load and swap counts, so read "cold" as "new file" where counts are low.
+files of all four kinds. The registry's store is content-addressed (identical files are stored once),
+so names that share a file can share a cached copy. The burst scenario's cold requests therefore go to
+extra names that each have a file of their own (small (IA)3 and BitFit adapters, distinct random
+weights, never registered before in the run): each cold request is a real disk load.
 """
 
 from __future__ import annotations
@@ -35,20 +36,36 @@ def adapter_pool(preset: Preset, base_dir: Path, work: Path, per_kind: int) -> l
     return [by_kind[i % len(KINDS)][i // len(KINDS)] for i in range(per_kind * len(KINDS))]  # kinds interleaved
 
 
+def cold_adapters(preset: Preset, base_dir: Path, work: Path, skip: int, count: int) -> list[Path]:
+    """`count` adapter files, each with its own weights, for the burst scenario's cold names: (IA)3 and
+    BitFit alternating (tens to hundreds of KiB each), indices from `skip` per kind, so they share no
+    content with the pool (which uses the first indices) nor with an earlier call's (pass a larger skip)."""
+    root = work / "adapters" / base_dir.name
+    per_kind = skip + (count + 1) // 2
+    ia3, bitfit = (make_adapters(base_dir, root, k, per_kind, preset.lora_rank, preset.prompt_tokens, preset.seed)
+                   for k in ("ia3", "bitfit"))
+    return [(ia3, bitfit)[i % 2][skip + i // 2] for i in range(count)]
+
+
 def register_names(url: str, pool: list[Path], count: int, prefix: str, token: str | None) -> list[str]:
     """Register `count` names over the pool (round-robin, so kinds mix); existing names are kept."""
+    names = [f"{prefix}-{i:05d}" for i in range(count)]
+    register(url, [(name, pool[i % len(pool)]) for i, name in enumerate(names)], token)
+    return names
+
+
+def register(url: str, pairs: list[tuple[str, Path]], token: str | None) -> None:
+    """POST /adapters for each (name, source); a name registered by an earlier run (409) is kept."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    names = [f"{prefix}-{i:05d}" for i in range(count)]
     with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
-        for i, name in enumerate(names):
-            r = client.post("/adapters", json={"name": name, "source": str(pool[i % len(pool)].resolve())})
+        for i, (name, path) in enumerate(pairs):
+            r = client.post("/adapters", json={"name": name, "source": str(path.resolve())})
             if r.status_code not in (200, 201, 409):  # 409: registered by an earlier run
                 raise RuntimeError(f"registering {name} failed: HTTP {r.status_code} {r.text[:300]}")
             if (i + 1) % 250 == 0:
-                log(f"registered {i + 1}/{count}")
-    return names
+                log(f"registered {i + 1}/{len(pairs)}")
 
 
 def run_locust(url: str, plan: dict, users: int, seconds: float, workdir: Path) -> dict:
@@ -100,7 +117,9 @@ def run_http(preset: Preset, out: Path, work: Path, target: str, scenarios: tupl
         if s not in popularity.SCENARIOS:
             raise ValueError(f"unknown scenario {s!r}; choose from {', '.join(popularity.SCENARIOS)}")
     base_dir = ensure_base(work, preset.base_preset, preset.seed)
-    pool = adapter_pool(preset, base_dir, work, per_kind=max(2, min(8, preset.http_adapters[0] // 4)))
+    per_kind = max(2, min(8, preset.http_adapters[0] // 4))
+    pool = adapter_pool(preset, base_dir, work, per_kind=per_kind)
+    cold_skip = per_kind  # cold files start past the pool's; each adapter count gets fresh ones
     started_here = target == "start"
     server = LoopbackServer(preset, base_dir, work, out / "server.log") if started_here else None
     url = server.url if server else target.rstrip("/")
@@ -110,9 +129,17 @@ def run_http(preset: Preset, out: Path, work: Path, target: str, scenarios: tupl
         texts = random_texts(64, preset.input_chars, preset.seed + 17)
         for count in preset.http_adapters:
             names = register_names(url, pool, count, f"load{count}", api_key)
+            cold: list[str] = []
+            if "burst" in scenarios:
+                need = popularity.cold_slots(preset.http_requests)
+                files = cold_adapters(preset, base_dir, work, cold_skip, need)
+                cold_skip += (need + 1) // 2
+                cold = [f"load{count}-cold-{i:05d}" for i in range(need)]
+                register(url, list(zip(cold, files, strict=True)), api_key)
             for scenario in scenarios:
                 label = f"{scenario}-{count}"
-                seq = popularity.sequence(scenario, names, preset.http_requests, preset.seed)
+                seq = popularity.sequence(scenario, names, preset.http_requests, preset.seed,
+                                          cold=cold if scenario == "burst" else None)
                 plan = {"requests": [{"inputs": texts[i % len(texts)], "adapter": a, "label": scenario}
                                      for i, a in enumerate(seq)],
                         "max_new_tokens": preset.http_new_tokens, "api_key": api_key}
@@ -120,7 +147,8 @@ def run_http(preset: Preset, out: Path, work: Path, target: str, scenarios: tupl
                 locust = run_locust(url, plan, preset.http_users, preset.http_seconds, out / "locust" / label)
                 after = settled_scrape(url, api_key, before, locust["side"])
                 summary = summarize(locust, delta_summary(before, after))
-                results["scenarios"][label] = {"scenario": scenario, "adapters": count, **summary}
+                results["scenarios"][label] = {"scenario": scenario, "adapters": count,
+                                               "cold_adapters": len(set(seq) & set(cold)), **summary}
                 log(f"{label}: {summary['requests']} requests, {summary['errors']} errors, p50 "
                     f"{summary['p50_s'] or 0:.3f} s, p99 {summary['p99_s'] or 0:.3f} s, "
                     f"{summary['tokens_per_s']:.1f} tok/s")
@@ -211,10 +239,12 @@ def markdown(results: dict) -> str:
              f"closed-loop users, {results['preset']['http_new_tokens']} new tokens each.", "",
              "Client TTFT is the first SSE event; TGI framing sends a token once the next one exists, so it "
              "is about the second token's time. Server TTFT comes from the server's own histogram.", "",
-             "| scenario | adapters | requests | errors | p50 s | p95 s | p99 s | client TTFT p50 s | server TTFT "
+             "Burst: cold requests go to names with files of their own ((IA)3 / BitFit, distinct weights, "
+             "registered for the run), so each is a real disk load; `cold names` counts them.", "",
+             "| scenario | adapters | cold names | requests | errors | p50 s | p95 s | p99 s | client TTFT p50 s | server TTFT "
              "mean s | tokens/s | cold loads (disk->host) | warm swaps (host->device) | swap p99 s disk->host "
              "/ host->device | evictions |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
@@ -222,7 +252,7 @@ def markdown(results: dict) -> str:
     for s in results["scenarios"].values():
         m = s["server"]
         lines.append(
-            f"| {s['scenario']} | {s['adapters']} | {s['requests']} | {s['errors']} | {f(s['p50_s'])} | "
+            f"| {s['scenario']} | {s['adapters']} | {s.get('cold_adapters', '-')} | {s['requests']} | {s['errors']} | {f(s['p50_s'])} | "
             f"{f(s['p95_s'])} | {f(s['p99_s'])} | {f(s['client_ttft_p50_s'])} | {f(m.get('ttft_mean_s'))} | "
             f"{s['tokens_per_s']:.1f} | {f(m['swaps'].get('disk_to_host', {}).get('count'))} | "
             f"{f(m['swaps'].get('host_to_device', {}).get('count'))} | "

@@ -31,18 +31,28 @@ def zipf(names: list[str], n: int, rng: random.Random, s: float = 1.0) -> list[s
     return [ranked[min(bisect.bisect_left(cum, rng.random() * cum[-1]), len(ranked) - 1)] for _ in range(n)]
 
 
-def burst(names: list[str], n: int, rng: random.Random, hot: int = 8, period: int = 40,
-          burst_len: int = 8) -> list[str]:
+BURST_PERIOD, BURST_LEN = 40, 8
+
+
+def cold_slots(n: int, period: int = BURST_PERIOD, burst_len: int = BURST_LEN) -> int:
+    """How many of `n` burst-scenario requests fall in bursts (= cold names needed for no wrap-around)."""
+    return sum(1 for i in range(n) if i % period < burst_len)
+
+
+def burst(names: list[str], n: int, rng: random.Random, hot: int = 8, period: int = BURST_PERIOD,
+          burst_len: int = BURST_LEN, cold: list[str] | None = None) -> list[str]:
     """A hot working set (`hot` adapters, uniform) interrupted every `period` requests by `burst_len`
     requests for adapters never used before in the run (cold: disk -> host -> device on the server).
-    When every cold adapter has been used, bursts wrap around to the least recently burst ones."""
+    The cold ones come from `cold` in order when given (names whose files are each distinct, so a cold
+    request really loads from disk), else from the names outside the hot set. When every cold adapter
+    has been used, bursts wrap around to the least recently burst ones."""
     order = rng.sample(names, len(names))
-    hot_set, cold = order[:hot], order[hot:] or order
-    cold_iter = itertools.cycle(cold)
+    hot_set = order[:hot]
+    cold_iter = itertools.cycle(cold or order[hot:] or order)
     return [next(cold_iter) if i % period < burst_len else rng.choice(hot_set) for i in range(n)]
 
 
-def sequence(scenario: str, names: list[str], n: int, seed: int = 0) -> list[str]:
+def sequence(scenario: str, names: list[str], n: int, seed: int = 0, cold: list[str] | None = None) -> list[str]:
     if not names:
         raise ValueError("no adapters to choose from")
     rng = random.Random(seed)
@@ -51,5 +61,5 @@ def sequence(scenario: str, names: list[str], n: int, seed: int = 0) -> list[str
     if scenario == "zipf":
         return zipf(names, n, rng)
     if scenario == "burst":
-        return burst(names, n, rng)
+        return burst(names, n, rng, cold=cold)
     raise ValueError(f"unknown popularity scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")

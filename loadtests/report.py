@@ -18,8 +18,9 @@ TARGETS = [
     ("bitfit32_vs_base", "{n} distinct BitFit adapters / engine base", ">=", 0.95),
     ("lora32_vs_peft_mixed", "{n} distinct LoRA: engine / peft mixed batch", ">=", 2.0),
     ("lora32_vs_swap", "{n} distinct LoRA: engine / peft swap per request", ">=", 10.0),
-    ("continuous_vs_static", "continuous / static batching throughput (Poisson, 4-64 tokens)", ">=", 1.5),
-    ("continuous_median_latency_ratio", "continuous / static median latency", "<=", 1.0),
+    ("continuous_vs_static", "continuous / classic static batching throughput (HF generate, Poisson, 4-64 "
+     "tokens)", ">=", 1.5),
+    ("continuous_median_latency_ratio", "continuous / classic static median latency", "<=", 1.0),
     ("cold_swap_p99_ms", "cold swap (disk -> servable) p99, ms", "<=", 50.0),
     ("warm_swap_p99_ms", "warm swap (host -> device) p99, ms", "<=", 5.0),
     ("idle_adapter_bytes", "memory per registered, never-used adapter (retained heap), bytes", "<=", 10_000),
@@ -50,7 +51,9 @@ def target_values(results: dict) -> dict[str, float | None]:
     base = _cell(results, "engine", "base", n)
     swap = results.get("swap", {})
     batching = results.get("batching", {})
-    cont, stat = batching.get("continuous"), batching.get("static")
+    # the targets' "static" is classic static batching (padded to the batch's longest), not the engine's
+    # compacting static mode, which the batching table reports beside it
+    cont, stat = batching.get("continuous"), batching.get("classic_static")
 
     def ms(tier):
         p99 = (swap.get(tier) or {}).get("p99")
@@ -133,12 +136,7 @@ def markdown(results: dict) -> str:
                              + " |")
     b = results.get("batching") or {}
     if b.get("continuous"):
-        lines += ["", "## Continuous vs static batching (Poisson arrivals)", "",
-                  "| mode | tokens/s | p50 latency s | p99 latency s | makespan s |", "|---|---|---|---|---|"]
-        for mode in ("continuous", "static"):
-            d = b[mode]
-            lines.append(f"| {mode} | {d['tokens_per_s']:.1f} | {_fmt(d['p50_latency_s'])} | "
-                         f"{_fmt(d['p99_latency_s'])} | {d['seconds']:.2f} |")
+        lines += batching_lines(b)
     idle = results.get("idle_adapters")
     if idle:
         lines += ["", f"## Idle registrations: {idle['count']} LoRA adapters registered, never used: "
@@ -149,6 +147,34 @@ def markdown(results: dict) -> str:
     for s in results.get("skipped", []):
         lines.append(f"- skipped: {s['what']}: {s['why']}")
     return "\n".join(lines) + "\n"
+
+
+BATCHING_MODES = {
+    "continuous": "engine, continuous",
+    "classic_static": "classic static (HF generate)",
+    "static": "engine, compacting static",
+}
+
+
+def batching_lines(b: dict) -> list[str]:
+    cont = b["continuous"]
+    lines = ["", "## Continuous vs static batching (Poisson arrivals)", "",
+             f"{b['requests']} requests at {b['rate_per_s']:.2f}/s, output lengths {b['out_len'][0]}-"
+             f"{b['out_len'][1]}. Classic static: arrived requests (up to the row limit) run as one "
+             "`model.generate` to the batch's longest output, finished rows stay in the forward as padding, "
+             "then the next batch; base rows. The engine's static mode only delays admissions: it drops "
+             "finished rows at once, so on a compute-bound device it loses little to continuous batching.", "",
+             "| mode | tokens/s | continuous / this (tokens/s) | p50 latency s | continuous / this (p50) | "
+             "p99 latency s | makespan s |", "|---|---|---|---|---|---|---|"]
+    for mode, label in BATCHING_MODES.items():
+        d = b.get(mode)
+        if not d:
+            continue
+        lat = cont["p50_latency_s"] / d["p50_latency_s"] if d.get("p50_latency_s") else None
+        lines.append(f"| {label} | {d['tokens_per_s']:.1f} | {_fmt(cont['tokens_per_s'] / d['tokens_per_s'])} | "
+                     f"{_fmt(d['p50_latency_s'])} | {_fmt(lat)} | {_fmt(d['p99_latency_s'])} | "
+                     f"{d['seconds']:.2f} |")
+    return lines
 
 
 def plot_throughput(results: dict, out: Path) -> Path:

@@ -33,9 +33,15 @@ def test_results_are_complete_and_well_formed(bench_out):
         d = r["swap"][tier]
         assert d["n"] == len(d["samples"]) > 0 and d["p99"] >= d["p50"] >= 0
     assert r["swap"]["cold"]["n"] == r["preset"]["swap_samples"]  # each first touch was a real cold load
-    for mode in ("continuous", "static"):
-        b = r["batching"][mode]
+    batching = r["batching"]
+    for mode in ("continuous", "static", "classic_static"):
+        b = batching[mode]
         assert b["requests"] == r["preset"]["poisson_requests"] and b["tokens_per_s"] > 0
+        assert b["p99_latency_s"] >= b["p50_latency_s"] > 0
+    # every mode delivers the same tokens: classic static truncates its padded rows to each request's length
+    assert batching["classic_static"]["tokens"] == batching["continuous"]["tokens"] == batching["static"]["tokens"]
+    rows = r["preset"]["max_batch_rows"]
+    assert batching["classic_static"]["batches"] >= -(-r["preset"]["poisson_requests"] // rows)
     assert r["idle_adapters"]["count"] == r["preset"]["idle_adapters"]
     assert 0 < r["idle_adapters"]["bytes_each"] < 1e6
     assert [t["key"] for t in r["targets"]] == [k for k, *_ in TARGETS]
@@ -46,6 +52,9 @@ def test_markdown_and_plots(bench_out):
     md = (bench_out / "results.md").read_text()
     assert "## Targets" in md and "## Throughput" in md and "## Adapter swap latency" in md
     assert "peftserve bench --preset tiny" in md
+    for row in ("| engine, continuous |", "| classic static (HF generate) |", "| engine, compacting static |"):
+        assert row in md
+    assert "continuous / classic static batching throughput" in md
     for png in ("throughput.png", "swap_latency_cdf.png"):
         data = (bench_out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -66,3 +75,12 @@ def test_gpu_preset_skips_cleanly_without_cuda(tmp_path, capsys):
     assert main(["bench", "--preset", "gpu-xl", "--out", str(tmp_path / "o"), "--work", str(tmp_path)]) == 0
     assert "needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_classic_static_takes_arrived_requests_in_order_up_to_the_row_limit():
+    from loadtests.classic_static import next_batch
+
+    arrivals = [0.0, 0.1, 0.2, 0.3, 5.0]
+    assert next_batch([0, 1, 2, 3, 4], arrivals, 0.25, 2) == [0, 1]
+    assert next_batch([2, 3, 4], arrivals, 0.25, 8) == [2]  # 3 and 4 have not arrived yet
+    assert next_batch([4], arrivals, 1.0, 8) == []

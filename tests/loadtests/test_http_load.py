@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from loadtests.popularity import cold_slots
 from loadtests.presets import get_preset
 
 
@@ -33,8 +34,12 @@ def test_every_request_of_the_budget_is_served_and_summarized(http_results):
         m = s["server"]
         assert m["requests"] == 10 and m["generated_tokens"] == 20  # the server saw the same load
         assert m["swaps"]["disk_to_host"]["count"] >= 1  # first uses were cold loads
+    # burst: every cold request names its own file (distinct weights), so each one is a disk load
+    burst = results["scenarios"]["burst-10"]
+    assert burst["cold_adapters"] == cold_slots(10) == 8
+    assert burst["server"]["swaps"]["disk_to_host"]["count"] >= burst["cold_adapters"]
     # uniform over 10 adapters starts cold; its cold loads are counted by the server
     assert results["scenarios"]["uniform-10"]["server"]["misses"] > 0
     saved = json.loads((out / "http_results.json").read_text())
     assert saved["scenarios"].keys() == results["scenarios"].keys()
-    assert "| uniform | 10 | 10 | 0 |" in (out / "http_results.md").read_text()
+    assert "| uniform | 10 | 0 | 10 | 0 |" in (out / "http_results.md").read_text()

@@ -42,6 +42,16 @@ def test_burst_sends_cold_adapters_in_bursts_between_a_hot_set():
     assert not set(in_bursts) & between
 
 
+def test_burst_takes_cold_requests_from_the_given_cold_names_in_order():
+    from loadtests.popularity import cold_slots
+
+    cold = [f"cold-{i}" for i in range(cold_slots(100))]
+    plan = sequence("burst", NAMES, 100, seed=3, cold=cold)
+    assert [n for i, n in enumerate(plan) if i % 40 < 8] == cold  # each cold name once, in order
+    assert len(cold) == 8 + 8 + 8  # bursts at 0, 40 and 80
+    assert {n for i, n in enumerate(plan) if i % 40 >= 8} <= set(NAMES)
+
+
 def test_unknown_scenario_and_empty_names_are_refused():
     with pytest.raises(ValueError, match="uniform, zipf, burst"):
         sequence("pareto", NAMES, 10)
