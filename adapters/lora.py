@@ -125,8 +125,9 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
         key = f"base_model.model.{module}"
         a_t = tensors[f"{key}.lora_A.weight"].t().contiguous()
         a[module] = a_t.t()
-        b_t = tensors[f"{key}.lora_B.weight"].t().contiguous()
-        b[module] = b_t.mul_(scaling_for(files.config, module, a_t.shape[1])).t()
+        b_raw = tensors[f"{key}.lora_B.weight"]
+        b_t = torch.empty(b_raw.shape[1], b_raw.shape[0], dtype=b_raw.dtype)  # scale and transpose in one pass
+        b[module] = torch.mul(b_raw.t(), scaling_for(files.config, module, a_t.shape[1]), out=b_t).t()
     return LoraWeights(spec=spec, a=a, b=b)
 
 

@@ -79,6 +79,9 @@ class AdapterSlots:
         self.merged: tuple[AdapterKind, int] | None = None
         self._merged_layers: list[AdaptedLinear] = []
         self._touched: dict[tuple[AdapterKind, int], list[AdaptedLinear]] = {}  # layers each written slot changes
+        # (path, that layer's slots of a kind) per kind, listed once: a swap visits ~150 layers
+        self._kind_slots = {kind: [(path, layer.slots[kind.value]) for path, layer in layers.items()]
+                            for kind in LINEAR_KINDS if config.count(kind) > 0}
         emb = model.get_input_embeddings()
         n_prompt = config.count(AdapterKind.PROMPT)
         self.prompts = (prompt_kind.PromptSlots(n_prompt, config.max_virtual_tokens, emb.embedding_dim,
@@ -115,8 +118,8 @@ class AdapterSlots:
                                 f"{self.config.max_rank}")
             dst, src = [], []
             with torch.no_grad():
-                for path, layer in self.layers.items():
-                    layer.slots[kind.value].stage(slot + 1, weights, path, dst, src)
+                for path, kind_slots in self._kind_slots[kind]:
+                    kind_slots.stage(slot + 1, weights, path, dst, src)
             copy_all(dst, src)
             self._touched[(kind, slot)] = [self.layers[m] for m in weights.spec.modules]
         self.batch.bump()
