@@ -47,6 +47,9 @@ class KindSlots(nn.Module):
         """Per-row weights for this batch, or None when no row has this kind on this layer."""
         return None
 
+    def drop_cache(self) -> None:
+        """Forget per-batch state kept between gathers (idle: free its memory)."""
+
     def pre(self, x: torch.Tensor, g) -> torch.Tensor:
         return x
 
@@ -139,10 +142,15 @@ class AdaptedLinear(nn.Module):
                     out.post.append((slots, g))
         if self.cache_gathered:
             self._cache_key, self._cache = key, out
+        else:  # no memory kept between forwards, kinds' reusable buffers included
+            for _, slots in self.kinds:
+                slots.drop_cache()
         return out
 
     def drop_cache(self) -> None:
         self._cache_key, self._cache = None, Gathered()
+        for _, slots in self.kinds:
+            slots.drop_cache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.batch.rows

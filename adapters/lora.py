@@ -148,6 +148,27 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b.float() @ a.float()
 
 
+def _regather_changed(last, key, index_host, index, a, b, dtype):
+    """Continuous batching changes a few rows at a time (a row leaves and the last row moves into its place,
+    a row joins at the end): reuse the previous gathered A/B buffers and copy in only the rows whose slot
+    changed. None when not worth it: slot contents, dtype or rank changed, more rows than the buffers hold,
+    or most rows changed."""
+    if last is None or last[0] != key:
+        return None
+    _, old, a_buf, b_buf = last
+    if len(index_host) > a_buf.shape[0]:
+        return None
+    changed = [i for i, s in enumerate(index_host) if i >= len(old) or s != old[i]]
+    if 2 * len(changed) > len(index_host):
+        return None
+    if changed:  # the old cache is being replaced: updating its buffers in place is safe
+        pos = torch.tensor(changed, dtype=torch.long, device=index.device)
+        src = index.index_select(0, pos)
+        a_buf.index_copy_(0, pos, a.index_select(0, src).to(dtype))
+        b_buf.index_copy_(0, pos, b.index_select(0, src).to(dtype))
+    return a_buf, b_buf
+
+
 class LoraSlots(KindSlots):
     """Stacked LoRA weights of one layer: A as [slots+1, in, max_rank], B as [slots+1, max_rank, out]
     (pre-transposed for x @ A @ B). Ranks below max_rank are zero-padded; a batch only computes up to the
@@ -160,6 +181,8 @@ class LoraSlots(KindSlots):
         self.register_buffer("a", torch.zeros(n + 1, fan_in, max_rank, dtype=dtype, device=device), persistent=False)
         self.register_buffer("b", torch.zeros(n + 1, max_rank, fan_out, dtype=dtype, device=device), persistent=False)
         self.rank = [0] * (n + 1)  # host-side: this layer's rank per slot (0 = slot does not touch it)
+        self._writes = 0  # bumped by every stage/clear: gathered rows from before are stale
+        self._last = None  # (key, index_host, A rows buffer, B rows buffer) of the last all-rows gather
 
     # Invariant: a[slot, :, rank:] and b[slot, rank:, :] are zero, so a write only copies the adapter's
     # own [:r] block and zeroes the tail only when the previous occupant had a larger rank on this layer.
@@ -168,6 +191,7 @@ class LoraSlots(KindSlots):
             return self.clear(slot)
         a, b = weights.a[path], weights.b[path]
         r = a.shape[0]
+        self._writes += 1
         slot_a, slot_b = self._buffers["a"][slot], self._buffers["b"][slot]  # no nn.Module __getattr__: hot in swaps
         if self.rank[slot] > r:
             slot_a[:, r:].zero_()
@@ -179,6 +203,7 @@ class LoraSlots(KindSlots):
         self.rank[slot] = r
 
     def clear(self, slot: int) -> None:
+        self._writes += 1
         if self.rank[slot]:
             self.a[slot].zero_()
             self.b[slot].zero_()
@@ -191,15 +216,25 @@ class LoraSlots(KindSlots):
         """(rows, A_rows, B_rows): rows is None when every row has LoRA on this layer, else the row indices
         that do — the others (base rows, other kinds, layers outside layers_to_transform) are not computed."""
         active = [i for i, s in enumerate(index_host) if self.rank[s] > 0]
+        self._last, last = None, self._last
         if not active:
             return None
         r = max(self.rank[index_host[i]] for i in active)
-        rows = None
         if len(active) < len(index_host):
             rows = torch.tensor(active, dtype=torch.long, device=index.device)
             index = index.index_select(0, rows)
-        return (rows, self.a[:, :, :r].index_select(0, index).to(dtype),
-                self.b[:, :r, :].index_select(0, index).to(dtype))
+            return (rows, self.a[:, :, :r].index_select(0, index).to(dtype),
+                    self.b[:, :r, :].index_select(0, index).to(dtype))
+        key = (self._writes, dtype, r, self.a.data_ptr())
+        reused = _regather_changed(last, key, index_host, index, self.a[:, :, :r], self.b[:, :r, :], dtype)
+        a_buf, b_buf = reused or (self.a[:, :, :r].index_select(0, index).to(dtype),
+                                  self.b[:, :r, :].index_select(0, index).to(dtype))
+        self._last = (key, index_host, a_buf, b_buf)  # buffers may hold more rows than this batch
+        n = len(index_host)
+        return (None, a_buf[:n], b_buf[:n])
+
+    def drop_cache(self) -> None:
+        self._last = None
 
     def post(self, y, x, g):
         rows, a_rows, b_rows = g
