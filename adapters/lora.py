@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,12 @@ class LoraWeights:
     spec: AdapterSpec
     a: dict[str, torch.Tensor]  # module path -> [r, in]
     b: dict[str, torch.Tensor]  # module path -> [out, r], scaling folded in
+    # module path -> (A.T [in, r], B.T [r, out]) contiguous: the slot layout, what a swap copies. Made once
+    # here; free when a/b are transposed views of contiguous tensors, as `build` makes them.
+    slot_layout: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.slot_layout = {m: (a.T.contiguous(), self.b[m].T.contiguous()) for m, a in self.a.items()}
 
     @property
     def nbytes(self) -> int:
@@ -124,10 +130,10 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
     for module in spec.modules:
         key = f"base_model.model.{module}"
         a_t = tensors[f"{key}.lora_A.weight"].t().contiguous()
-        a[module] = a_t.t()
         b_raw = tensors[f"{key}.lora_B.weight"]
         b_t = torch.empty(b_raw.shape[1], b_raw.shape[0], dtype=b_raw.dtype)  # scale and transpose in one pass
-        b[module] = torch.mul(b_raw.t(), scaling_for(files.config, module, a_t.shape[1]), out=b_t).t()
+        torch.mul(b_raw.t(), scaling_for(files.config, module, a_t.shape[1]), out=b_t)
+        a[module], b[module] = a_t.t(), b_t.t()
     return LoraWeights(spec=spec, a=a, b=b)
 
 
@@ -148,17 +154,18 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b.float() @ a.float()
 
 
-def _regather_changed(last, key, index_host, index, a, b, dtype):
+def _regather_changed(last, key, index_host, generations, index, a, b, dtype):
     """Continuous batching changes a few rows at a time (a row leaves and the last row moves into its place,
-    a row joins at the end): reuse the previous gathered A/B buffers and copy in only the rows whose slot
-    changed. None when not worth it: slot contents, dtype or rank changed, more rows than the buffers hold,
-    or most rows changed."""
+    a row joins at the end): reuse the previous gathered A/B buffers and copy in only the rows whose slot,
+    or whose slot's contents, changed. None when not worth it: dtype, rank or storage changed, more rows
+    than the buffers hold, or most rows changed."""
     if last is None or last[0] != key:
         return None
-    _, old, a_buf, b_buf = last
+    _, old, old_gen, a_buf, b_buf = last
     if len(index_host) > a_buf.shape[0]:
         return None
-    changed = [i for i, s in enumerate(index_host) if i >= len(old) or s != old[i]]
+    changed = [i for i, s in enumerate(index_host)
+               if i >= len(old) or s != old[i] or generations[s] != old_gen[i]]
     if 2 * len(changed) > len(index_host):
         return None
     if changed:  # the old cache is being replaced: updating its buffers in place is safe
@@ -181,29 +188,33 @@ class LoraSlots(KindSlots):
         self.register_buffer("a", torch.zeros(n + 1, fan_in, max_rank, dtype=dtype, device=device), persistent=False)
         self.register_buffer("b", torch.zeros(n + 1, max_rank, fan_out, dtype=dtype, device=device), persistent=False)
         self.rank = [0] * (n + 1)  # host-side: this layer's rank per slot (0 = slot does not touch it)
-        self._writes = 0  # bumped by every stage/clear: gathered rows from before are stale
-        self._last = None  # (key, index_host, A rows buffer, B rows buffer) of the last all-rows gather
+        # Host-side, per slot: bumped by every stage/clear (rows gathered from an older generation are stale).
+        # Plain lists, not module attributes: a swap updates ~150 layers and nn.Module.__setattr__ is slow.
+        self.generation = [0] * (n + 1)
+        self._views = [(self.a[s], self.b[s]) for s in range(n + 1)]  # per-slot views, made once
+        self._last = None  # (key, index_host, generations, A rows buffer, B rows buffer) of the last gather
 
     # Invariant: a[slot, :, rank:] and b[slot, rank:, :] are zero, so a write only copies the adapter's
     # own [:r] block and zeroes the tail only when the previous occupant had a larger rank on this layer.
     def stage(self, slot: int, weights: LoraWeights, path: str, dst: list, src: list) -> None:
-        if path not in weights.a:
+        pair = weights.slot_layout.get(path)
+        if pair is None:
             return self.clear(slot)
-        a, b = weights.a[path], weights.b[path]
-        r = a.shape[0]
-        self._writes += 1
-        slot_a, slot_b = self._buffers["a"][slot], self._buffers["b"][slot]  # no nn.Module __getattr__: hot in swaps
+        a_t, b_t = pair
+        r = a_t.shape[1]
+        self.generation[slot] += 1
+        slot_a, slot_b = self._views[slot]
         if self.rank[slot] > r:
             slot_a[:, r:].zero_()
             slot_b[r:].zero_()
         if r < slot_b.shape[0]:
             slot_a, slot_b = slot_a[:, :r], slot_b[:r]
         dst += (slot_a, slot_b)
-        src += (a.T, b.T)  # contiguous when built by `build` (stored transposed)
+        src += pair
         self.rank[slot] = r
 
     def clear(self, slot: int) -> None:
-        self._writes += 1
+        self.generation[slot] += 1
         if self.rank[slot]:
             self.a[slot].zero_()
             self.b[slot].zero_()
@@ -225,11 +236,13 @@ class LoraSlots(KindSlots):
             index = index.index_select(0, rows)
             return (rows, self.a[:, :, :r].index_select(0, index).to(dtype),
                     self.b[:, :r, :].index_select(0, index).to(dtype))
-        key = (self._writes, dtype, r, self.a.data_ptr())
-        reused = _regather_changed(last, key, index_host, index, self.a[:, :, :r], self.b[:, :r, :], dtype)
+        key = (dtype, r, self.a.data_ptr())
+        gen = self.generation
+        reused = _regather_changed(last, key, index_host, gen, index, self.a[:, :, :r], self.b[:, :r, :], dtype)
         a_buf, b_buf = reused or (self.a[:, :, :r].index_select(0, index).to(dtype),
                                   self.b[:, :r, :].index_select(0, index).to(dtype))
-        self._last = (key, index_host, a_buf, b_buf)  # buffers may hold more rows than this batch
+        # buffers may hold more rows than this batch
+        self._last = (key, index_host, tuple(gen[s] for s in index_host), a_buf, b_buf)
         n = len(index_host)
         return (None, a_buf[:n], b_buf[:n])
 

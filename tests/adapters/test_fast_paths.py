@@ -68,6 +68,21 @@ def test_slot_rewrite_under_unchanged_rows_is_not_served_from_reused_rows():
     assert not torch.equal(after[1], before[1]) and torch.equal(after[0], before[0])
 
 
+def test_slot_rewrite_while_another_row_changes_regathers_the_rewritten_rows(monkeypatch):
+    import adapters.lora as lora_mod
+
+    reused, original = [], lora_mod._regather_changed
+    monkeypatch.setattr(lora_mod, "_regather_changed", lambda *a: reused.append(original(*a)) or reused[-1])
+    fast, fresh = layer(), layer(cache=False)
+    x = torch.randn(6, 1, IN)
+    run(fast, [0, 1, 2, 3, 4], x)
+    for m in (fast, fresh):
+        m.slots["lora"].write(2, lora(1, seed=7), "q")
+    got = run(fast, [0, 1, 2, 3, 5], x)
+    assert reused[-1] is not None  # the partial path ran: only row 1 (rewritten slot) and row 4 (new) were copied
+    assert torch.equal(got, run(fresh, [0, 1, 2, 3, 5], x))
+
+
 def test_rank_shrink_zeroes_the_old_tail_and_lists_equal_the_weights():
     s = LoraSlots(2, IN, OUT, RANK, torch.float32, "cpu")
     s.write(1, lora(0, r=RANK), "q")
