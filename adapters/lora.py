@@ -8,9 +8,11 @@ with `use_rslora`. Scaling is folded into B at load so the hot path is two matmu
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -176,6 +178,46 @@ def _regather_changed(last, key, index_host, generations, index, a, b, dtype):
     return a_buf, b_buf
 
 
+class PerRow(NamedTuple):
+    """Each computed row with its own gathered A/B: `rows` None = every row of the batch, in order."""
+    rows: torch.Tensor | None
+    a: torch.Tensor  # [rows, in, r]
+    b: torch.Tensor  # [rows, r, out]
+
+
+class Grouped(NamedTuple):
+    """Rows sharing an adapter packed as [groups, size] places: one GEMM per group instead of one per row,
+    so each adapter's A/B is read once per step, not once per row (S-LoRA/Punica's point, as batched GEMMs)."""
+    places: torch.Tensor | None  # [groups * size] the row at each place (padding repeats a real row);
+    # None: place i is row i (rows already in group order, no padding): no gather, no scatter
+    pad: torch.Tensor | None  # [groups, size, 1, 1]: 0 at padding places (their delta is zeroed), else None
+    size: int
+    a: torch.Tensor  # [groups, in, r]
+    b: torch.Tensor  # [groups, r, out]
+
+
+@functools.lru_cache(maxsize=256)
+def group_rows(slot_of_row: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...], int] | None:
+    """Pack rows by adapter slot: (slot per group, row per place, real per place, places per group), or
+    None when the rows are mostly distinct adapters (the per-row path then reads no more bytes).
+
+    Groups hold at most the mean rows-per-adapter (rounded): a popular adapter is split over several groups
+    rather than padding every other group to its size. Pure and cached: every layer of one batch asks the
+    same question."""
+    n = len(slot_of_row)
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(slot_of_row):
+        by_slot.setdefault(slot, []).append(row)
+    size = max(1, round(n / len(by_slot)))
+    groups = [(slot, rows[k:k + size]) for slot, rows in by_slot.items() for k in range(0, len(rows), size)]
+    if 2 * len(groups) > n:
+        return None
+    slots = tuple(slot for slot, _ in groups)
+    places = tuple(rows[k] if k < len(rows) else rows[0] for _, rows in groups for k in range(size))
+    real = tuple(k < len(rows) for _, rows in groups for k in range(size))
+    return slots, places, real, size
+
+
 class LoraSlots(KindSlots):
     """Stacked LoRA weights of one layer: A as [slots+1, in, max_rank], B as [slots+1, max_rank, out]
     (pre-transposed for x @ A @ B). Ranks below max_rank are zero-padded; a batch only computes up to the
@@ -224,39 +266,58 @@ class LoraSlots(KindSlots):
         return self.rank[slot] > 0
 
     def gather(self, index_host, index, dtype):
-        """(rows, A_rows, B_rows): rows is None when every row has LoRA on this layer, else the row indices
-        that do — the others (base rows, other kinds, layers outside layers_to_transform) are not computed."""
+        """Per-row A/B for this batch: `Grouped` when rows share adapters, else `PerRow`. Rows without LoRA
+        on this layer (base rows, other kinds, layers outside layers_to_transform) are not computed."""
         active = [i for i, s in enumerate(index_host) if self.rank[s] > 0]
         self._last, last = None, self._last
         if not active:
             return None
         r = max(self.rank[index_host[i]] for i in active)
+        a, b = self.a[:, :, :r], self.b[:, :r, :]
+        plan = group_rows(tuple(index_host[i] for i in active))
+        if plan is not None:
+            slots, places, real, size = plan
+            dev = index.device
+            sel = torch.tensor(slots, dtype=torch.long, device=dev)
+            pad = None if all(real) else torch.tensor(real, dtype=dtype, device=dev).view(len(slots), size, 1, 1)
+            rows = [active[p] for p in places]
+            in_order = pad is None and rows == list(range(len(index_host)))
+            return Grouped(None if in_order else torch.tensor(rows, dtype=torch.long, device=dev), pad, size,
+                           a.index_select(0, sel).to(dtype), b.index_select(0, sel).to(dtype))
         if len(active) < len(index_host):
             rows = torch.tensor(active, dtype=torch.long, device=index.device)
             index = index.index_select(0, rows)
-            return (rows, self.a[:, :, :r].index_select(0, index).to(dtype),
-                    self.b[:, :r, :].index_select(0, index).to(dtype))
+            return PerRow(rows, a.index_select(0, index).to(dtype), b.index_select(0, index).to(dtype))
         key = (dtype, r, self.a.data_ptr())
         gen = self.generation
-        reused = _regather_changed(last, key, index_host, gen, index, self.a[:, :, :r], self.b[:, :r, :], dtype)
-        a_buf, b_buf = reused or (self.a[:, :, :r].index_select(0, index).to(dtype),
-                                  self.b[:, :r, :].index_select(0, index).to(dtype))
+        reused = _regather_changed(last, key, index_host, gen, index, a, b, dtype)
+        a_buf, b_buf = reused or (a.index_select(0, index).to(dtype), b.index_select(0, index).to(dtype))
         # buffers may hold more rows than this batch
         self._last = (key, index_host, tuple(gen[s] for s in index_host), a_buf, b_buf)
         n = len(index_host)
-        return (None, a_buf[:n], b_buf[:n])
+        return PerRow(None, a_buf[:n], b_buf[:n])
 
     def drop_cache(self) -> None:
         self._last = None
 
     def post(self, y, x, g):
-        rows, a_rows, b_rows = g
         shape = y.shape
         y3, x3 = y.reshape(shape[0], -1, shape[-1]), x.reshape(shape[0], -1, x.shape[-1])
-        if rows is None:
-            return apply_(y3, x3, a_rows, b_rows).reshape(shape)
-        delta = torch.bmm(torch.bmm(x3.index_select(0, rows), a_rows), b_rows)
-        return y3.index_add_(0, rows, delta).reshape(shape)  # y is this layer's fresh output
+        # y is this layer's fresh output: every path accumulates into it in place
+        if isinstance(g, Grouped):
+            groups, t = g.a.shape[0], x3.shape[1]
+            if g.places is None:  # e.g. one adapter for the whole batch: plain GEMMs on the batch as it is
+                h = torch.bmm(x3.reshape(groups, g.size * t, -1), g.a)
+                return y3.view(groups, g.size * t, -1).baddbmm_(h, g.b).reshape(shape)
+            h = torch.bmm(x3.index_select(0, g.places).view(groups, g.size * t, -1), g.a)
+            if g.pad is not None:
+                h.view(groups, g.size, t, -1).mul_(g.pad)
+            delta = torch.bmm(h, g.b).view(groups * g.size, t, -1)
+            return y3.index_add_(0, g.places, delta).reshape(shape)
+        if g.rows is None:
+            return apply_(y3, x3, g.a, g.b).reshape(shape)
+        delta = torch.bmm(torch.bmm(x3.index_select(0, g.rows), g.a), g.b)
+        return y3.index_add_(0, g.rows, delta).reshape(shape)
 
     def merge_into(self, slot: int, weight: torch.Tensor):
         r = self.rank[slot]

@@ -28,7 +28,7 @@ import torch
 from serve.cache import BLOCKED as CACHE_BLOCKED
 from serve.cache import LOADING, READY, AdapterCache
 from serve.config import EngineConfig
-from serve.decode import KVCache, T5Parts, decode_step, encode, prefill_cross, sample
+from serve.decode import KVCache, T5Parts, decode_step, encode, fuse_activations, prefill_cross, sample
 from serve.device_map import apply_device_map, devices_of, plan_device_map
 from serve.errors import (
     AdapterExistsError,
@@ -81,6 +81,7 @@ class Engine:
         self.base = base
         self.tokenizer = base.tokenizer
         model = base.model
+        fuse_activations(model)
         self.parts = T5Parts.of(model)
         self.base_desc = BaseDescription.from_model(model, base.name, base.fingerprint)
         self.limits = AdapterLimits(max_rank=config.max_rank, max_virtual_tokens=config.max_virtual_tokens,

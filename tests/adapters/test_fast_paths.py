@@ -1,5 +1,6 @@
 """The fast paths give the same numbers as the plain ones: reused LoRA row buffers when a few rows change
-(continuous batching), BitFit fused into the decode GEMM, one-call slot writes (rank shrink zeroes the tail)."""
+(continuous batching), rows sharing a LoRA adapter grouped into one GEMM, BitFit fused into the decode GEMM,
+one-call slot writes (rank shrink zeroes the tail)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 from adapters import AdapterKind, AdapterSpec, BitFitWeights, LoraWeights, RowAdapters
 from adapters.bitfit import BitFitSlots
 from adapters.layer import AdaptedLinear, BatchState
-from adapters.lora import LoraSlots
+from adapters.lora import Grouped, LoraSlots, PerRow, group_rows
 
 IN, OUT, RANK, SLOTS = 8, 6, 4, 6
 
@@ -109,3 +110,48 @@ def test_bitfit_bias_in_the_gemm_equals_base_plus_bias(tokens):
     torch.testing.assert_close(y[0], base[0] + bias)
     assert torch.equal(y[1], base[1]) or torch.allclose(y[1], base[1], atol=1e-6)
     torch.testing.assert_close(y[2], lora_row)
+
+
+def test_group_rows_packs_shared_adapters_and_splits_popular_ones():
+    assert group_rows((5, 5, 5, 5)) == ((5,), (0, 1, 2, 3), (True,) * 4, 4)
+    slots, places, real, size = group_rows((1, 2, 1, 2, 1, 2, 1, 2))
+    assert (slots, size, all(real)) == ((1, 2), 4, True) and sorted(places) == list(range(8))
+    # one popular adapter (6 rows) and two others: groups of the mean size 3, padding repeats a real row
+    slots, places, real, size = group_rows((7, 7, 7, 7, 7, 7, 8, 9, 9))
+    assert size == 3 and slots == (7, 7, 8, 9) and real.count(False) == 3
+    assert sorted(p for p, ok in zip(places, real, strict=True) if ok) == list(range(9))
+    assert group_rows((1, 2, 3, 4)) is None and group_rows((1, 1, 2, 3)) is None  # mostly distinct
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("rows", [
+    [2, 2, 2, 2, 2, 2],  # one adapter for every row
+    [1, 4, 1, 4, 1, 4],  # two adapters, equal groups
+    [3, 3, 3, 3, 3, 3, 0, None, 5, 3, 3],  # a popular adapter split over groups, a base row, padding
+])
+def test_grouped_rows_equal_per_row_dense_math(rows, tokens, monkeypatch):
+    import adapters.lora as lora_mod
+
+    seen, original = [], LoraSlots.gather
+    monkeypatch.setattr(lora_mod.LoraSlots, "gather", lambda *a: seen.append(original(*a)) or seen[-1])
+    m = layer(cache=False)
+    x = torch.randn(len(rows), tokens, IN)
+    m.batch.rows = RowAdapters.from_pairs([None if s is None else (AdapterKind.LORA, s) for s in rows])
+    m.batch.bump()
+    with torch.no_grad():
+        y = m(x)
+        base = m.base_layer(x)
+    assert isinstance(seen[-1], Grouped)
+    lora_slots = m.slots["lora"]
+    for i, s in enumerate(rows):
+        want = base[i] if s is None else base[i] + x[i] @ lora_slots.a[s + 1] @ lora_slots.b[s + 1]
+        torch.testing.assert_close(y[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_distinct_adapters_take_the_per_row_path(monkeypatch):
+    import adapters.lora as lora_mod
+
+    seen, original = [], LoraSlots.gather
+    monkeypatch.setattr(lora_mod.LoraSlots, "gather", lambda *a: seen.append(original(*a)) or seen[-1])
+    run(layer(), [0, 1, 2, 3], torch.randn(4, 1, IN))
+    assert isinstance(seen[-1], PerRow) and seen[-1].rows is None

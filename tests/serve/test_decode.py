@@ -15,6 +15,7 @@ from serve.decode import (
     embed_inputs,
     encode,
     filter_logits,
+    fuse_activations,
     prefill_cross,
     sample,
 )
@@ -39,6 +40,16 @@ def test_encoder_matches_hf_with_padding(model_tok):
         ref = model.encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     real = enc.attention_mask.bool()
     assert (ours - ref)[real].abs().max() < 1e-4
+
+
+def test_fused_gelu_keeps_hf_logits(model_tok):
+    model, tok = model_tok
+    fused = copy.deepcopy(model)
+    assert fuse_activations(fused) == len(model.encoder.block) + len(model.decoder.block)
+    assert fuse_activations(fused) == 0  # idempotent
+    enc = tok(["the fused activation is the same formula"], return_tensors="pt")
+    dec = torch.tensor([[0, 71, 104, 33]])
+    assert (_hf(fused, enc, dec) - _hf(model, enc, dec)).abs().max() < 1e-5
 
 
 def test_decode_steps_match_hf_logits_rows_at_different_positions(model_tok):
