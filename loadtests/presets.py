@@ -25,7 +25,7 @@ class Preset:
     wide_kinds: tuple[str, ...] = ("lora", "mixed")  # kinds also measured at N > batch_rows (more rows)
     input_chars: int = 32  # the tokenizer is byte-level: one char = one token
     new_tokens: int = 8
-    repeats: int = 2  # timed rounds over every engine cell (after a warm-up round); medians reported
+    repeats: int = 3  # timed rounds over every engine cell (after a warm-up round); the best is reported
     # Peers that hold one model (or one resident adapter set) per adapter are bounded by memory:
     # beyond this many adapters they run on a round-robin pool and their memory is projected.
     max_materialized: int = 8
