@@ -6,44 +6,37 @@
     res = await engine.submit(request)                                # from asyncio: shares the batch
     async for ev in engine.stream(request): ...                       # TokenEvent..., GenerationResult
 
-Threads: callers validate and enqueue; the loop thread owns the batch, the KV cache and every slot write;
-loader threads read adapters from disk into host memory (serve/cache.py).
+Threads: callers validate and enqueue (this module); the loop thread (serve/batch_loop.py) owns the batch,
+the KV cache and every slot write; loader threads read adapters from disk into host memory (serve/cache.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import re
 import secrets
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 
 import torch
 
-from serve.cache import BLOCKED as CACHE_BLOCKED
-from serve.cache import LOADING, READY, AdapterCache
+from serve.batch_loop import BatchLoop
+from serve.cache import AdapterCache
 from serve.config import EngineConfig
-from serve.decode import KVCache, T5Parts, decode_step, encode, fuse_activations, prefill_cross, sample
+from serve.decode import KVCache, T5Parts, fuse_activations
 from serve.device_map import apply_device_map, devices_of, plan_device_map
 from serve.errors import (
     AdapterExistsError,
     AdapterLoadError,
     ConfigError,
-    EngineClosedError,
-    OverloadedError,
-    PeftServeError,
-    RequestCancelledError,
     RequestTimeoutError,
     RequestValidationError,
     UnknownAdapterError,
 )
-from serve.merge_policy import MergePolicy
-from serve.observer import EngineObserver, safe_call
+from serve.observer import EngineObserver
 from serve.requests import (
     GenerationParams,
     GenerationRequest,
@@ -52,12 +45,10 @@ from serve.requests import (
     validate_params,
     validate_request,
 )
-from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit
 from serve.sequence import Sequence
 
 __all__ = ["Engine", "EngineConfig", "GenerationParams", "GenerationRequest", "GenerationResult", "TokenEvent"]
 
-log = logging.getLogger("peftserve.engine")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}")
 
 
@@ -92,7 +83,7 @@ class Engine:
         virtual = config.max_virtual_tokens if config.device_slots.get("prompt", 0) else 0
         self.kv = KVCache(self.parts, config.max_batch_rows, config.max_new_tokens_cap,
                           config.max_input_tokens + virtual)
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # wakes the loop thread
         self.cache = AdapterCache(load=self._load_weights, write=self.slots.write, slots=config.device_slots,
                                   host_bytes=config.host_bytes, device_bytes=config.device_bytes,
                                   loader_threads=config.loader_threads, observer=self.observer,
@@ -100,21 +91,9 @@ class Engine:
         self._reg_lock = threading.Lock()
         self._adapters: dict[str, _Registered] = {}
         self._version = 0
-        self._inbox: deque[Sequence] = deque()
-        self._inbox_lock = threading.Lock()
-        self._queued = 0  # waiting + inbox, for the queue bound
-        self._waiting: list[Sequence] = []  # loop thread only, arrival order
-        self._running: list[Sequence] = []  # loop thread only, index == KV-cache row
-        self._rows_cache = None
-        self._merged: tuple[str, int] | None = None  # key of the (IA)3 adapter merged into the weights
-        self.merge_policy = MergePolicy(config.ia3_merge, config.ia3_merge_after_steps, config.dedicated_adapter)
-        self.counters = {"steps": 0, "tokens": 0, "prefills": 0, "merges": 0, "unmerges": 0, "merge_s": 0.0,
-                         "unmerge_s": 0.0, "finished": 0, "failed": 0}
-        self._closed = False
         self.device_map: dict[str, str] | None = None
-        self._last_mem_report = 0.0
-        self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
-        self._thread.start()
+        self.loop = BatchLoop(config, self.observer, self.parts, self.kv, self.slots, self.cache, self.tokenizer,
+                              self._lookup, self._wake)
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
@@ -140,11 +119,13 @@ class Engine:
 
     def close(self) -> None:
         """Stop the loop: waiting and running requests fail with EngineClosedError."""
-        self._closed = True
-        self._wake.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+        self.loop.close()
         self.cache.close()
+
+    @property
+    def counters(self) -> dict:
+        """steps, tokens, prefills, merges/unmerges (+ seconds), finished, failed (the loop's own dict)."""
+        return self.loop.counters
 
     def __enter__(self) -> Engine:
         return self
@@ -207,6 +188,10 @@ class Engine:
             out.append(d)
         return out
 
+    def _lookup(self, name: str) -> _Registered | None:
+        with self._reg_lock:
+            return self._adapters.get(name)
+
     def adapter_spec(self, name: str):
         with self._reg_lock:
             reg = self._adapters.get(name)
@@ -246,23 +231,6 @@ class Engine:
                        prefill_tokens=len(ids) + virtual)
         return seq
 
-    def enqueue(self, seq: Sequence) -> None:
-        with self._inbox_lock:
-            if self._closed:
-                raise EngineClosedError("the engine is shut down")
-            if self._queued >= self.config.max_queue:
-                raise OverloadedError(f"{self._queued} requests are waiting (max_queue="
-                                      f"{self.config.max_queue}); retry later")
-            self._queued += 1
-            self._inbox.append(seq)
-        safe_call(self.observer, "on_request_queued", seq.adapter, self._queued)
-        self._wake.set()
-
-    def cancel(self, seq: Sequence) -> None:
-        """Free the row (or queue place) of a request whose caller went away. Safe from any thread."""
-        seq.cancelled = True
-        self._wake.set()
-
     def generate(self, requests: list[GenerationRequest], timeout: float | None = None
                  ) -> list[GenerationResult]:
         """Run requests to completion in the shared batch (blocking). Validates all before running any;
@@ -278,13 +246,13 @@ class Engine:
         for i, seq in enumerate(seqs):
             seq.on_done = functools.partial(collect, i)
         for seq in seqs:
-            self.enqueue(seq)
+            self.loop.enqueue(seq)
         deadline = None if timeout is None else time.monotonic() + timeout
         for _ in seqs:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not done.acquire(timeout=left):
                 for seq in seqs:
-                    self.cancel(seq)
+                    self.loop.cancel(seq)
                 raise RequestTimeoutError(f"generate did not finish within {timeout} s")
         errors = [out[i][1] for i in range(len(seqs)) if out[i][1] is not None]
         if errors:
@@ -302,11 +270,11 @@ class Engine:
             loop.call_soon_threadsafe(_resolve, fut, res, exc)
 
         seq.on_done = done
-        self.enqueue(seq)
+        self.loop.enqueue(seq)
         try:
             return await fut
         except asyncio.CancelledError:
-            self.cancel(seq)
+            self.loop.cancel(seq)
             raise
 
     async def stream(self, request: GenerationRequest):
@@ -317,7 +285,7 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         seq.on_event = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
         seq.on_done = lambda res, exc: loop.call_soon_threadsafe(queue.put_nowait, (res, exc))
-        self.enqueue(seq)
+        self.loop.enqueue(seq)
         finished = False
         try:
             while True:
@@ -333,7 +301,7 @@ class Engine:
                 return
         finally:
             if not finished:
-                self.cancel(seq)
+                self.loop.cancel(seq)
 
     # ---- introspection -----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -360,7 +328,7 @@ class Engine:
                       "host_bytes": stats.host_bytes, "hits": stats.hits, "misses": stats.misses,
                       "evictions": stats.evictions},
             "kv_cache_bytes": self.kv.nbytes(),
-            "queue": {"waiting": self._queued, "running": len(self._running)},
+            "queue": {"waiting": self.loop.queued, "running": len(self.loop.running)},
             "counters": dict(self.counters),
         }
 
@@ -368,262 +336,6 @@ class Engine:
         """Counters for benchmarks: steps, tokens, merges/unmerges (+ seconds), cache stats."""
         s = self.cache.stats()
         return {**self.counters, "cache": s.__dict__}
-
-    # ---- the loop (engine thread) ------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            self._wake.clear()
-            self._take_inbox()
-            if self._closed:
-                self._fail_all(EngineClosedError("the engine is shut down"))
-                return
-            try:
-                self._reap()
-                self._admit()
-                safe_call(self.observer, "on_queue_depth", self._queued, len(self._running))
-                if self._running:
-                    self._step()
-                else:
-                    self._release_idle_merge()
-                    self._wake.wait(timeout=0.02 if self._waiting else 0.5)
-                self._report_memory()
-            except Exception as e:  # noqa: BLE001 - a failing batch must not kill the server
-                log.exception("engine step failed; failing the running requests")
-                self._fail_running(e)
-
-    def _take_inbox(self) -> None:
-        with self._inbox_lock:
-            while self._inbox:
-                self._waiting.append(self._inbox.popleft())
-
-    def _dequeue(self, seq: Sequence) -> None:
-        with self._inbox_lock:
-            self._queued -= 1
-
-    def _reap(self) -> None:
-        now = time.perf_counter()
-        keep = []
-        for seq in self._waiting:
-            if seq.cancelled or now > seq.deadline:
-                self._dequeue(seq)
-                self._fail(seq, None if seq.cancelled else RequestTimeoutError(
-                    f"request timed out after {self.config.request_timeout_s} s in the queue"))
-            else:
-                keep.append(seq)
-        self._waiting = keep
-        gone = [i for i, s in enumerate(self._running) if s.cancelled or now > s.deadline]
-        for i in reversed(gone):
-            seq = self._running[i]
-            self._remove_row(i)
-            self._fail(seq, None if seq.cancelled else RequestTimeoutError(
-                f"request timed out after {self.config.request_timeout_s} s"))
-
-    def _readiness(self, seq: Sequence) -> str:
-        if seq.adapter is None:
-            return OK
-        with self._reg_lock:
-            reg = self._adapters.get(seq.adapter)
-        if reg is None:
-            seq.error = UnknownAdapterError(seq.adapter)
-            return FAIL
-        seq.key, seq.kind = reg.key, reg.kind
-        prepared = self.cache.prepare(reg.key, count=not seq.counted)
-        seq.counted = True
-        if prepared.state == READY:
-            seq.slot = self.cache.pin(reg.key)
-            return OK
-        if prepared.state == LOADING:
-            return WAIT
-        if prepared.state == CACHE_BLOCKED:
-            return BLOCKED
-        err = prepared.error
-        if isinstance(err, KeyError):  # removed between lookup and prepare
-            seq.error = UnknownAdapterError(seq.adapter)
-        else:
-            seq.error = AdapterLoadError(seq.adapter, f"could not be loaded: {err}")
-            seq.error.__cause__ = err
-        return FAIL
-
-    def _admit(self) -> None:
-        if not self._waiting:
-            return
-        cfg = self.config
-        running_tokens = sum(s.cost_tokens for s in self._running)
-        admitted, failed = admit(self._waiting, len(self._running), running_tokens,
-                                 max_rows=cfg.max_batch_rows, max_tokens=cfg.max_batch_tokens,
-                                 max_skips=cfg.fairness_max_skips, static=cfg.scheduling == "static",
-                                 readiness=self._readiness, max_prefill_tokens=cfg.max_prefill_tokens)
-        if not admitted and not failed:
-            return
-        gone = set(map(id, admitted)) | set(map(id, failed))
-        self._waiting = [s for s in self._waiting if id(s) not in gone]
-        for seq in failed:
-            self._dequeue(seq)
-            self._fail(seq, seq.error)
-        if admitted:
-            for seq in admitted:
-                self._dequeue(seq)
-            try:
-                self._prefill(admitted)
-            except Exception as e:  # noqa: BLE001 - only the joining rows fail; running rows are intact
-                log.exception("encoder pass failed for %d joining requests", len(admitted))
-                joined = set(map(id, self._running))
-                error = PeftServeError(f"generation failed: {e!r}")
-                for seq in admitted:
-                    if id(seq) in joined:
-                        self._remove_row(self._running.index(seq))
-                    elif seq.key is not None:
-                        self.cache.release(seq.key)
-                    self._fail(seq, error)
-
-    def _pairs(self, seqs: list[Sequence]):
-        from adapters import RowAdapters
-
-        pairs = tuple(None if s.key is None or s.key == self._merged else (s.kind, s.slot) for s in seqs)
-        cached = self._rows_cache  # same mapping as last step: the wrapped layers keep their gathered weights
-        if cached is None or cached.pairs != pairs:
-            self._rows_cache = cached = RowAdapters.from_pairs(pairs)
-        return cached
-
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        t0 = time.perf_counter()
-        self._apply_merge_policy(self._running + seqs)
-        width = max(len(s.input_ids) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
-            mask[i, :len(s.input_ids)] = 1
-        rows = self._pairs(seqs)
-        emb_dev = self.base.model.get_input_embeddings().weight.device
-        embeds, mask = self.slots.encoder_inputs(ids.to(emb_dev), mask.to(emb_dev), rows)
-        self.slots.set_rows(rows)
-        hidden = encode(self.parts, embeds, mask)
-        first = len(self._running)
-        prefill_cross(self.parts, self.kv, list(range(first, first + len(seqs))), hidden, mask)
-        now = time.perf_counter()
-        for s in seqs:
-            s.t_admit = now
-            s.start()
-            self._running.append(s)
-            safe_call(self.observer, "on_request_admitted", s.adapter, s.kind, now - s.t_submit)
-        self.counters["prefills"] += 1
-        safe_call(self.observer, "on_prefill", len(seqs), int(mask.sum()), now - t0)
-
-    def _step(self) -> None:
-        t0 = time.perf_counter()
-        running = self._running
-        self._apply_merge_policy(running)
-        self.slots.set_rows(self._pairs(running))
-        start = self.parts.decoder_start_token_id
-        tokens = torch.tensor([s.last_token(start) for s in running], dtype=torch.long)
-        positions = torch.tensor([len(s.tokens) for s in running], dtype=torch.long)
-        logits = decode_step(self.parts, self.kv, tokens, positions)
-        want_lp = any(s.params.logprobs for s in running)
-        next_ids, logprobs = sample(logits, [s.sampling for s in running], want_lp)
-        now = time.perf_counter()
-        finished: list[tuple[int, str]] = []
-        for i, s in enumerate(running):
-            if s.t_first is None:
-                s.t_first = now
-                safe_call(self.observer, "on_first_token", s.adapter, s.kind, now - s.t_submit)
-            reason = s.append(next_ids[i], logprobs[i] if logprobs else None, self.parts.eos_token_id,
-                              self.tokenizer)
-            if reason is not None:
-                finished.append((i, reason))
-        n = len(running)
-        distinct = len({s.key for s in running})
-        for i, reason in reversed(finished):
-            seq = running[i]
-            self._remove_row(i)
-            self.counters["finished"] += 1
-            result = seq.result(reason)
-            safe_call(self.observer, "on_request_finished", seq.adapter, seq.kind, reason, result.prompt_tokens,
-                      result.generated_tokens, result.timings["total_s"])
-            seq.finish(result, None)
-        self.counters["steps"] += 1
-        self.counters["tokens"] += n
-        safe_call(self.observer, "on_step", n, distinct, n, time.perf_counter() - t0)
-
-    def _remove_row(self, i: int) -> None:
-        """Row i leaves: the last row moves into its place (KV cache and list), its pin is released."""
-        running = self._running
-        seq = running[i]
-        last = len(running) - 1
-        if i != last:
-            moved = running[last]
-            self.kv.move_row(last, i, len(moved.tokens))
-            running[i] = moved
-        running.pop()
-        if seq.key is not None:
-            self.cache.release(seq.key)
-
-    def _apply_merge_policy(self, seqs: list[Sequence]) -> None:
-        """Merge the (IA)3 adapter every row uses (serve/merge_policy.py); unmerge exactly when rows mix."""
-        want = self.merge_policy.target([(s.key, s.kind) for s in seqs], self._merged)
-        if want == self._merged:
-            return
-        if self._merged is not None:
-            self._unmerge()
-        if want is not None:
-            t0 = time.perf_counter()
-            self.slots.merge(seqs[0].kind, seqs[0].slot)
-            dt = time.perf_counter() - t0
-            self.cache.pin(want)  # a merged adapter's slot must not be evicted while merged
-            self._merged = want
-            self.counters["merges"] += 1
-            self.counters["merge_s"] += dt
-            safe_call(self.observer, "on_merge", "ia3", dt)
-        self._rows_cache = None
-
-    def _release_idle_merge(self) -> None:
-        """No rows run: a removed merged adapter, or one holding a slot others wait for, is unmerged."""
-        if self.merge_policy.release_when_idle(self._merged, self._merged is not None and not
-                                               self.cache.contains(self._merged), bool(self._waiting)):
-            self._unmerge()
-
-    def _unmerge(self) -> None:
-        t0 = time.perf_counter()
-        self.slots.unmerge()
-        dt = time.perf_counter() - t0
-        self.cache.release(self._merged)
-        self._merged = None
-        self._rows_cache = None
-        self.counters["unmerges"] += 1
-        self.counters["unmerge_s"] += dt
-        safe_call(self.observer, "on_unmerge", "ia3", dt)
-
-    def _fail(self, seq: Sequence, error: BaseException | None) -> None:
-        self.counters["failed"] += 1
-        safe_call(self.observer, "on_request_failed", seq.adapter,
-                  "cancelled" if error is None else type(error).__name__)
-        seq.finish(None, error if error is not None else RequestCancelledError("request cancelled"))
-
-    def _fail_running(self, error: BaseException) -> None:
-        wrapped = error if isinstance(error, PeftServeError) else PeftServeError(f"generation failed: {error!r}")
-        while self._running:
-            seq = self._running[-1]
-            self._remove_row(len(self._running) - 1)
-            self._fail(seq, wrapped)
-        if self._merged is not None:
-            self._unmerge()
-
-    def _fail_all(self, error: BaseException) -> None:
-        self._fail_running(error)
-        self._take_inbox()
-        for seq in self._waiting:
-            self._dequeue(seq)
-            self._fail(seq, error)
-        self._waiting = []
-
-    def _report_memory(self) -> None:
-        now = time.monotonic()
-        if now - self._last_mem_report < 5.0 or not torch.cuda.is_available():
-            return
-        self._last_mem_report = now
-        for dev in {t.device for t in self.kv.self_k if t.device.type == "cuda"}:
-            safe_call(self.observer, "on_device_memory", str(dev), torch.cuda.memory_allocated(dev),
-                      torch.cuda.memory_reserved(dev))
 
 
 def _resolve(fut: asyncio.Future, res, exc) -> None:

@@ -292,7 +292,7 @@ def test_static_scheduling_gives_the_same_outputs(tiny_base_dir, zoo, engine):
         joined_running_batch = 0
 
         def on_prefill(self, rows, tokens, seconds):
-            if len(self.engine._running) != rows:  # rows joined a batch that was already decoding
+            if len(self.engine.loop.running) != rows:  # rows joined a batch that was already decoding
                 self.joined_running_batch += 1
 
     for mode, joins in (("static", False), ("continuous", True)):

@@ -1,0 +1,351 @@
+"""BatchLoop: the engine thread. It owns the waiting and running rows, the KV cache rows and every slot
+write; callers only enqueue (any thread) and get results through each Sequence's callbacks.
+
+One iteration (`_loop`): take the inbox, drop cancelled / timed-out requests (`_reap`), admit what the
+scheduler allows (`_admit`: adapters made resident, joining rows' encoder pass, `_prefill`), then one
+decoder step for every running row (`_step`: sample, stream, finish rows that ended). Between steps
+rows join and leave (continuous batching); `scheduling="static"` only delays admissions. Everything the
+step needs is passed explicitly: the running list is the KV cache's row order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from serve.cache import BLOCKED as CACHE_BLOCKED
+from serve.cache import LOADING, READY, AdapterCache
+from serve.config import EngineConfig
+from serve.decode import KVCache, T5Parts, decode_step, encode, prefill_cross, sample
+from serve.errors import (
+    AdapterLoadError,
+    EngineClosedError,
+    OverloadedError,
+    PeftServeError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    UnknownAdapterError,
+)
+from serve.merge_policy import MergePolicy
+from serve.observer import EngineObserver, safe_call
+from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit
+from serve.sequence import Sequence
+
+log = logging.getLogger("peftserve.engine")
+
+
+class BatchLoop:
+    def __init__(self, config: EngineConfig, observer: EngineObserver, parts: T5Parts, kv: KVCache, slots,
+                 cache: AdapterCache, tokenizer, lookup: Callable[[str], object | None],
+                 wake: threading.Event) -> None:
+        """`lookup(name)` -> the registration (`.key`, `.kind`) or None; `wake` is set by anyone with news
+        for the loop (a request, a cancel, a removal, a finished background load)."""
+        self.config, self.observer, self.parts, self.kv, self.slots = config, observer, parts, kv, slots
+        self.cache, self.tokenizer, self._lookup, self._wake = cache, tokenizer, lookup, wake
+        self._inbox: deque[Sequence] = deque()
+        self._inbox_lock = threading.Lock()
+        self._queued = 0  # waiting + inbox, for the queue bound
+        self._waiting: list[Sequence] = []  # loop thread only, arrival order
+        self._running: list[Sequence] = []  # loop thread only, index == KV-cache row
+        self._rows_cache = None
+        self._merged: tuple[str, int] | None = None  # key of the (IA)3 adapter merged into the weights
+        self.merge_policy = MergePolicy(config.ia3_merge, config.ia3_merge_after_steps, config.dedicated_adapter)
+        self.counters = {"steps": 0, "tokens": 0, "prefills": 0, "merges": 0, "unmerges": 0, "merge_s": 0.0,
+                         "unmerge_s": 0.0, "finished": 0, "failed": 0}
+        self._closed = False
+        self._last_mem_report = 0.0
+        self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Requests accepted and not yet running (inbox + waiting)."""
+        return self._queued
+
+    @property
+    def running(self) -> list[Sequence]:
+        """The running rows in KV-cache order (read-only outside the loop thread)."""
+        return self._running
+
+    def close(self) -> None:
+        """Stop the loop: waiting and running requests fail with EngineClosedError."""
+        self._closed = True
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def enqueue(self, seq: Sequence) -> None:
+        with self._inbox_lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if self._queued >= self.config.max_queue:
+                raise OverloadedError(f"{self._queued} requests are waiting (max_queue="
+                                      f"{self.config.max_queue}); retry later")
+            self._queued += 1
+            self._inbox.append(seq)
+        safe_call(self.observer, "on_request_queued", seq.adapter, self._queued)
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Free the row (or queue place) of a request whose caller went away. Safe from any thread."""
+        seq.cancelled = True
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            self._take_inbox()
+            if self._closed:
+                self._fail_all(EngineClosedError("the engine is shut down"))
+                return
+            try:
+                self._reap()
+                self._admit()
+                safe_call(self.observer, "on_queue_depth", self._queued, len(self._running))
+                if self._running:
+                    self._step()
+                else:
+                    self._release_idle_merge()
+                    self._wake.wait(timeout=0.02 if self._waiting else 0.5)
+                self._report_memory()
+            except Exception as e:  # noqa: BLE001 - a failing batch must not kill the server
+                log.exception("engine step failed; failing the running requests")
+                self._fail_running(e)
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            while self._inbox:
+                self._waiting.append(self._inbox.popleft())
+
+    def _dequeue(self, seq: Sequence) -> None:
+        with self._inbox_lock:
+            self._queued -= 1
+
+    def _reap(self) -> None:
+        now = time.perf_counter()
+        keep = []
+        for seq in self._waiting:
+            if seq.cancelled or now > seq.deadline:
+                self._dequeue(seq)
+                self._fail(seq, None if seq.cancelled else RequestTimeoutError(
+                    f"request timed out after {self.config.request_timeout_s} s in the queue"))
+            else:
+                keep.append(seq)
+        self._waiting = keep
+        gone = [i for i, s in enumerate(self._running) if s.cancelled or now > s.deadline]
+        for i in reversed(gone):
+            seq = self._running[i]
+            self._remove_row(i)
+            self._fail(seq, None if seq.cancelled else RequestTimeoutError(
+                f"request timed out after {self.config.request_timeout_s} s"))
+
+    def _readiness(self, seq: Sequence) -> str:
+        if seq.adapter is None:
+            return OK
+        reg = self._lookup(seq.adapter)
+        if reg is None:
+            seq.error = UnknownAdapterError(seq.adapter)
+            return FAIL
+        seq.key, seq.kind = reg.key, reg.kind
+        prepared = self.cache.prepare(reg.key, count=not seq.counted)
+        seq.counted = True
+        if prepared.state == READY:
+            seq.slot = self.cache.pin(reg.key)
+            return OK
+        if prepared.state == LOADING:
+            return WAIT
+        if prepared.state == CACHE_BLOCKED:
+            return BLOCKED
+        err = prepared.error
+        if isinstance(err, KeyError):  # removed between lookup and prepare
+            seq.error = UnknownAdapterError(seq.adapter)
+        else:
+            seq.error = AdapterLoadError(seq.adapter, f"could not be loaded: {err}")
+            seq.error.__cause__ = err
+        return FAIL
+
+    def _admit(self) -> None:
+        if not self._waiting:
+            return
+        cfg = self.config
+        running_tokens = sum(s.cost_tokens for s in self._running)
+        admitted, failed = admit(self._waiting, len(self._running), running_tokens,
+                                 max_rows=cfg.max_batch_rows, max_tokens=cfg.max_batch_tokens,
+                                 max_skips=cfg.fairness_max_skips, static=cfg.scheduling == "static",
+                                 readiness=self._readiness, max_prefill_tokens=cfg.max_prefill_tokens)
+        if not admitted and not failed:
+            return
+        gone = set(map(id, admitted)) | set(map(id, failed))
+        self._waiting = [s for s in self._waiting if id(s) not in gone]
+        for seq in failed:
+            self._dequeue(seq)
+            self._fail(seq, seq.error)
+        if admitted:
+            for seq in admitted:
+                self._dequeue(seq)
+            try:
+                self._prefill(admitted)
+            except Exception as e:  # noqa: BLE001 - only the joining rows fail; running rows are intact
+                log.exception("encoder pass failed for %d joining requests", len(admitted))
+                joined = set(map(id, self._running))
+                error = PeftServeError(f"generation failed: {e!r}")
+                for seq in admitted:
+                    if id(seq) in joined:
+                        self._remove_row(self._running.index(seq))
+                    elif seq.key is not None:
+                        self.cache.release(seq.key)
+                    self._fail(seq, error)
+
+    def _pairs(self, seqs: list[Sequence]):
+        from adapters import RowAdapters
+
+        pairs = tuple(None if s.key is None or s.key == self._merged else (s.kind, s.slot) for s in seqs)
+        cached = self._rows_cache  # same mapping as last step: the wrapped layers keep their gathered weights
+        if cached is None or cached.pairs != pairs:
+            self._rows_cache = cached = RowAdapters.from_pairs(pairs)
+        return cached
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        t0 = time.perf_counter()
+        self._apply_merge_policy(self._running + seqs)
+        width = max(len(s.input_ids) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
+            mask[i, :len(s.input_ids)] = 1
+        rows = self._pairs(seqs)
+        emb_dev = self.parts.model.get_input_embeddings().weight.device
+        embeds, mask = self.slots.encoder_inputs(ids.to(emb_dev), mask.to(emb_dev), rows)
+        self.slots.set_rows(rows)
+        hidden = encode(self.parts, embeds, mask)
+        first = len(self._running)
+        prefill_cross(self.parts, self.kv, list(range(first, first + len(seqs))), hidden, mask)
+        now = time.perf_counter()
+        for s in seqs:
+            s.t_admit = now
+            s.start()
+            self._running.append(s)
+            safe_call(self.observer, "on_request_admitted", s.adapter, s.kind, now - s.t_submit)
+        self.counters["prefills"] += 1
+        safe_call(self.observer, "on_prefill", len(seqs), int(mask.sum()), now - t0)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        running = self._running
+        self._apply_merge_policy(running)
+        self.slots.set_rows(self._pairs(running))
+        start = self.parts.decoder_start_token_id
+        tokens = torch.tensor([s.last_token(start) for s in running], dtype=torch.long)
+        positions = torch.tensor([len(s.tokens) for s in running], dtype=torch.long)
+        logits = decode_step(self.parts, self.kv, tokens, positions)
+        want_lp = any(s.params.logprobs for s in running)
+        next_ids, logprobs = sample(logits, [s.sampling for s in running], want_lp)
+        now = time.perf_counter()
+        finished: list[tuple[int, str]] = []
+        for i, s in enumerate(running):
+            if s.t_first is None:
+                s.t_first = now
+                safe_call(self.observer, "on_first_token", s.adapter, s.kind, now - s.t_submit)
+            reason = s.append(next_ids[i], logprobs[i] if logprobs else None, self.parts.eos_token_id,
+                              self.tokenizer)
+            if reason is not None:
+                finished.append((i, reason))
+        n = len(running)
+        distinct = len({s.key for s in running})
+        for i, reason in reversed(finished):
+            seq = running[i]
+            self._remove_row(i)
+            self.counters["finished"] += 1
+            result = seq.result(reason)
+            safe_call(self.observer, "on_request_finished", seq.adapter, seq.kind, reason, result.prompt_tokens,
+                      result.generated_tokens, result.timings["total_s"])
+            seq.finish(result, None)
+        self.counters["steps"] += 1
+        self.counters["tokens"] += n
+        safe_call(self.observer, "on_step", n, distinct, n, time.perf_counter() - t0)
+
+    def _remove_row(self, i: int) -> None:
+        """Row i leaves: the last row moves into its place (KV cache and list), its pin is released."""
+        running = self._running
+        seq = running[i]
+        last = len(running) - 1
+        if i != last:
+            moved = running[last]
+            self.kv.move_row(last, i, len(moved.tokens))
+            running[i] = moved
+        running.pop()
+        if seq.key is not None:
+            self.cache.release(seq.key)
+
+    def _apply_merge_policy(self, seqs: list[Sequence]) -> None:
+        """Merge the (IA)3 adapter every row uses (serve/merge_policy.py); unmerge exactly when rows mix."""
+        want = self.merge_policy.target([(s.key, s.kind) for s in seqs], self._merged)
+        if want == self._merged:
+            return
+        if self._merged is not None:
+            self._unmerge()
+        if want is not None:
+            t0 = time.perf_counter()
+            self.slots.merge(seqs[0].kind, seqs[0].slot)
+            dt = time.perf_counter() - t0
+            self.cache.pin(want)  # a merged adapter's slot must not be evicted while merged
+            self._merged = want
+            self.counters["merges"] += 1
+            self.counters["merge_s"] += dt
+            safe_call(self.observer, "on_merge", "ia3", dt)
+        self._rows_cache = None
+
+    def _release_idle_merge(self) -> None:
+        """No rows run: a removed merged adapter, or one holding a slot others wait for, is unmerged."""
+        if self.merge_policy.release_when_idle(self._merged, self._merged is not None and not
+                                               self.cache.contains(self._merged), bool(self._waiting)):
+            self._unmerge()
+
+    def _unmerge(self) -> None:
+        t0 = time.perf_counter()
+        self.slots.unmerge()
+        dt = time.perf_counter() - t0
+        self.cache.release(self._merged)
+        self._merged = None
+        self._rows_cache = None
+        self.counters["unmerges"] += 1
+        self.counters["unmerge_s"] += dt
+        safe_call(self.observer, "on_unmerge", "ia3", dt)
+
+    def _fail(self, seq: Sequence, error: BaseException | None) -> None:
+        self.counters["failed"] += 1
+        safe_call(self.observer, "on_request_failed", seq.adapter,
+                  "cancelled" if error is None else type(error).__name__)
+        seq.finish(None, error if error is not None else RequestCancelledError("request cancelled"))
+
+    def _fail_running(self, error: BaseException) -> None:
+        wrapped = error if isinstance(error, PeftServeError) else PeftServeError(f"generation failed: {error!r}")
+        while self._running:
+            seq = self._running[-1]
+            self._remove_row(len(self._running) - 1)
+            self._fail(seq, wrapped)
+        if self._merged is not None:
+            self._unmerge()
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_running(error)
+        self._take_inbox()
+        for seq in self._waiting:
+            self._dequeue(seq)
+            self._fail(seq, error)
+        self._waiting = []
+
+    def _report_memory(self) -> None:
+        now = time.monotonic()
+        if now - self._last_mem_report < 5.0 or not torch.cuda.is_available():
+            return
+        self._last_mem_report = now
+        for dev in {t.device for t in self.kv.self_k if t.device.type == "cuda"}:
+            safe_call(self.observer, "on_device_memory", str(dev), torch.cuda.memory_allocated(dev),
+                      torch.cuda.memory_reserved(dev))
