@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters import AdapterKind, BaseDescription, SlotConfig, attach_slots, load_adapter
-from tests.adapters.peft_zoo import ia3, lora, prompt
+from tests.peft_zoo import ia3, lora, prompt
 
 SLOT_OF = {  # adapter name -> (kind, slot)
     "lora_qv_r4": (AdapterKind.LORA, 0), "lora_all_r8_rslora": (AdapterKind.LORA, 1),

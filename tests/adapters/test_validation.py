@@ -22,7 +22,7 @@ from adapters import (
     inspect_adapter,
     load_adapter,
 )
-from tests.adapters import peft_zoo
+from tests import peft_zoo
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 

@@ -3,24 +3,11 @@ per module on 127.0.0.1 (Ray started once per module with 2 CPUs, shut down at m
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
-
-def save_peft(model, config, out: Path, seed: int, param_filter: str | None = None, spread: float = 0.5) -> Path:
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(model), config)
-    if param_filter:
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if param_filter in n:
-                    p.copy_((1.0 if "ia3" in n else 0.0) + spread * torch.randn_like(p))
-    pm.save_pretrained(out)
-    return out
+from tests.peft_zoo import redraw, save_peft
 
 
 def make_zoo(tiny_base, root: Path) -> dict[str, Path]:
@@ -40,9 +27,9 @@ def make_zoo(tiny_base, root: Path) -> dict[str, Path]:
         "lora-r32": save_peft(m, LoraConfig(task_type="SEQ_2_SEQ_LM", r=32, init_lora_weights=False,
                                             target_modules=["q"]), root / "lora-r32", 6),
         "ia3-a": save_peft(m, IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False), root / "ia3-a", 3,
-                           param_filter="ia3_l"),
+                           init=redraw("ia3_l", lambda p: 1 + 0.5 * torch.randn_like(p))),
         "prompt-a": save_peft(m, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4),
-                              root / "prompt-a", 4, param_filter="prompt_encoder", spread=1.0),
+                              root / "prompt-a", 4, init=redraw("prompt_encoder", torch.randn_like)),
     }
     g = torch.Generator().manual_seed(5)
     biases = {p: 0.5 * torch.randn(shape[1], generator=g)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from pathlib import Path
 
@@ -14,22 +13,9 @@ import torch
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
 from serve.errors import AdapterExistsError, UnknownAdapterError
 from serve.observer import RecordingObserver
+from tests.peft_zoo import redraw, save_peft
 
 ALL_LINEAR = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
-
-
-def _save_peft(model, config, out: Path, seed: int, init=None) -> Path:
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(model), config)
-    if init is not None:
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if init[0] in n:
-                    p.copy_(init[1](p))
-    pm.save_pretrained(out)
-    return out
 
 
 def make_adapters(base, root: Path) -> dict[str, Path]:
@@ -40,14 +26,14 @@ def make_adapters(base, root: Path) -> dict[str, Path]:
 
     m = base.model
     z = {
-        "lora_a": _save_peft(m, LoraConfig(task_type="SEQ_2_SEQ_LM", r=8, lora_alpha=16, init_lora_weights=False,
+        "lora_a": save_peft(m, LoraConfig(task_type="SEQ_2_SEQ_LM", r=8, lora_alpha=16, init_lora_weights=False,
                                            target_modules=ALL_LINEAR), root / "lora_a", 1),
-        "lora_b": _save_peft(m, LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
+        "lora_b": save_peft(m, LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
                                            target_modules=["q", "v"]), root / "lora_b", 2),
-        "ia3": _save_peft(m, IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False), root / "ia3", 3,
-                          init=("ia3_l", lambda p: 1 + 0.5 * torch.randn_like(p))),
-        "prompt": _save_peft(m, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=5),
-                             root / "prompt", 4, init=("prompt_encoder", torch.randn_like)),
+        "ia3": save_peft(m, IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False), root / "ia3", 3,
+                          init=redraw("ia3_l", lambda p: 1 + 0.5 * torch.randn_like(p))),
+        "prompt": save_peft(m, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=5),
+                             root / "prompt", 4, init=redraw("prompt_encoder", torch.randn_like)),
     }
     g = torch.Generator().manual_seed(5)
     shapes = BaseDescription.from_model(m, "t", "t").linear_shapes
