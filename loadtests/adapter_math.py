@@ -44,6 +44,23 @@ KINDS = (AdapterKind.LORA, AdapterKind.IA3, AdapterKind.BITFIT)
 MODEL_CASES = (AdapterKind.LORA, "lora q,v", AdapterKind.IA3, AdapterKind.BITFIT, AdapterKind.PROMPT, "mixed")
 
 
+def decode_step_bytes(config, distinct: int, rank: int, element_size: int) -> dict:
+    """Weight bytes one decoder step must read: the base's decoder linears and LM head, and the A/B of
+    `distinct` LoRA adapters of rank `rank` on every decoder linear (the per-row path reads one copy per
+    row; rows sharing an adapter are grouped and read it once). Cross-attention K/V come from the prefill,
+    so only q and o of the cross-attention run per step. Bounds the LoRA / base ratio where a step is
+    memory bound: adapters cannot cost less than their bytes."""
+    d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+    gated = str(config.feed_forward_proj).startswith("gated")
+    linears = [(d, inner)] * 3 + [(inner, d)] + [(d, inner), (inner, d)]  # self q,k,v,o; cross q,o
+    linears += [(d, ff)] * (2 if gated else 1) + [(ff, d)]
+    layers = config.num_decoder_layers
+    base = (layers * sum(i * o for i, o in linears) + config.vocab_size * d) * element_size
+    lora = distinct * layers * sum(rank * (i + o) for i, o in linears) * element_size
+    return {"base_bytes": base, "lora_bytes": lora, "distinct": distinct, "rank": rank,
+            "lora_over_base": lora / base}
+
+
 def _time(fn) -> float:
     t = time.perf_counter()
     fn()

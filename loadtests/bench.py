@@ -252,6 +252,7 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                      "skipped": [], "note": "Other processes shared this machine's cores: expect noise; "
                                             "ratios are measured within one run."}
     base_dir = ensure_base(work, preset.base_preset, preset.seed)
+    results["decode_bytes"] = _decode_bytes(preset, base_dir)
     paths = adapters_for(preset, base_dir, work)
     torch_dtype = getattr(torch, preset.dtype)
     capacity = None
@@ -275,6 +276,16 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
     report.write(results, out)
     report.print_targets(results)
     return results
+
+
+def _decode_bytes(preset: Preset, base_dir: Path) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from loadtests.adapter_math import decode_step_bytes
+
+    size = torch.finfo(getattr(torch, preset.dtype)).bits // 8
+    return decode_step_bytes(AutoConfig.from_pretrained(base_dir), max(preset.distinct), preset.lora_rank, size)
 
 
 def adapters_for(preset: Preset, base_dir: Path, work: Path) -> dict[str, dict[str, Path]]:

@@ -109,6 +109,12 @@ def markdown(results: dict) -> str:
         lines += [results["note"], ""]
     lines += ["## Targets", "", "| target | threshold | measured | status |", "|---|---|---|---|"]
     lines += [f"| {t['what']} | {t['target']} | {_fmt(t['measured'])} | {t['status']} |" for t in results["targets"]]
+    db = results.get("decode_bytes")
+    if db:
+        lines += ["", f"Weight bytes per decoder step: base {db['base_bytes'] / 2**20:.0f} MiB (decoder linears + "
+                  f"LM head); {db['distinct']} distinct LoRA r={db['rank']} adapters on every linear add "
+                  f"{db['lora_bytes'] / 2**20:.0f} MiB ({db['lora_over_base']:.2f}x the base). Where a step is "
+                  "memory bound, distinct adapters cannot cost less than these bytes."]
     cells = results.get("throughput", {}).get("cells", [])
     if cells:
         ns = sorted({c["distinct"] for c in cells})

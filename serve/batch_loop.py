@@ -33,7 +33,7 @@ from serve.errors import (
 )
 from serve.merge_policy import MergePolicy
 from serve.observer import EngineObserver, safe_call
-from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit
+from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit, encoder_passes
 from serve.sequence import Sequence
 
 log = logging.getLogger("peftserve.engine")
@@ -211,8 +211,15 @@ class BatchLoop:
         return cached
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        t0 = time.perf_counter()
+        """The joining rows' encoder pass(es) and cross-attention K/V; then they are running rows.
+        Rows of very different lengths (soft prompts make rows longer) go in separate passes when the
+        padding would cost more than a pass (`encoder_passes`)."""
         self._apply_merge_policy(self._running + seqs)
+        for group in encoder_passes([s.prefill_tokens for s in seqs]):
+            self._encode_join([seqs[i] for i in group])
+
+    def _encode_join(self, seqs: list[Sequence]) -> None:
+        t0 = time.perf_counter()
         width = max(len(s.input_ids) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)

@@ -9,6 +9,8 @@ Pure logic over a small protocol (no torch, no threads), so fairness and bounds 
   adapter is still loading from disk are not "blocked": they wait only for their own adapter.
 - Joins are paced by `max_prefill_tokens` per encoder pass (running rows keep a steady token rate).
 - static mode (the benchmark baseline): a new batch is admitted only when the running one is empty.
+- `encoder_passes` splits one admission into encoder passes by length when padding would cost more
+  than an extra pass (prompt-tuned rows are longer than the rows they join).
 """
 
 from __future__ import annotations
@@ -71,3 +73,30 @@ def admit(waiting: Iterable[Schedulable], running_rows: int, running_tokens: int
                 break  # aged: nobody younger goes first until this one is in
             overtaken.append(req)
     return admitted, failed
+
+
+# What one more encoder pass costs, in padded tokens (per-pass work that does not scale with tokens:
+# launching every layer's kernels, per-row adapter gathers). A split must save more padding than this.
+PASS_COST_TOKENS = 64
+
+
+def encoder_passes(lengths: list[int], pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:
+    """Split requests (their encoder input lengths) into encoder passes minimizing padded tokens plus
+    `pass_cost` per pass. A pass costs its longest input x its rows; with lengths sorted, the best
+    passes are contiguous runs, so a small dynamic program over split points finds the optimum.
+    Returns index lists, shortest inputs first."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sorted_len = [lengths[i] for i in order]
+    n = len(order)
+    best = [0] + [float("inf")] * n  # best[j]: cost of the first j requests
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # one pass over sorted requests i..j-1, padded to sorted_len[j - 1]
+            cost = best[i] + pass_cost + sorted_len[j - 1] * (j - i)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes, j = [], n
+    while j > 0:
+        passes.append(order[cut[j]:j])
+        j = cut[j]
+    return passes[::-1]

@@ -46,6 +46,7 @@ def test_results_are_complete_and_well_formed(bench_out):
     assert 0 < r["idle_adapters"]["bytes_each"] < 1e6
     assert [t["key"] for t in r["targets"]] == [k for k, *_ in TARGETS]
     assert all(t["status"] in ("PASS", "FAIL") for t in r["targets"])  # all measured in the tiny run
+    assert r["decode_bytes"]["lora_bytes"] > 0 and r["decode_bytes"]["base_bytes"] > 0
 
 
 def test_markdown_and_plots(bench_out):
@@ -84,3 +85,18 @@ def test_classic_static_takes_arrived_requests_in_order_up_to_the_row_limit():
     assert next_batch([0, 1, 2, 3, 4], arrivals, 0.25, 2) == [0, 1]
     assert next_batch([2, 3, 4], arrivals, 0.25, 8) == [2]  # 3 and 4 have not arrived yet
     assert next_batch([4], arrivals, 1.0, 8) == []
+
+
+def test_decode_step_bytes_by_hand_for_the_flan_t5_small_shape():
+    from transformers import T5Config
+
+    from loadtests.adapter_math import decode_step_bytes
+
+    cfg = T5Config(d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                   vocab_size=32128, feed_forward_proj="gated-gelu")
+    got = decode_step_bytes(cfg, distinct=32, rank=16, element_size=4)
+    # per decoder layer: self q,k,v,o + cross q,o (6 x 512x384) + wi_0, wi_1, wo (3 x 512x1024); plus the head
+    assert got["base_bytes"] == 4 * (8 * (6 * 512 * 384 + 3 * 512 * 1024) + 32128 * 512)
+    # per row: r x (in + out) on each of those 9 linears
+    assert got["lora_bytes"] == 4 * 32 * 8 * 16 * (6 * (512 + 384) + 3 * (512 + 1024))
+    assert 1.0 < got["lora_over_base"] < 1.1

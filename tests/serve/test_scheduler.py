@@ -77,3 +77,25 @@ def test_prefill_budget_paces_joins_but_always_admits_one():
     assert run(w, max_prefill=10)[0] == ["a"]  # b would exceed the encoder budget: next step
     assert run([R("huge", prefill_tokens=50)], max_prefill=10)[0] == ["huge"]
     assert run(w, max_prefill=None)[0] == ["a", "b", "c"]
+
+
+def test_encoder_passes_split_only_when_padding_costs_more_than_a_pass():
+    from serve.scheduler import encoder_passes
+
+    assert encoder_passes([32] * 8) == [list(range(8))]
+    assert encoder_passes([30, 32, 31, 32]) == [[0, 2, 1, 3]]  # shortest first, stable
+    # 24 plain rows of 32 tokens joined by 8 prompt-tuned rows of 40: 192 padded tokens > one pass (64)
+    lengths = [32] * 24 + [40] * 8
+    passes = encoder_passes(lengths)
+    assert [sorted(p) for p in passes] == [list(range(24)), list(range(24, 32))]
+    # 2 long rows among 2 short: padding (2 x 8) is cheaper than a second pass
+    assert len(encoder_passes([32, 40, 32, 40])) == 1
+    assert encoder_passes([]) == [] and encoder_passes([5]) == [[0]]
+    # every index exactly once, for arbitrary lengths
+    import random
+
+    rng = random.Random(0)
+    for _ in range(20):
+        lengths = [rng.randint(1, 200) for _ in range(rng.randint(1, 40))]
+        flat = sorted(i for p in encoder_passes(lengths) for i in p)
+        assert flat == list(range(len(lengths)))
