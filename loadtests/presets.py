@@ -25,7 +25,8 @@ class Preset:
     wide_kinds: tuple[str, ...] = ("lora", "mixed")  # kinds also measured at N > batch_rows (more rows)
     input_chars: int = 32  # the tokenizer is byte-level: one char = one token
     new_tokens: int = 8
-    repeats: int = 3  # timed rounds over every engine cell (after a warm-up round); the best is reported
+    repeats: int = 5  # timed rounds over every engine cell (after a warm-up round); the best is reported
+    peer_repeats: int = 2  # timed runs per peft / HF peer cell (slow peers: fewer runs)
     # Peers that hold one model (or one resident adapter set) per adapter are bounded by memory:
     # beyond this many adapters they run on a round-robin pool and their memory is projected.
     max_materialized: int = 8
@@ -60,7 +61,7 @@ PRESETS: dict[str, Preset] = {
     # Seconds on a laptop core: the suite's smoke run of every scenario.
     "tiny": Preset(
         name="tiny", base_preset="tiny", device="cpu", dtype="float32", lora_rank=4, prompt_tokens=4,
-        distinct=(1, 4), batch_rows=4, input_chars=12, new_tokens=4, repeats=1, max_materialized=2,
+        distinct=(1, 4), batch_rows=4, input_chars=12, new_tokens=4, repeats=1, peer_repeats=1, max_materialized=2,
         peer_distinct=(1, 4), swap_samples=5, first_token_samples=2, poisson_requests=8, poisson_rate=40.0,
         out_len=(2, 8), max_batch_rows=4, idle_adapters=100, http_adapters=(10,), http_requests=12,
         http_users=2, http_seconds=20.0, http_new_tokens=2,

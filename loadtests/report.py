@@ -165,8 +165,10 @@ BATCHING_MODES = {
 def batching_lines(b: dict) -> list[str]:
     cont = b["continuous"]
     lines = ["", "## Continuous vs static batching (Poisson arrivals)", "",
-             f"{b['requests']} requests at {b['rate_per_s']:.2f}/s, output lengths {b['out_len'][0]}-"
-             f"{b['out_len'][1]}. Classic static: arrived requests (up to the row limit) run as one "
+             f"{b['requests']} requests at {b['rate_per_s']:.2f}/s"
+             + (f" ({b['offered_load_x']:g}x the estimated capacity: the server is the bottleneck)"
+                if b.get("offered_load_x") else "")
+             + f", output lengths {b['out_len'][0]}-{b['out_len'][1]}. Classic static: arrived requests (up to the row limit) run as one "
              "`model.generate` to the batch's longest output, finished rows stay in the forward as padding, "
              "then the next batch; base rows. The engine's static mode only delays admissions: it drops "
              "finished rows at once, so on a compute-bound device it loses little to continuous batching.", "",
