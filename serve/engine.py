@@ -26,7 +26,7 @@ import torch
 from serve.batch_loop import BatchLoop
 from serve.cache import AdapterCache
 from serve.config import EngineConfig
-from serve.decode import KVCache, T5Parts, fuse_activations
+from serve.decode import KVCache, T5Parts, fuse_activations, tune_head
 from serve.device_map import apply_device_map, devices_of, plan_device_map
 from serve.errors import (
     AdapterExistsError,
@@ -74,6 +74,7 @@ class Engine:
         model = base.model
         fuse_activations(model)
         self.parts = T5Parts.of(model)
+        self.parts = replace(self.parts, head_weight_major=tune_head(model.lm_head.weight, config.max_batch_rows))
         self.base_desc = BaseDescription.from_model(model, base.name, base.fingerprint)
         self.limits = AdapterLimits(max_rank=config.max_rank, max_virtual_tokens=config.max_virtual_tokens,
                                     max_file_bytes=config.max_adapter_file_bytes)
@@ -317,6 +318,7 @@ class Engine:
             "base": self.base.name, "fingerprint": self.base.fingerprint, "dtype": str(self.parts.dtype),
             "devices": devices, "device_map": getattr(self, "device_map", None),
             "scheduling": cfg.scheduling, "ia3_merge": cfg.ia3_merge,
+            "head_weight_major_rows": sorted(self.parts.head_weight_major),
             "limits": {"max_batch_rows": cfg.max_batch_rows, "max_batch_tokens": cfg.max_batch_tokens,
                        "max_input_tokens": cfg.max_input_tokens, "max_new_tokens": cfg.max_new_tokens_cap,
                        "max_stop_sequences": cfg.max_stop_sequences, "max_queue": cfg.max_queue,

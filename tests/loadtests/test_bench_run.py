@@ -34,12 +34,13 @@ def test_results_are_complete_and_well_formed(bench_out):
         assert d["n"] == len(d["samples"]) > 0 and d["p99"] >= d["p50"] >= 0
     assert r["swap"]["cold"]["n"] == r["preset"]["swap_samples"]  # each first touch was a real cold load
     batching = r["batching"]
-    for mode in ("continuous", "static", "classic_static"):
+    for mode in ("continuous", "static", "classic_static", "continuous_lora"):
         b = batching[mode]
         assert b["requests"] == r["preset"]["poisson_requests"] and b["tokens_per_s"] > 0
         assert b["p99_latency_s"] >= b["p50_latency_s"] > 0
     # every mode delivers the same tokens: classic static truncates its padded rows to each request's length
-    assert batching["classic_static"]["tokens"] == batching["continuous"]["tokens"] == batching["static"]["tokens"]
+    assert (batching["classic_static"]["tokens"] == batching["continuous"]["tokens"] == batching["static"]["tokens"]
+            == batching["continuous_lora"]["tokens"])
     rows = r["preset"]["max_batch_rows"]
     assert batching["classic_static"]["batches"] >= -(-r["preset"]["poisson_requests"] // rows)
     assert r["idle_adapters"]["count"] == r["preset"]["idle_adapters"]

@@ -17,7 +17,9 @@ from serve.decode import (
     filter_logits,
     fuse_activations,
     prefill_cross,
+    project_vocab,
     sample,
+    tune_head,
 )
 
 
@@ -113,3 +115,29 @@ def test_filters_keep_the_right_tokens():
     assert torch.isfinite(filter_logits(logits, 1.0, 0, 0.7)).tolist() == [True, True, False, False]
     assert torch.isfinite(filter_logits(logits, 1.0, 0, 0.5)).tolist() == [True, False, False, False]
     assert torch.isfinite(filter_logits(logits, 1.0, 0, 0.81)).tolist() == [True, True, True, False]
+
+
+def test_weight_major_head_gives_the_same_logits(model_tok):
+    import dataclasses
+
+    model, tok = model_tok
+    parts = T5Parts.of(model)
+    enc = tok(["same logits either way", "hi"], return_tensors="pt", padding=True)
+    outs = []
+    for buckets in (frozenset(), frozenset({2})):
+        p = dataclasses.replace(parts, head_weight_major=buckets)
+        cache = KVCache(p, max_rows=2, max_target=4, max_source=32)
+        prefill_cross(p, cache, [0, 1], encode(p, embed_inputs(p, enc.input_ids), enc.attention_mask),
+                      enc.attention_mask)
+        outs.append(decode_step(p, cache, torch.tensor([0, 0]), torch.tensor([0, 0])))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    w, h = torch.randn(50, 8), torch.randn(3, 8)
+    assert not project_vocab(w, h, frozenset({2})).is_contiguous()  # 3 rows: bucket 2, weight-major
+    torch.testing.assert_close(project_vocab(w, h, frozenset({2})), h @ w.T)
+    assert project_vocab(w, h, frozenset({1, 4})).is_contiguous()  # bucket 2 not listed: the plain product
+
+
+def test_tune_head_times_only_big_cpu_heads():
+    assert tune_head(torch.randn(300, 64), max_rows=32) == frozenset()  # small: not timed
+    got = tune_head(torch.randn(1 << 14, 256), max_rows=12, min_elements=1 << 20, repeats=1)
+    assert got <= {1, 2, 4, 8}
