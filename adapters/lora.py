@@ -233,8 +233,18 @@ class LoraSlots(KindSlots):
         # Host-side, per slot: bumped by every stage/clear (rows gathered from an older generation are stale).
         # Plain lists, not module attributes: a swap updates ~150 layers and nn.Module.__setattr__ is slow.
         self.generation = [0] * (n + 1)
-        self._views = [(self.a[s], self.b[s]) for s in range(n + 1)]  # per-slot views, made once
+        self._views = self._slot_views()
         self._last = None  # (key, index_host, generations, A rows buffer, B rows buffer) of the last gather
+
+    def _slot_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-slot (A, B) views, made once: indexing the buffers on every swap costs ~150 layers x 2."""
+        return [(self.a[s], self.b[s]) for s in range(self.a.shape[0])]
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .double() / .cuda() replace the buffers: views of the old storage must not be written
+        out = super()._apply(fn, recurse)
+        self._views = self._slot_views()
+        return out
 
     # Invariant: a[slot, :, rank:] and b[slot, rank:, :] are zero, so a write only copies the adapter's
     # own [:r] block and zeroes the tail only when the previous occupant had a larger rank on this layer.

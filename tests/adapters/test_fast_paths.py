@@ -84,6 +84,13 @@ def test_slot_rewrite_while_another_row_changes_regathers_the_rewritten_rows(mon
     assert torch.equal(got, run(fresh, [0, 1, 2, 3, 5], x))
 
 
+def test_slot_writes_land_in_the_buffers_after_the_module_is_converted():
+    s = LoraSlots(2, IN, OUT, RANK, torch.float32, "cpu").double()  # .to()/.cuda() replace buffers the same way
+    w = lora(0)
+    s.write(1, w, "q")
+    assert s.a.dtype == torch.float64 and torch.allclose(s.a[1], w.a["q"].T.double())
+
+
 def test_rank_shrink_zeroes_the_old_tail_and_lists_equal_the_weights():
     s = LoraSlots(2, IN, OUT, RANK, torch.float32, "cpu")
     s.write(1, lora(0, r=RANK), "q")
