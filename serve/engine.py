@@ -73,8 +73,8 @@ class Engine:
         self.tokenizer = base.tokenizer
         model = base.model
         fuse_activations(model)
-        self.parts = T5Parts.of(model)
-        self.parts = replace(self.parts, head_weight_major=tune_head(model.lm_head.weight, config.max_batch_rows))
+        self.parts = replace(T5Parts.of(model),
+                             head_weight_major=tune_head(model.lm_head.weight, config.max_batch_rows))
         self.base_desc = BaseDescription.from_model(model, base.name, base.fingerprint)
         self.limits = AdapterLimits(max_rank=config.max_rank, max_virtual_tokens=config.max_virtual_tokens,
                                     max_file_bytes=config.max_adapter_file_bytes)
@@ -194,8 +194,7 @@ class Engine:
             return self._adapters.get(name)
 
     def adapter_spec(self, name: str):
-        with self._reg_lock:
-            reg = self._adapters.get(name)
+        reg = self._lookup(name)
         if reg is None:
             raise UnknownAdapterError(name)
         return reg.spec
