@@ -129,8 +129,8 @@ class AdapterSlots:
         if kind == AdapterKind.PROMPT:
             self.prompts.clear(slot + 1)
         else:
-            for layer in self.layers.values():
-                layer.slots[kind.value].clear(slot + 1)
+            for _, kind_slots in self._kind_slots[kind]:
+                kind_slots.clear(slot + 1)
             self._touched.pop((kind, slot), None)
         self.batch.bump()
 
