@@ -114,7 +114,7 @@ def rows_for(kind: AdapterKind | str, batch: int) -> RowAdapters:
 def build(preset: dict):
     from transformers import T5ForConditionalGeneration
 
-    from serve.base import t5_config
+    from serve.engine.base import t5_config
 
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(t5_config(preset["base"])).eval().requires_grad_(False)

@@ -158,7 +158,7 @@ def replace_tokens(request: Request, n: int) -> Request:
 
 def swap(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> dict:
     from loadtests.engine_driver import first_token_after_register, open_engine, swap_latencies
-    from serve.observer import RecordingObserver
+    from serve.engine.observer import RecordingObserver
 
     recorder = RecordingObserver()
     lora = dict(list(paths["swap"].items())[:preset.swap_samples])

@@ -82,7 +82,7 @@ def run(args) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise BenchArgumentError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    from serve.base import default_home
+    from serve.engine.base import default_home
 
     work = args.work or default_home() / "bench"
     command = _command(args)

@@ -22,8 +22,8 @@ from loadtests.workload import Request
 
 
 def open_engine(base_dir: Path, preset: Preset, observer=None, **overrides):
-    from serve.config import EngineConfig
     from serve.engine import Engine
+    from serve.engine.config import EngineConfig
 
     fields = dict(base=str(base_dir), device=preset.device, dtype=preset.dtype, max_rank=preset.lora_rank,
                   max_virtual_tokens=max(preset.prompt_tokens, 1),
@@ -33,7 +33,7 @@ def open_engine(base_dir: Path, preset: Preset, observer=None, **overrides):
 
 
 def _gen_requests(requests: list[Request]):
-    from serve.requests import GenerationParams, GenerationRequest
+    from serve.engine.requests import GenerationParams, GenerationRequest
 
     return [GenerationRequest(inputs=r.text, adapter=r.adapter, params=GenerationParams(max_new_tokens=r.max_new_tokens))
             for r in requests]

@@ -179,7 +179,7 @@ class LoopbackServer:
     def __init__(self, preset: Preset, base_dir: Path, work: Path, log_file: Path, ready_timeout_s: float = 600):
         import yaml
 
-        from serve.local import free_port
+        from serve.app.local import free_port
 
         config = {"engine": {"base": str(base_dir), "device": preset.device, "dtype": preset.dtype,
                              "max_rank": preset.lora_rank, "max_virtual_tokens": max(preset.prompt_tokens, 1),

@@ -1,6 +1,6 @@
 """Read the server's Prometheus /metrics and summarize what changed between two scrapes.
 
-Only the adapter-swap and request metrics matter here (names from serve/metrics.py); label sets are
+Only the adapter-swap and request metrics matter here (names from serve/app/metrics.py); label sets are
 summed over replicas and kinds, keeping the swap `tier`.
 """
 

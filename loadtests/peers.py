@@ -70,7 +70,7 @@ class _HFGenerate:
 
 
 def _load(base_dir: Path, device: str, dtype: torch.dtype):
-    from serve.base import load_base
+    from serve.engine.base import load_base
 
     base = load_base(str(base_dir), dtype=dtype)
     return base.model.to(device), base.tokenizer

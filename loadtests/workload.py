@@ -41,7 +41,7 @@ def ensure_base(work: Path, base_preset: str, seed: int = 0) -> Path:
       the tokenizer cannot decode (the flan-t5 shapes have 32,128 logits, ByT5 has 259 byte ids).
     The zeroed logits are exactly 0 while the best of ~256 random logits is positive.
     """
-    from serve.base import FINGERPRINT_FILE, build_base
+    from serve.engine.base import FINGERPRINT_FILE, build_base
 
     path = work / "bases" / f"{base_preset}-bench"
     if not (path / FINGERPRINT_FILE).exists():
@@ -58,7 +58,7 @@ def _restrict_head(path: Path) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import T5ForConditionalGeneration
 
-    from serve.base import FINGERPRINT_FILE, fingerprint
+    from serve.engine.base import FINGERPRINT_FILE, fingerprint
 
     meta_file = path / FINGERPRINT_FILE
     meta = json.loads(meta_file.read_text())
@@ -100,7 +100,7 @@ def make_adapters(base_dir: Path, out: Path, kind: str, count: int, rank: int = 
     missing = [i for i, p in enumerate(paths) if not (p / MANIFEST).exists()]
     if not missing:
         return paths
-    from serve.base import load_base
+    from serve.engine.base import load_base
 
     model = load_base(str(base_dir)).model
     writer = _writer(kind, model, rank, prompt_tokens)

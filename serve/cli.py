@@ -12,10 +12,10 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("serve.launch", "start the Ray Serve app (HTTP API) on a base model"),
-    "register": ("serve.client", "register an adapter with a running server"),
+    "serve": ("serve.app.launch", "start the Ray Serve app (HTTP API) on a base model"),
+    "register": ("serve.app.client", "register an adapter with a running server"),
     "train": ("training.cli", "train an adapter (lora, ia3, bitfit, prompt) or a full fine-tune; sweeps"),
-    "base": ("serve.base", "build the embedded base model or inspect a base"),
+    "base": ("serve.engine.base", "build the embedded base model or inspect a base"),
     "bench": ("loadtests.cli", "run throughput and swap-latency benchmarks"),
 }
 

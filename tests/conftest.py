@@ -19,7 +19,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
-    from serve.base import build_base
+    from serve.engine.base import build_base
 
     return build_base(tmp_path_factory.mktemp("bases") / "tiny", "tiny")
 
@@ -27,7 +27,7 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tiny_base_dir):
     """A LoadedBase (model, tokenizer, fingerprint) of the embedded tiny T5, fp32, CPU, eval mode."""
-    from serve.base import load_base
+    from serve.engine.base import load_base
 
     return load_base(str(tiny_base_dir))
 

@@ -45,7 +45,7 @@ DEMOS = (
 
 
 def demo_dir(fingerprint: str) -> Path:
-    from serve.base import default_home
+    from serve.engine import default_home
 
     return default_home() / "demo-adapters" / fingerprint.removeprefix("sha256:")[:16] / f"v{DEMO_VERSION}"
 
@@ -58,7 +58,7 @@ def ensure_demo_adapters(base_dir: str | Path | None = None, progress: bool = Tr
 
 
 def _ensure(base_dir, progress: bool, demos: tuple[DemoSpec, ...]) -> dict[str, Path]:
-    from serve.base import load_base
+    from serve.engine import load_base
 
     base_source = str(base_dir) if base_dir is not None else None
     fingerprint = load_base(base_source).fingerprint

@@ -1,4 +1,4 @@
-"""`--register URL`: post the finished adapter directory to a running server (serve.client does the HTTP)."""
+"""`--register URL`: post the finished adapter directory to a running server (serve.app.client does the HTTP)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ def register(url: str, name: str, path: Path, token: str | None = None, replace:
     """Register `path` under `name`; returns the server's adapter record. Raises RegisterError."""
     import httpx
 
-    from serve.client import RegisterError as RefusedError
-    from serve.client import register_adapter
+    from serve.app.client import RegisterError as RefusedError
+    from serve.app.client import register_adapter
 
     try:
         return register_adapter(url, name, str(path), token=token, replace=replace, progress=False)

@@ -43,7 +43,7 @@ class TrainResult:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Every check that can fail on user input, before any training."""
-    from serve.base import load_base
+    from serve.engine import load_base
 
     cfg.validate()
     train_pairs = D.load_pairs(cfg.train, cfg.input_field, cfg.target_field, cfg.template,

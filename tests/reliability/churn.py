@@ -22,15 +22,15 @@ def base_weights_hash(model) -> str:
 
 
 def base_outputs(engine) -> list[str]:
-    from serve.requests import GenerationParams, GenerationRequest
+    from serve.engine.requests import GenerationParams, GenerationRequest
 
     reqs = [GenerationRequest(inputs=p, params=GenerationParams(max_new_tokens=12)) for p in PROMPTS]
     return [r.text for r in engine.generate(reqs, timeout=60)]
 
 
 def make_engine(base_dir: Path):
-    from serve.config import EngineConfig
     from serve.engine import Engine
+    from serve.engine.config import EngineConfig
 
     return Engine.from_config(EngineConfig(
         base=str(base_dir), max_batch_rows=4, max_new_tokens_cap=16, default_max_new_tokens=4, host_bytes="4MiB",
@@ -40,8 +40,8 @@ def make_engine(base_dir: Path):
 def churn(engine, registry, zoo: dict, cycles: int, time_limit_s: float, samples: int = 20) -> dict:
     """`cycles` register -> generate -> delete cycles (bounded by `time_limit_s`), each with a new name;
     RSS sampled `samples` times after a 20 % warm-up. Returns the figures."""
-    from serve.admin import make_validator
-    from serve.requests import GenerationParams, GenerationRequest
+    from serve.app.admin_routes import make_validator
+    from serve.engine.requests import GenerationParams, GenerationRequest
 
     from .harness import rss_bytes
 

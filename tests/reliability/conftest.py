@@ -27,8 +27,8 @@ DEPLOYMENTS = {"EngineReplica": {"health_check_period_s": 1, "health_check_timeo
 
 
 def build(args: dict):
-    from serve.app_config import AppConfig
-    from serve.launch import build_application
+    from serve.app.config import AppConfig
+    from serve.app.launch import build_application
 
     return build_application(AppConfig.model_validate(args), {k: dict(v) for k, v in DEPLOYMENTS.items()})
 
@@ -55,7 +55,7 @@ def zoo(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def server(tiny_base_dir):
-    from serve import local
+    from serve.app import local
 
     work = Path(tempfile.mkdtemp(prefix="peftserve-rel-"))
     mnt = work / "registry"

@@ -38,7 +38,7 @@ def test_reads_and_generation_stay_open_without_an_api_token(http, registered):
 
 
 def test_bound_to_loopback_by_default(server):
-    from serve import launch, local
+    from serve.app import launch, local
 
     assert listening_addresses(server["port"]) == {"127.0.0.1"}
     assert inspect.signature(local.start).parameters["host"].default == "127.0.0.1"

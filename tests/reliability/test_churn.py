@@ -15,13 +15,13 @@ from .harness import AUTH, gen, record
 
 
 def _run_churn(tiny_base_dir, zoo, tmp_path, cycles: int, time_limit_s: float, prefix: str):
-    from serve.base import load_base
+    from serve.engine.base import load_base
     from serve.registry import AdapterRegistry
 
     pristine_hash = base_weights_hash(load_base(str(tiny_base_dir)).model)
     engine = make_engine(tiny_base_dir)
     try:
-        registry = AdapterRegistry(tmp_path / "registry")
+        registry = AdapterRegistry(tmp_path / "registry").for_base(engine.base.fingerprint, engine.base.name)
         assert base_weights_hash(engine.base.model) == pristine_hash
         before = base_outputs(engine)
         figures = churn(engine, registry, zoo, cycles, time_limit_s)

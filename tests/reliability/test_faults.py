@@ -91,7 +91,7 @@ def test_failing_check_health_gets_the_replica_replaced(server, http, registered
 
 
 def test_request_deadline_is_408_and_the_work_is_cancelled(server, http, registered):
-    from serve import local
+    from serve.app import local
 
     args = {**server["args"], "engine": {**server["args"]["engine"], "request_timeout_s": 0.2,
                                          "max_batch_rows": 1}}

@@ -20,7 +20,7 @@ import sys, os
 from pathlib import Path
 from serve.registry import AdapterRegistry
 root, src = Path(sys.argv[1]), Path(sys.argv[2])
-reg = AdapterRegistry(root)
+reg = AdapterRegistry(root).for_base("sha256:crash-test")
 i = int(sys.argv[3])
 while True:  # bounded by the parent's SIGKILL (and by its timeout)
     d = src / f"v{i % 4}"
@@ -58,7 +58,7 @@ def test_kill_during_registration_lists_only_complete_adapters(tmp_path):
         done = [line.split()[1] for line in out.splitlines() if line.startswith("ok ")]
         committed |= set(done)
         start_index += len(done) + 1  # the killed one's name is never reused
-        reg = AdapterRegistry(root)  # "restart"
+        reg = AdapterRegistry(root).for_base("sha256:crash-test")  # "restart"
         listed = {r.name: r for r in reg.list()}
         assert committed <= set(listed), "a committed adapter was lost"
         assert len(set(listed) - committed) <= 1, "more than the in-flight registration appeared"

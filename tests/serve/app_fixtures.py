@@ -50,9 +50,9 @@ def app_args(base_dir: Path, registry_dir: Path, **extra) -> dict:
 
 
 def build(args: dict, engine_replicas: int = 1):
-    from serve.app import app_builder
-    from serve.app_config import AppConfig
-    from serve.launch import build_application
+    from serve.app.builder import app_builder
+    from serve.app.config import AppConfig
+    from serve.app.launch import build_application
 
     config = AppConfig.model_validate(args)
     if engine_replicas == 1:

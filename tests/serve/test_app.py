@@ -23,7 +23,7 @@ def zoo(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_base_dir, tmp_path_factory):
-    from serve import local
+    from serve.app import local
 
     registry = tmp_path_factory.mktemp("app-registry")
     args = app_args(tiny_base_dir, registry, admin_token=ADMIN, max_body_bytes=64 * 1024,
@@ -114,7 +114,7 @@ def test_delete_then_404(http, zoo):
 
 
 def test_multipart_upload_with_cli_client(server, http, zoo):
-    from serve.client import register_adapter
+    from serve.app.client import register_adapter
 
     out = register_adapter(server["url"], "uploaded", str(zoo["ia3-a"]), token=ADMIN, progress=False)
     assert out["name"] == "uploaded" and out["source"] == "upload" and out["kind"] == "ia3"
@@ -320,7 +320,7 @@ def test_metrics_present_and_moving(http):
 # ---- restart (keep last: it redeploys) -----------------------------------------------------------
 
 def test_restart_keeps_registry_and_overload_timeout_statuses(server, http):
-    from serve import local
+    from serve.app import local
 
     names = {a["name"] for a in http.get("/adapters").json()["adapters"]}
     expected = gen(http, adapter="lora-b").json()["generated_text"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from serve.base import PRESETS, BaseLoadError, build_base, fingerprint, load_base, t5_config
 from serve.cli import main
+from serve.engine.base import PRESETS, BaseLoadError, build_base, fingerprint, load_base, t5_config
 
 
 def test_embedded_base_has_flan_t5_architecture(tiny_base):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from serve.cache import BLOCKED, FAILED, LOADING, READY, AdapterCache
-from serve.observer import RecordingObserver
+from serve.engine.cache import BLOCKED, FAILED, LOADING, READY, AdapterCache
+from serve.engine.observer import RecordingObserver
 
 
 @dataclass

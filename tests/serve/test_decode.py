@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from serve.decode import (
+from serve.engine.decode import (
     KVCache,
     SamplingRow,
     T5Parts,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.base import t5_config
-from serve.device_map import GiB, apply_device_map, plan_bytes, plan_device_map, t5_groups
-from serve.errors import ConfigError
+from serve.engine.base import t5_config
+from serve.engine.device_map import GiB, apply_device_map, plan_bytes, plan_device_map, t5_groups
+from serve.engine.errors import ConfigError
 
 ORDER_PREFIXES = ("shared", "encoder.block", "encoder.final", "decoder.block", "decoder.final", "lm_head")
 

@@ -48,12 +48,12 @@ def test_dockerfile_contract():
 def test_serve_configs_validate(name):
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app_config import AppConfig
+    from serve.app.config import AppConfig
 
     doc = yaml.safe_load((ROOT / "deploy" / name).read_text())
     ServeDeploySchema.model_validate(doc)
     app = doc["applications"][0]
-    assert app["import_path"] == "serve.app:app_builder"
+    assert app["import_path"] == "serve.app.builder:app_builder"
     config = AppConfig.model_validate(app["args"])
     if name.startswith("flan-t5-xl"):
         engine = {d["name"]: d for d in app["deployments"]}["EngineReplica"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
-from serve.errors import AdapterExistsError, UnknownAdapterError
-from serve.observer import RecordingObserver
+from serve.engine.errors import AdapterExistsError, UnknownAdapterError
+from serve.engine.observer import RecordingObserver
 from tests.peft_zoo import redraw, save_peft
 
 ALL_LINEAR = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
@@ -252,7 +252,7 @@ def test_info_and_adapter_listing(engine):
 
 
 def test_failed_encoder_pass_fails_only_the_joining_requests(engine, monkeypatch):
-    from serve.errors import PeftServeError
+    from serve.engine.errors import PeftServeError
 
     real = engine.slots.encoder_inputs
     calls = {"n": 0}

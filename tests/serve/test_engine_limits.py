@@ -14,9 +14,9 @@ try:  # same directory, pytest's default (prepend) import mode
 except ImportError:  # tests/ laid out as packages
     from tests.serve.test_engine import make_adapters, small_config
 
-from serve.config import EngineConfig
 from serve.engine import Engine, GenerationParams, GenerationRequest
-from serve.errors import (
+from serve.engine.config import EngineConfig
+from serve.engine.errors import (
     AdapterError,
     ConfigError,
     EngineClosedError,

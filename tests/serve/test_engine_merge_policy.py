@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.merge_policy import MergePolicy
+from serve.engine.merge_policy import MergePolicy
 
 A, B = ("a", 1), ("b", 2)
 IA3_A = [(A, "ia3"), (A, "ia3")]

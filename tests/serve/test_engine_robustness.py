@@ -3,7 +3,7 @@
 import asyncio
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
-from serve.sequence import decode_known
+from serve.engine.sequence import decode_known
 
 
 def test_ids_past_the_tokenizer_vocabulary_decode_to_nothing(tiny_base):

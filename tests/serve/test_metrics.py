@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.metrics import Metrics, PrometheusObserver, SnapshotStore
+from serve.app.metrics import Metrics, PrometheusObserver, SnapshotStore
 
 ROOT = Path(__file__).resolve().parents[2]
 

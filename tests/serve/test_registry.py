@@ -22,6 +22,9 @@ from serve.registry import (
 )
 
 
+BASE = "sha256:registry-test-base"
+
+
 class Spec(dict):
     def to_dict(self):
         return dict(self)
@@ -45,7 +48,7 @@ def make_adapter(d: Path, rank: int = 2, seed: float = 0.0) -> Path:
 
 @pytest.fixture
 def reg(tmp_path) -> AdapterRegistry:
-    return AdapterRegistry(tmp_path / "registry", max_adapter_bytes=1 << 20)
+    return AdapterRegistry(tmp_path / "registry", max_adapter_bytes=1 << 20).for_base(BASE)
 
 
 def test_register_get_list_and_store_layout(reg, tmp_path):
@@ -136,20 +139,20 @@ def test_only_config_and_safetensors_are_stored(reg, tmp_path):
 
 def test_reopen_sees_everything(tmp_path):
     root = tmp_path / "registry"
-    AdapterRegistry(root).register("keep", make_adapter(tmp_path / "a"), validate)
-    again = AdapterRegistry(root)
+    AdapterRegistry(root).for_base(BASE).register("keep", make_adapter(tmp_path / "a"), validate)
+    again = AdapterRegistry(root).for_base(BASE)
     assert again.get("keep").version == 1 and again.snapshot().adapters.keys() == {"keep"}
 
 
 def test_concurrent_writers_same_name_exactly_one_wins(tmp_path):
     """Separate registry instances = separate SQLite connections: the same locking path as processes."""
     root = tmp_path / "registry"
-    AdapterRegistry(root)
+    AdapterRegistry(root).for_base(BASE)
     srcs = [make_adapter(tmp_path / f"a{i}", seed=float(i)) for i in range(4)]
     barrier = threading.Barrier(len(srcs))
 
     def attempt(src: Path) -> str:
-        reg = AdapterRegistry(root)
+        reg = AdapterRegistry(root).for_base(BASE)
         barrier.wait()
         try:
             reg.register("race", src, validate)
@@ -160,7 +163,7 @@ def test_concurrent_writers_same_name_exactly_one_wins(tmp_path):
     with ThreadPoolExecutor(len(srcs)) as pool:
         outcomes = sorted(pool.map(attempt, srcs))
     assert outcomes == ["exists"] * 3 + ["ok"]
-    assert AdapterRegistry(root).get("race").version == 1
+    assert AdapterRegistry(root).for_base(BASE).get("race").version == 1
 
 
 def test_gc_removes_only_unreferenced(reg, tmp_path):

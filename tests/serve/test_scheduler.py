@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit
+from serve.engine.scheduler import BLOCKED, FAIL, OK, WAIT, admit
 
 
 @dataclass(eq=False)
@@ -80,7 +80,7 @@ def test_prefill_budget_paces_joins_but_always_admits_one():
 
 
 def test_encoder_passes_split_only_when_padding_costs_more_than_a_pass():
-    from serve.scheduler import encoder_passes
+    from serve.engine.scheduler import encoder_passes
 
     assert encoder_passes([32] * 8) == [list(range(8))]
     assert encoder_passes([30, 32, 31, 32]) == [[0, 2, 1, 3]]  # shortest first, stable

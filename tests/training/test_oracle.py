@@ -43,7 +43,7 @@ def teacher_forced_logprobs(model, tokenizer, text: str, token_ids: list[int]) -
 def test_peft_from_pretrained_gives_the_engines_logits(kind, trained, engine, tiny_base_dir):
     from peft import PeftModel
 
-    from serve.base import load_base
+    from serve.engine.base import load_base
 
     base = load_base(str(tiny_base_dir))
     model = PeftModel.from_pretrained(base.model, str(trained[kind].output)).eval()
@@ -60,7 +60,7 @@ def test_peft_from_pretrained_gives_the_engines_logits(kind, trained, engine, ti
 def test_bitfit_served_logits_equal_the_trained_model(trained, engine, tiny_base_dir):
     from safetensors.torch import load_file
 
-    from serve.base import load_base
+    from serve.engine.base import load_base
     from training.methods import add_biases
 
     base = load_base(str(tiny_base_dir))

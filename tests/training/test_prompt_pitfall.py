@@ -13,7 +13,7 @@ def losses(adapter_dir, tiny_base_dir, text: str, target: str) -> tuple[float, f
     """(loss as peft trains it, loss of what is served: the encoder soft prompt only, plain decoder)."""
     from peft import PeftModel
 
-    from serve.base import load_base
+    from serve.engine.base import load_base
 
     base = load_base(str(tiny_base_dir))
     model = PeftModel.from_pretrained(base.model, str(adapter_dir)).eval()
@@ -31,7 +31,7 @@ def losses(adapter_dir, tiny_base_dir, text: str, target: str) -> tuple[float, f
 
 def prompt_gradients(task_files, tiny_base_dir, tmp_path, submodules: int) -> torch.Tensor:
     """Per-row gradient norm of the soft prompt after one training batch."""
-    from serve.base import load_base
+    from serve.engine.base import load_base
     from training import data
     from training.methods import build
 

@@ -12,7 +12,7 @@ ADMIN = "train-admin"
 
 @pytest.fixture(scope="module")
 def server(tiny_base_dir, tmp_path_factory):
-    from serve import local
+    from serve.app import local
     from tests.serve.app_fixtures import app_args, build
 
     args = app_args(tiny_base_dir, tmp_path_factory.mktemp("train-registry"), admin_token=ADMIN)

@@ -1,6 +1,6 @@
 """Instrumentation hooks the engine calls; the default does nothing.
 
-serve/metrics.py implements `EngineObserver` with prometheus-client. Method names and arguments are a
+serve/app/metrics.py implements `EngineObserver` with prometheus-client. Method names and arguments are a
 contract: add new hooks, never rename. Every hook is called from the engine's loop thread or its
 adapter-loader thread, must be cheap and must not raise (exceptions are swallowed and logged once).
 

@@ -2,7 +2,7 @@
 
     serve run deploy/local.yaml                 # or: peftserve serve [--config FILE]
 
-`app_builder(args)` is the import path the Serve config names (`serve.app:app_builder`); `args` is the
+`app_builder(args)` is the import path the Serve config names (`serve.app.builder:app_builder`); `args` is the
 config's `args:` mapping, validated as AppConfig.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from ray import serve as ray_serve
 
-from serve.app_config import AppConfig
-from serve.metrics import SnapshotStore
+from serve.app.config import AppConfig
+from serve.app.metrics import SnapshotStore
 
 
 @ray_serve.deployment(name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0},
@@ -36,8 +36,8 @@ class MetricsHub:
 
 
 def build_app(config: AppConfig):
-    from serve.ingress import Ingress
-    from serve.replica import EngineReplica
+    from serve.app.ingress import Ingress
+    from serve.app.replica import EngineReplica
 
     args = config.model_dump(mode="json")
     hub = MetricsHub.bind(max(60.0, 10 * config.metrics_push_interval_s))
@@ -45,5 +45,5 @@ def build_app(config: AppConfig):
 
 
 def app_builder(args: dict | None = None):
-    """Entry point for `serve run`/`serve deploy` (import_path: serve.app:app_builder)."""
+    """Entry point for `serve run`/`serve deploy` (import_path: serve.app.builder:app_builder)."""
     return build_app(AppConfig.model_validate(args or {}))

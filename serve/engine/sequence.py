@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serve.decode import SamplingRow
-from serve.requests import GenerationParams, GenerationRequest, GenerationResult, TokenEvent
+from serve.engine.decode import SamplingRow
+from serve.engine.requests import GenerationParams, GenerationRequest, GenerationResult, TokenEvent
 
 log = logging.getLogger("peftserve.engine")
 REPLACEMENT_CHAR = "\ufffd"  # a partial UTF-8 sequence (byte-level tokenizers): wait for the next byte

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serve.errors import ConfigError
+from serve.engine.errors import ConfigError
 
 EMBEDDING_MODULES = ("shared", "encoder.embed_tokens", "decoder.embed_tokens")
 GiB = 2**30

@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from serve.observer import EngineObserver, safe_call
+from serve.engine.observer import EngineObserver, safe_call
 
 READY, LOADING, BLOCKED, FAILED = "ready", "loading", "blocked", "failed"
 

@@ -6,8 +6,8 @@
     res = await engine.submit(request)                                # from asyncio: shares the batch
     async for ev in engine.stream(request): ...                       # TokenEvent..., GenerationResult
 
-Threads: callers validate and enqueue (this module); the loop thread (serve/batch_loop.py) owns the batch,
-the KV cache and every slot write; loader threads read adapters from disk into host memory (serve/cache.py).
+Threads: callers validate and enqueue (this module); the loop thread (serve/engine/batch_loop.py) owns the batch,
+the KV cache and every slot write; loader threads read adapters from disk into host memory (serve/engine/cache.py).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from serve.batch_loop import BatchLoop
-from serve.cache import AdapterCache
-from serve.config import EngineConfig
-from serve.decode import KVCache, T5Parts, fuse_activations, tune_head
-from serve.device_map import apply_device_map, devices_of, plan_device_map
-from serve.errors import (
+from serve.engine.batch_loop import BatchLoop
+from serve.engine.cache import AdapterCache
+from serve.engine.config import EngineConfig
+from serve.engine.decode import KVCache, T5Parts, fuse_activations, tune_head
+from serve.engine.device_map import apply_device_map, devices_of, plan_device_map
+from serve.engine.errors import (
     AdapterExistsError,
     AdapterLoadError,
     ConfigError,
@@ -36,8 +36,8 @@ from serve.errors import (
     RequestValidationError,
     UnknownAdapterError,
 )
-from serve.observer import EngineObserver
-from serve.requests import (
+from serve.engine.observer import EngineObserver
+from serve.engine.requests import (
     GenerationParams,
     GenerationRequest,
     GenerationResult,
@@ -45,7 +45,7 @@ from serve.requests import (
     validate_params,
     validate_request,
 )
-from serve.sequence import Sequence
+from serve.engine.sequence import Sequence
 
 __all__ = ["Engine", "EngineConfig", "GenerationParams", "GenerationRequest", "GenerationResult", "TokenEvent"]
 
@@ -99,7 +99,7 @@ class Engine:
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: EngineConfig | None = None, observer: EngineObserver | None = None) -> Engine:
-        from serve.base import load_base
+        from serve.engine.base import load_base
 
         config = config or EngineConfig()
         dtype = config.torch_dtype()

@@ -12,12 +12,12 @@ import time
 
 from ray import serve as ray_serve
 
-from serve.app_config import AppConfig
-from serve.auth import resolve_token
-from serve.http_errors import reply_for
-from serve.metrics import Metrics
+from serve.app.auth import resolve_token
+from serve.app.config import AppConfig
+from serve.app.http_errors import reply_for
+from serve.app.metrics import Metrics
+from serve.app.replica import MetricsPusher, replica_id
 from serve.registry import AdapterExists, AdapterRegistry
-from serve.replica import MetricsPusher, replica_id
 
 log = logging.getLogger("peftserve.app")
 DESCRIBE_TTL_S = 5.0  # /info and /health freshness; base description never changes
@@ -36,15 +36,16 @@ class Ingress:
         self.pusher = MetricsPusher(self.metrics, hub, f"ingress-{replica_id()}", self.config.metrics_push_interval_s)
         self.pusher.start()
         self._described: tuple[float, dict] | None = None
+        self._bound: AdapterRegistry | None = None
         if self.config.wants_demo_adapters():
             asyncio.get_running_loop().create_task(self._register_demo_adapters())
 
     def __serve_build_asgi_app__(self):
-        from serve.api import build_api
+        from serve.app.routes import build_api
 
         return build_api(self)
 
-    # ---- Backend (serve/api.py) ------------------------------------------------------------------
+    # ---- Backend (serve/app/routes.py) ------------------------------------------------------------------
     def _handle(self, adapter: str | None, stream: bool = False):
         opts = {"stream": stream}
         if adapter and self.config.residency_routing:
@@ -73,9 +74,16 @@ class Ingress:
             self._described = (now, await self.engine.describe.remote())
         return self._described[1]
 
+    async def adapters(self) -> AdapterRegistry:
+        """The registry bound to the engine's base (known once an engine replica answers)."""
+        if self._bound is None:
+            base = (await self.describe())["base"]
+            self._bound = self.registry.for_base(base.fingerprint, base.name)
+        return self._bound
+
     async def metrics_exposition(self) -> bytes:
         kinds: dict[str, int] = {}
-        for r in self.registry.list():
+        for r in (await self.adapters()).list():
             kinds[r.kind] = kinds.get(r.kind, 0) + 1
         for kind in ("lora", "ia3", "bitfit", "prompt"):
             self.metrics.registered_adapters.labels(kind).set(kinds.get(kind, 0))
@@ -91,15 +99,16 @@ class Ingress:
             log.info("training.demo is not available; starting without demo adapters")
             return
         try:
-            from serve.admin import make_validator
-            from serve.base import ensure_embedded_base
+            from serve.app.admin_routes import make_validator
+            from serve.engine import ensure_embedded_base
 
             described = await self.describe()
             paths = await asyncio.to_thread(ensure_demo_adapters, ensure_embedded_base())
             validate = make_validator(described["base"], described["limits"])
+            registry = await self.adapters()
             for name, path in paths.items():
                 try:
-                    await asyncio.to_thread(self.registry.register, name, path, validate, False, f"demo:{path}")
+                    await asyncio.to_thread(registry.register, name, path, validate, False, f"demo:{path}")
                     log.info("registered demo adapter %s", name)
                 except AdapterExists:
                     pass

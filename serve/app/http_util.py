@@ -8,7 +8,7 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from serve.metrics import Metrics
+from serve.app.metrics import Metrics
 
 
 class BodyTooLarge(HTTPException):

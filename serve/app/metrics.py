@@ -1,7 +1,7 @@
 """Every Prometheus metric of the server, declared in one place, and the EngineObserver that feeds them.
 
 Each replica process owns a `Metrics` (its own CollectorRegistry, so tests can build several in one
-process). Replicas ship `snapshot()`s to the app's MetricsHub (serve/app.py), which renders one exposition
+process). Replicas ship `snapshot()`s to the app's MetricsHub (serve/app/builder.py), which renders one exposition
 with a `replica` label on every sample: one scrape shows all replicas (serve/metrics_hub.py).
 
 Cardinality: labels are kinds (5 values), tiers, finish reasons, error class names, HTTP route templates
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from serve.observer import EngineObserver
+from serve.engine import EngineObserver
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from serve.config import EngineConfig
-from serve.errors import RequestValidationError
+from serve.engine.config import EngineConfig
+from serve.engine.errors import RequestValidationError
 
 FINISH_REASONS = ("length", "eos", "stop")
 

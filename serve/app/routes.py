@@ -1,6 +1,6 @@
 """The HTTP API (FastAPI): TGI/LoRAX generation, OpenAI completions, adapter admin, health/info/metrics.
 
-`build_api(backend)` is pure routing and validation; `backend` (serve/ingress.py) reaches the engine
+`build_api(backend)` is pure routing and validation; `backend` (serve/app/ingress.py) reaches the engine
 replicas and the registry. OpenAPI docs are at /docs.
 """
 
@@ -17,14 +17,21 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve.admin import add_admin_routes
-from serve.app_config import AppConfig
-from serve.auth import AuthError, check_bearer
-from serve.http_errors import ErrorReply, HTTPProblem, headers_for, openai_body, problem, reply_for, tgi_body
-from serve.http_util import BodyLimitMiddleware, HTTPMetricsMiddleware, sse
-from serve.metrics import Metrics
-from serve.registry import AdapterRegistry, RegistryError, check_name
-from serve.schemas import (
+from serve.app.admin_routes import add_admin_routes
+from serve.app.auth import AuthError, check_bearer
+from serve.app.config import AppConfig
+from serve.app.http_errors import (
+    ErrorReply,
+    HTTPProblem,
+    headers_for,
+    openai_body,
+    problem,
+    reply_for,
+    tgi_body,
+)
+from serve.app.http_util import BodyLimitMiddleware, HTTPMetricsMiddleware, sse
+from serve.app.metrics import Metrics
+from serve.app.schemas import (
     OPENAI_FINISH,
     TGI_FINISH,
     CompletionRequest,
@@ -32,13 +39,14 @@ from serve.schemas import (
     TGIRequest,
     TGIResponse,
 )
+from serve.registry import AdapterRegistry, RegistryError, check_name
 
 ADAPTER_HEADER = "x-adapter-id"  # for clients without an adapter parameter (text-generation)
 
 
 class Backend(Protocol):
     config: AppConfig
-    registry: AdapterRegistry
+    registry: AdapterRegistry  # unbound: generation(), staging(), gc()
     metrics: Metrics
     api_token: str | None
     admin_token: str | None
@@ -46,6 +54,7 @@ class Backend(Protocol):
     async def generate(self, request: dict) -> dict: ...  # {"result": {...}} | {"error": ErrorReply dict}
     def stream(self, request: dict) -> AsyncIterator[dict]: ...  # {"token"}..., then {"result"} | {"error"}
     async def describe(self) -> dict: ...  # {"base": BaseDescription, "limits": AdapterLimits, "info": {...}}
+    async def adapters(self) -> AdapterRegistry: ...  # the registry bound to the engine's base
     async def metrics_exposition(self) -> bytes: ...
 
 
@@ -121,12 +130,13 @@ def _generation_auth(backend: Backend, authorization: str | None) -> None:
     check_bearer(backend.api_token, authorization, "generation")
 
 
-def resolve_adapter(backend: Backend, name: str | None) -> str | None:
-    """None = the base. A name must be well formed (400) and registered (404) before anything is queued."""
+async def resolve_adapter(backend: Backend, name: str | None) -> str | None:
+    """None = the base. A name must be well formed (400) and registered for this base (404, naming the base
+    it is registered for, if another) before anything is queued."""
     if name is None:
         return None
     check_name(name)
-    backend.registry.get(name)
+    (await backend.adapters()).get(name)
     return name
 
 
@@ -196,7 +206,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
     async def run(req: TGIRequest, request: Request, authorization: str | None, x_adapter_id: str | None,
                   stream: bool, as_list: bool):
         _generation_auth(backend, authorization)
-        adapter = resolve_adapter(backend, _tgi_adapter(req, x_adapter_id))
+        adapter = await resolve_adapter(backend, _tgi_adapter(req, x_adapter_id))
         engine_req = _tgi_engine_request(req, adapter)
         if stream:
             return await _tgi_stream(backend, engine_req, request)
@@ -242,7 +252,7 @@ async def _model_to_adapter(backend: Backend, model: str) -> str | None:
     base = (await backend.describe())["info"].get("base_name")
     if model in (base, "base"):
         return None
-    return resolve_adapter(backend, model)
+    return await resolve_adapter(backend, model)
 
 
 def _openai_logprobs(result: dict) -> dict:
@@ -285,7 +295,7 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
                  "root": info.get("base_name"), "parent": None}]
         data += [{"id": r.name, "object": "model", "created": int(r.created_at), "owned_by": "peftserve",
                   "root": info.get("base_name"), "parent": info.get("base_name"), "kind": r.kind,
-                  "version": r.version} for r in backend.registry.list()]
+                  "version": r.version} for r in (await backend.adapters()).list()]
         return {"object": "list", "data": data}
 
 
@@ -336,7 +346,7 @@ def _add_ops_routes(app: FastAPI, backend: Backend) -> None:
     async def info(authorization: str | None = Header(None)) -> dict[str, Any]:
         _generation_auth(backend, authorization)
         described = await backend.describe()
-        adapters = backend.registry.list()
+        adapters = (await backend.adapters()).list()
         by_kind: dict[str, int] = {}
         for r in adapters:
             by_kind[r.kind] = by_kind.get(r.kind, 0) + 1

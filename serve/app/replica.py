@@ -17,11 +17,11 @@ import os
 
 from ray import serve as ray_serve
 
-from serve.app_config import AppConfig
-from serve.http_errors import reply_for
-from serve.metrics import Metrics, PrometheusObserver
+from serve.app.config import AppConfig
+from serve.app.http_errors import reply_for
+from serve.app.metrics import Metrics, PrometheusObserver
+from serve.app.sync import RegistrySync
 from serve.registry import AdapterRegistry
-from serve.sync import RegistrySync
 
 log = logging.getLogger("peftserve.app")
 # Adapter names a replica advertises for routing (not a residency limit: the engine's cache is).
@@ -76,7 +76,9 @@ class EngineReplica:
         self.engine = Engine.from_config(self.config.engine, observer=PrometheusObserver(self.metrics))
         self.tokenizer = self.engine.tokenizer
         self._special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
-        self.registry = AdapterRegistry(self.config.registry_path(), self.config.engine.max_adapter_file_bytes)
+        base = self.engine.base
+        self.registry = AdapterRegistry(self.config.registry_path(), self.config.engine.max_adapter_file_bytes
+                                        ).for_base(base.fingerprint, base.name)
         self.sync = RegistrySync(self.registry, self.engine)
         self.sync.ensure_current()
         self.pusher = MetricsPusher(self.metrics, hub, f"engine-{replica_id()}", self.config.metrics_push_interval_s)
@@ -88,7 +90,7 @@ class EngineReplica:
         return adapter  # a name, not a model: "unloading" it from the LRU frees nothing
 
     async def _prepare(self, request: dict):
-        from serve.requests import GenerationParams, GenerationRequest
+        from serve.engine import GenerationParams, GenerationRequest
 
         if request.get("adapter"):
             await self._route_hint(request["adapter"])
@@ -101,11 +103,11 @@ class EngineReplica:
         try:
             result = await self.engine.submit(await self._prepare(request))
         except Exception as e:  # noqa: BLE001 - every failure becomes a typed reply
-            return {"error": reply_for(e).to_dict()}
+            return {"error": self._reply(e)}
         return {"result": self._result(result)}
 
     async def stream(self, request: dict):
-        from serve.requests import TokenEvent
+        from serve.engine import TokenEvent
 
         events = None
         try:
@@ -116,7 +118,7 @@ class EngineReplica:
                 else:
                     yield {"result": self._result(ev)}
         except Exception as e:  # noqa: BLE001
-            yield {"error": reply_for(e).to_dict()}
+            yield {"error": self._reply(e)}
         finally:
             if events is not None:
                 await events.aclose()
@@ -141,6 +143,14 @@ class EngineReplica:
             engine.close()
 
     # ---- formatting ------------------------------------------------------------------------------
+    def _reply(self, e: Exception) -> dict:
+        from serve.engine import UnknownAdapterError
+
+        reply = reply_for(e)
+        if isinstance(e, UnknownAdapterError):  # say which base it belongs to, if it is another's
+            reply.message = self.registry.not_here(e.name)
+        return reply.to_dict()
+
     def _token(self, token_id: int, text: str, logprob: float | None) -> dict:
         return {"id": int(token_id), "text": text, "logprob": None if logprob is None else float(logprob),
                 "special": int(token_id) in self._special}

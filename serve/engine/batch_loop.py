@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import torch
 
-from serve.cache import BLOCKED as CACHE_BLOCKED
-from serve.cache import LOADING, READY, AdapterCache
-from serve.config import EngineConfig
-from serve.decode import KVCache, T5Parts, decode_step, encode, prefill_cross, sample
-from serve.errors import (
+from serve.engine.cache import BLOCKED as CACHE_BLOCKED
+from serve.engine.cache import LOADING, READY, AdapterCache
+from serve.engine.config import EngineConfig
+from serve.engine.decode import KVCache, T5Parts, decode_step, encode, prefill_cross, sample
+from serve.engine.errors import (
     AdapterLoadError,
     EngineClosedError,
     OverloadedError,
@@ -31,10 +31,10 @@ from serve.errors import (
     RequestTimeoutError,
     UnknownAdapterError,
 )
-from serve.merge_policy import MergePolicy
-from serve.observer import EngineObserver, safe_call
-from serve.scheduler import BLOCKED, FAIL, OK, WAIT, admit, encoder_passes
-from serve.sequence import Sequence
+from serve.engine.merge_policy import MergePolicy
+from serve.engine.observer import EngineObserver, safe_call
+from serve.engine.scheduler import BLOCKED, FAIL, OK, WAIT, admit, encoder_passes
+from serve.engine.sequence import Sequence
 
 log = logging.getLogger("peftserve.engine")
 
@@ -291,7 +291,7 @@ class BatchLoop:
             self.cache.release(seq.key)
 
     def _apply_merge_policy(self, seqs: list[Sequence]) -> None:
-        """Merge the (IA)3 adapter every row uses (serve/merge_policy.py); unmerge exactly when rows mix."""
+        """Merge the (IA)3 adapter every row uses (serve/engine/merge_policy.py); unmerge exactly when rows mix."""
         want = self.merge_policy.target([(s.key, s.kind) for s in seqs], self._merged)
         if want == self._merged:
             return

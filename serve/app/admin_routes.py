@@ -16,8 +16,9 @@ from fastapi import FastAPI, Header, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from serve.auth import check_bearer
-from serve.http_errors import problem
+from serve.app.auth import check_bearer
+from serve.app.http_errors import problem
+from serve.app.schemas import AdapterOut, RegisterRequest
 from serve.registry import (
     CONFIG_FILE,
     WEIGHT_SUFFIX,
@@ -26,7 +27,6 @@ from serve.registry import (
     AdapterTooLarge,
     check_name,
 )
-from serve.schemas import AdapterOut, RegisterRequest
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -120,7 +120,6 @@ def make_validator(base, limits):
 
 
 def add_admin_routes(app: FastAPI, backend) -> None:
-    registry = backend.registry
 
     def admin(authorization: str | None, what: str) -> None:
         check_bearer(backend.admin_token, authorization, what)
@@ -140,6 +139,7 @@ def add_admin_routes(app: FastAPI, backend) -> None:
             raise problem(422, f"{field}: {err['msg']}", field=field) from None
         check_name(req.name)
         check_source(req.source)
+        registry = await backend.adapters()
         validate = await validator()
         if _looks_like_hub_id(req.source):
             def from_hub():
@@ -162,6 +162,7 @@ def add_admin_routes(app: FastAPI, backend) -> None:
             if not parts:
                 raise problem(422, "multipart upload needs one or more 'files' parts (adapter_config.json and "
                                    "*.safetensors)", field="files")
+            registry = await backend.adapters()
             validate = await validator()
             with registry.staging() as staged:
                 budget = registry.max_adapter_bytes
@@ -199,17 +200,18 @@ def add_admin_routes(app: FastAPI, backend) -> None:
     @app.get("/adapters", tags=["adapters"], summary="Every registered adapter (latest version)")
     async def list_adapters(authorization: str | None = Header(None)) -> dict:
         check_bearer(backend.api_token, authorization, "reading the registry")
+        registry = await backend.adapters()
         return {"adapters": [_out(r) for r in registry.list()], "generation": registry.generation()}
 
     @app.get("/adapters/{name:path}", tags=["adapters"], summary="One adapter's spec and version")
     async def get_adapter(name: str, authorization: str | None = Header(None)) -> dict:
         check_bearer(backend.api_token, authorization, "reading the registry")
-        return _out(registry.get(name))
+        return _out((await backend.adapters()).get(name))
 
     @app.delete("/adapters/{name:path}", tags=["adapters"],
                 summary="Remove an adapter: running requests finish, new ones get 404")
     async def delete_adapter(name: str, authorization: str | None = Header(None)) -> dict:
         admin(authorization, "adapter deletion")
-        record = await asyncio.to_thread(registry.delete, name)
+        record = await asyncio.to_thread((await backend.adapters()).delete, name)
         backend.metrics.registrations.labels("delete", "ok").inc()
         return {"deleted": record.name, "version": record.version}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-from serve import errors as engine_errors
-from serve.auth import AuthError
+from serve import engine as engine_errors
+from serve.app.auth import AuthError
 from serve.registry import RegistryError
 
 log = logging.getLogger("peftserve.app")

@@ -26,7 +26,7 @@ def read_config(path: Path | None) -> tuple[dict, dict[str, dict]]:
     """(app args, {deployment name: options}) from a Serve config YAML or a bare args mapping."""
     import yaml
 
-    from serve.errors import ConfigError
+    from serve.engine import ConfigError
 
     if path is None:
         return {}, {}
@@ -42,8 +42,8 @@ def read_config(path: Path | None) -> tuple[dict, dict[str, dict]]:
 
 
 def build_from_args(args) -> tuple[object, dict]:
-    from serve.app_config import AppConfig
-    from serve.errors import ConfigError
+    from serve.app.config import AppConfig
+    from serve.engine import ConfigError
 
     app_args, deployments = read_config(args.config)
     if args.base is not None:
@@ -60,9 +60,9 @@ def build_from_args(args) -> tuple[object, dict]:
 
 
 def build_application(config, deployments: dict[str, dict]):
-    from serve.app import MetricsHub, build_app
-    from serve.ingress import Ingress
-    from serve.replica import EngineReplica
+    from serve.app.builder import MetricsHub, build_app
+    from serve.app.ingress import Ingress
+    from serve.app.replica import EngineReplica
 
     if not deployments:
         return build_app(config)
@@ -78,7 +78,7 @@ def run(args) -> int:
     import signal
     import time
 
-    from serve import local
+    from serve.app import local
 
     config, deployments = build_from_args(args)
     print(f"peftserve: starting Ray and the app on http://{args.host}:{args.port} "

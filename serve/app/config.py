@@ -10,8 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.base import default_home
-from serve.config import EngineConfig, parse_bytes
+from serve.engine import EngineConfig, default_home, parse_bytes
 
 
 class AppConfig(BaseModel):

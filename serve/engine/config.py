@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve.errors import ConfigError
+from serve.engine.errors import ConfigError
 
 KINDS = ("lora", "ia3", "bitfit", "prompt")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

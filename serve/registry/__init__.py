@@ -1,0 +1,35 @@
+"""The registry: which adapters exist for which base (catalog) and their bytes (content-addressed store).
+
+Imports neither Ray nor FastAPI, nor the engine: the app wires it to both. Backends sit behind two small
+interfaces, `Catalog` (serve/registry/catalog.py: SQLite) and `Store` (serve/registry/store.py: a local
+directory); `AdapterRegistry` (serve/registry/registry.py) combines them.
+"""
+
+from serve.registry.catalog import Catalog, CatalogEntry, SQLiteCatalog
+from serve.registry.errors import (
+    AdapterExists,
+    AdapterNotFound,
+    AdapterRejected,
+    AdapterTooLarge,
+    InvalidAdapterName,
+    RegistryError,
+    StoreFull,
+)
+from serve.registry.files import (
+    CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    WEIGHT_SUFFIX,
+    adapter_files,
+    check_name,
+    copy_file,
+    directory_digest,
+)
+from serve.registry.registry import AdapterRecord, AdapterRegistry, Snapshot
+from serve.registry.store import LocalStore, Store
+
+__all__ = [
+    "CONFIG_FILE", "PICKLE_SUFFIXES", "WEIGHT_SUFFIX", "AdapterExists", "AdapterNotFound", "AdapterRecord",
+    "AdapterRegistry", "AdapterRejected", "AdapterTooLarge", "Catalog", "CatalogEntry", "InvalidAdapterName",
+    "LocalStore", "RegistryError", "SQLiteCatalog", "Snapshot", "Store", "StoreFull", "adapter_files",
+    "check_name", "copy_file", "directory_digest",
+]

@@ -1,0 +1,199 @@
+"""The adapter catalog: named, versioned entries, each scoped to one base, plus a change counter.
+
+`Catalog` is the interface every backend implements; `SQLiteCatalog` is the embedded default (one file,
+safe to share between processes on one node through SQLite's locking).
+
+An entry belongs to one base (its fingerprint): a server lists and serves only its own base's adapters,
+and the same name may exist for two bases. Every change bumps `generation`, which replicas compare on
+each request to decide whether to resync their engine.
+
+Schema versions (`meta.schema_version`): 1 had no base column; 2 adds `base` and `base_name`. A v1 file
+is migrated in place on open: its entries get base '' (registered before scoping), which no server
+serves; re-register them against their base.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from serve.registry.errors import AdapterExists, AdapterNotFound, store_full
+
+SCHEMA_VERSION = 2
+UNSCOPED_BASE = ""  # entries migrated from schema 1
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    base: str  # the base's fingerprint
+    base_name: str  # how the base was named when registered (hub id, path, "embedded tiny")
+    name: str
+    version: int
+    digest: str
+    kind: str
+    size_bytes: int
+    source: str
+    spec: dict
+    created_at: float
+
+
+class Catalog(Protocol):
+    def generation(self) -> int: ...
+
+    def active(self, base: str) -> tuple[int, list[CatalogEntry]]:
+        """(generation, the latest live version of every name of `base`), read consistently."""
+
+    def get(self, base: str, name: str) -> CatalogEntry | None: ...
+
+    def bases_of(self, name: str) -> list[tuple[str, str]]:
+        """(fingerprint, base name) of every base where `name` is live."""
+
+    def publish(self, entry: CatalogEntry, replace: bool) -> CatalogEntry:
+        """Insert `entry` as the next version of (base, name); AdapterExists unless `replace`."""
+
+    def retire(self, base: str, name: str) -> CatalogEntry:
+        """Mark every version of (base, name) deleted; AdapterNotFound if none is live."""
+
+    def live_digests(self) -> set[str]: ...
+
+
+_COLUMNS = "base, base_name, name, version, digest, kind, size_bytes, source, spec, created_at"
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS adapters (
+    base TEXT NOT NULL, base_name TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+    digest TEXT NOT NULL, kind TEXT NOT NULL, size_bytes INTEGER NOT NULL, source TEXT NOT NULL,
+    spec TEXT NOT NULL, created_at REAL NOT NULL, deleted_at REAL, PRIMARY KEY (base, name, version));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION});
+"""
+_MIGRATE_V1 = f"""
+ALTER TABLE adapters RENAME TO adapters_v1;
+{_SCHEMA}
+INSERT INTO adapters SELECT '{UNSCOPED_BASE}', '(registered before per-base scoping)', name, version, digest,
+    kind, size_bytes, source, spec, created_at, deleted_at FROM adapters_v1;
+DROP TABLE adapters_v1;
+UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';
+"""
+_LATEST = f"""
+SELECT {_COLUMNS} FROM adapters a
+WHERE a.deleted_at IS NULL AND a.base = ? AND a.version =
+    (SELECT MAX(version) FROM adapters b WHERE b.base = a.base AND b.name = a.name)
+"""
+
+
+def _entry(row: sqlite3.Row) -> CatalogEntry:
+    return CatalogEntry(base=row["base"], base_name=row["base_name"], name=row["name"], version=row["version"],
+                        digest=row["digest"], kind=row["kind"], size_bytes=row["size_bytes"],
+                        source=row["source"], spec=json.loads(row["spec"]), created_at=row["created_at"])
+
+
+class SQLiteCatalog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._open_schema()
+
+    def _open_schema(self) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see version 2
+        try:
+            cols = {r["name"] for r in db.execute("PRAGMA table_info(adapters)")}
+            if cols and "base" not in cols:
+                for stmt in filter(str.strip, _MIGRATE_V1.split(";")):
+                    db.execute(stmt)
+            else:
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(stmt)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # take the write lock up front: check-then-insert is atomic
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+                raise store_full("catalog", e) from None
+            raise
+
+    def generation(self) -> int:
+        return int(self._db().execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+
+    def schema_version(self) -> int:
+        return int(self._db().execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    def active(self, base: str) -> tuple[int, list[CatalogEntry]]:
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            gen = int(db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+            rows = db.execute(_LATEST + " ORDER BY a.name", (base,)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        return gen, [_entry(r) for r in rows]
+
+    def get(self, base: str, name: str) -> CatalogEntry | None:
+        row = self._db().execute(_LATEST + " AND a.name = ?", (base, name)).fetchone()
+        return None if row is None else _entry(row)
+
+    def bases_of(self, name: str) -> list[tuple[str, str]]:
+        rows = self._db().execute("SELECT DISTINCT base, base_name FROM adapters WHERE name = ? AND "
+                                  "deleted_at IS NULL ORDER BY base", (name,)).fetchall()
+        return [(r["base"], r["base_name"]) for r in rows]
+
+    def publish(self, entry: CatalogEntry, replace: bool) -> CatalogEntry:
+        with self._tx() as db:
+            if not replace:
+                row = db.execute(_LATEST + " AND a.name = ?", (entry.base, entry.name)).fetchone()
+                if row is not None:
+                    raise AdapterExists(f"adapter {entry.name!r} already exists (version {row['version']}); "
+                                        "pass replace=true to register a new version")
+            version = 1 + db.execute("SELECT COALESCE(MAX(version), 0) FROM adapters WHERE base = ? AND name = ?",
+                                     (entry.base, entry.name)).fetchone()[0]
+            db.execute(f"INSERT INTO adapters ({_COLUMNS}, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                       (entry.base, entry.base_name, entry.name, version, entry.digest, entry.kind,
+                        entry.size_bytes, entry.source, json.dumps(entry.spec, default=str), time.time()))
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            # read back inside the transaction: a concurrent register/delete may follow right after the commit
+            row = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE base = ? AND name = ? AND version = ?",
+                             (entry.base, entry.name, version)).fetchone()
+        return _entry(row)
+
+    def retire(self, base: str, name: str) -> CatalogEntry:
+        with self._tx() as db:
+            row = db.execute(_LATEST + " AND a.name = ?", (base, name)).fetchone()
+            if row is None:
+                raise AdapterNotFound(f"adapter {name!r} is not registered")
+            db.execute("UPDATE adapters SET deleted_at = ? WHERE base = ? AND name = ? AND deleted_at IS NULL",
+                       (time.time(), base, name))
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        return _entry(row)
+
+    def live_digests(self) -> set[str]:
+        return {r["digest"] for r in self._db().execute("SELECT digest FROM adapters WHERE deleted_at IS NULL")}

@@ -1,0 +1,47 @@
+"""Typed registry errors; `status` is the HTTP status the app maps each to."""
+
+from __future__ import annotations
+
+import errno
+
+
+class RegistryError(Exception):
+    """Base of the registry's typed errors; the message says what to fix."""
+
+    status = 400
+
+
+class InvalidAdapterName(RegistryError):
+    status = 400
+
+
+class AdapterExists(RegistryError):
+    status = 409
+
+
+class AdapterNotFound(RegistryError):
+    status = 404
+
+
+class AdapterRejected(RegistryError):
+    """The adapter's files are missing, corrupt, pickled, mismatched with the base, or over a limit."""
+
+    status = 400
+
+
+class AdapterTooLarge(AdapterRejected):
+    status = 413
+
+
+class StoreFull(RegistryError):
+    """The store's filesystem (or the catalog's) has no space left; nothing was registered."""
+
+    status = 507
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def store_full(where: str, detail: object) -> StoreFull:
+    return StoreFull(f"the adapter store is full ({where}: {detail}); nothing was registered — free space "
+                     "under the registry directory (AdapterRegistry.gc() removes unreferenced objects) and retry")
