@@ -20,7 +20,7 @@ from .loading import inspect_adapter, load_adapter
 from .lora import LoraWeights
 from .prompt import PromptWeights
 from .rows import RowAdapters
-from .slots import AdapterSlots, SlotConfig, attach_slots
+from .slots import AdapterSlots, SlotConfig, attach_slots, encoder_embedding
 from .spec import AdapterLimits, AdapterSpec
 
 AdapterWeights = LoraWeights | IA3Weights | BitFitWeights | PromptWeights
@@ -29,6 +29,6 @@ __all__ = [
     "AdaptedLinear", "AdapterError", "AdapterKind", "AdapterLimitError", "AdapterLimits", "AdapterMismatchError",
     "AdapterNotFoundError", "AdapterSlots", "AdapterSpec", "AdapterWeights", "BaseDescription", "BitFitWeights",
     "CorruptAdapterError", "IA3Weights", "LoraWeights", "PromptWeights", "RowAdapters", "SlotConfig", "SlotError",
-    "UnsafeAdapterFormatError", "UnsupportedAdapterError", "attach_slots", "inspect_adapter", "load_adapter",
+    "UnsafeAdapterFormatError", "UnsupportedAdapterError", "attach_slots", "encoder_embedding", "inspect_adapter", "load_adapter",
     "save_bitfit",
 ]

@@ -48,6 +48,14 @@ def _kind_slots(kind: AdapterKind, n: int, layer: torch.nn.Linear, config: SlotC
     return BitFitSlots(n, layer.out_features, dtype, dev)
 
 
+def encoder_embedding(model) -> torch.nn.Embedding:
+    """The token embedding the model's own encoder uses: the one embedding path for encoder inputs.
+
+    Not `model.get_input_embeddings()` (`shared`): a checkpoint saved with `tie_word_embeddings=False` by
+    transformers 5 holds a separate `encoder.embed_tokens.weight`, and transformers' encoder embeds with it."""
+    return model.get_encoder().embed_tokens
+
+
 def attach_slots(model, config: SlotConfig) -> AdapterSlots:
     """Wrap every T5 target linear (once) with slot tensors allocated up front on its weight's device."""
     if getattr(model, "_peftserve_slots", None) is not None:
@@ -82,11 +90,15 @@ class AdapterSlots:
         # (path, that layer's slots of a kind) per kind, listed once: a swap visits ~150 layers
         self._kind_slots = {kind: [(path, layer.slots[kind.value]) for path, layer in layers.items()]
                             for kind in LINEAR_KINDS if config.count(kind) > 0}
-        emb = model.get_input_embeddings()
+        emb = encoder_embedding(model)
         n_prompt = config.count(AdapterKind.PROMPT)
         self.prompts = (prompt_kind.PromptSlots(n_prompt, config.max_virtual_tokens, emb.embedding_dim,
                                                 config.dtype or emb.weight.dtype, emb.weight.device)
                         if n_prompt else None)
+
+    @property
+    def embedding(self) -> torch.nn.Embedding:
+        return encoder_embedding(self.model)
 
     def describe(self, name: str, fingerprint: str) -> BaseDescription:
         return BaseDescription.from_model(self.model, name, fingerprint)
@@ -152,7 +164,7 @@ class AdapterSlots:
         """inputs_embeds with each prompt row's soft prompt first, and the matching attention mask."""
         if len(rows) != input_ids.shape[0]:
             raise SlotError(f"encoder_inputs: {input_ids.shape[0]} input rows but {len(rows)} RowAdapters")
-        embeds = self.model.get_input_embeddings()(input_ids)
+        embeds = encoder_embedding(self.model)(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not rows.uses(AdapterKind.PROMPT):

@@ -227,7 +227,7 @@ class BatchLoop:
             ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
             mask[i, :len(s.input_ids)] = 1
         rows = self._pairs(seqs)
-        emb_dev = self.parts.model.get_input_embeddings().weight.device
+        emb_dev = self.slots.embedding.weight.device
         embeds, mask = self.slots.encoder_inputs(ids.to(emb_dev), mask.to(emb_dev), rows)
         self.slots.set_rows(rows)
         hidden = encode(self.parts, embeds, mask)

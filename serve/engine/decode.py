@@ -102,11 +102,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
 
 # ---- encoder ---------------------------------------------------------------------------------------
 
-def embed_inputs(parts: T5Parts, input_ids: torch.Tensor) -> torch.Tensor:
-    emb = parts.model.encoder.embed_tokens
-    return emb(input_ids.to(emb.weight.device))
-
-
 @torch.inference_mode()
 def encode(parts: T5Parts, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Encoder stack over [B, S, d] embeddings with a [B, S] 0/1 mask -> last hidden state [B, S, d].

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
+from adapters import encoder_embedding
 from serve.engine.decode import (
     KVCache,
     SamplingRow,
     T5Parts,
     decode_step,
-    embed_inputs,
     encode,
     filter_logits,
     fuse_activations,
@@ -28,6 +28,11 @@ def model_tok(tiny_base):
     return copy.deepcopy(tiny_base.model), tiny_base.tokenizer
 
 
+def embed_inputs(model, input_ids):
+    """The engine's encoder-input embedding (adapters.encoder_embedding), as the batch loop applies it."""
+    return encoder_embedding(model)(input_ids)
+
+
 def _hf(model, enc, dec):
     with torch.no_grad():
         return model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, decoder_input_ids=dec).logits
@@ -37,7 +42,7 @@ def test_encoder_matches_hf_with_padding(model_tok):
     model, tok = model_tok
     parts = T5Parts.of(model)
     enc = tok(["a longer input sentence for the encoder", "short"], return_tensors="pt", padding=True)
-    ours = encode(parts, embed_inputs(parts, enc.input_ids), enc.attention_mask)
+    ours = encode(parts, embed_inputs(parts.model, enc.input_ids), enc.attention_mask)
     with torch.no_grad():
         ref = model.encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     real = enc.attention_mask.bool()
@@ -63,13 +68,13 @@ def test_decode_steps_match_hf_logits_rows_at_different_positions(model_tok):
     dec = torch.tensor([[0, 71, 104, 33, 7, 90, 12], [0, 11, 12, 13, 14, 15, 16]])
     ref = _hf(model, enc, dec)
     cache = KVCache(parts, max_rows=4, max_target=16, max_source=64)
-    hid_a = encode(parts, embed_inputs(parts, enc.input_ids[:1]), enc.attention_mask[:1])
+    hid_a = encode(parts, embed_inputs(parts.model, enc.input_ids[:1]), enc.attention_mask[:1])
     prefill_cross(parts, cache, [0], hid_a, enc.attention_mask[:1])
     for t in range(3):  # A alone
         logits = decode_step(parts, cache, dec[:1, t], torch.tensor([t]))
         assert (logits[0] - ref[0, t]).abs().max() < 1e-4
     b_ids, b_mask = enc.input_ids[1:, :4], enc.attention_mask[1:, :4]  # B without the padding tail
-    hid_b = encode(parts, embed_inputs(parts, b_ids), b_mask)
+    hid_b = encode(parts, embed_inputs(parts.model, b_ids), b_mask)
     prefill_cross(parts, cache, [1], hid_b, b_mask)
     for t in range(4):  # A at position 3+t, B at position t in one step
         logits = decode_step(parts, cache, torch.stack([dec[0, 3 + t], dec[1, t]]), torch.tensor([3 + t, t]))
@@ -84,7 +89,7 @@ def test_move_row_compacts_without_changing_logits(model_tok):
     dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
     ref = _hf(model, enc, dec)
     cache = KVCache(parts, max_rows=3, max_target=8, max_source=32)
-    hid = encode(parts, embed_inputs(parts, enc.input_ids), enc.attention_mask)
+    hid = encode(parts, embed_inputs(parts.model, enc.input_ids), enc.attention_mask)
     prefill_cross(parts, cache, [0, 1], hid, enc.attention_mask)
     for t in range(2):
         decode_step(parts, cache, dec[:, t], torch.tensor([t, t]))
@@ -127,7 +132,7 @@ def test_weight_major_head_gives_the_same_logits(model_tok):
     for buckets in (frozenset(), frozenset({2})):
         p = dataclasses.replace(parts, head_weight_major=buckets)
         cache = KVCache(p, max_rows=2, max_target=4, max_source=32)
-        prefill_cross(p, cache, [0, 1], encode(p, embed_inputs(p, enc.input_ids), enc.attention_mask),
+        prefill_cross(p, cache, [0, 1], encode(p, embed_inputs(p.model, enc.input_ids), enc.attention_mask),
                       enc.attention_mask)
         outs.append(decode_step(p, cache, torch.tensor([0, 0]), torch.tensor([0, 0])))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

@@ -21,7 +21,6 @@ from serve.registry import (
     check_name,
 )
 
-
 BASE = "sha256:registry-test-base"
 
 
