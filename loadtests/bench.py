@@ -7,12 +7,19 @@ Sections (each can be selected with --only; a failing section is recorded, not f
 - batching: continuous batching vs classic static batching (HF generate, finished rows padded until the
   batch's longest ends) and vs the engine's compacting static mode, Poisson arrivals, output lengths 4-64.
 - idle: memory of registered, never-used adapters.
+- serving: HTTP through Ray Serve (a loopback server) / the in-process engine, same config and load, rounds
+  alternated (loadtests/serving_overhead.py).
+
+A run of some sections (--only) into a directory that holds an earlier results.json of the same preset
+keeps that file's other sections (named under `kept_from_earlier`), so one section can be re-measured
+without losing the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import random
 import statistics
 import time
@@ -24,7 +31,10 @@ from loadtests.measure import distribution, machine, timed_cell
 from loadtests.presets import KINDS, Preset
 from loadtests.workload import Request, ensure_base, make_adapters, make_requests, random_texts
 
-SECTIONS = ("throughput", "swap", "batching", "idle")
+SECTIONS = ("throughput", "swap", "batching", "idle", "serving")
+# section -> its key in results.json
+RESULT_KEYS = {"throughput": "throughput", "swap": "swap", "batching": "batching", "idle": "idle_adapters",
+               "serving": "serving"}
 OFFERED_LOAD = 3.0  # batching section: Poisson rate / estimated capacity
 
 
@@ -262,7 +272,8 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                                             "ratios are measured within one run."}
     base_dir = ensure_base(work, preset.base_preset, preset.seed)
     results["decode_bytes"] = _decode_bytes(preset, base_dir)
-    paths = adapters_for(preset, base_dir, work)
+    # the serving section alone needs two adapters per kind, not the sweep's hundreds
+    paths = adapters_for(preset, base_dir, work, top=2 if set(sections) == {"serving"} else None)
     torch_dtype = getattr(torch, preset.dtype)
     capacity = None
     for section in sections:
@@ -278,13 +289,44 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                 results["batching"] = batching(preset, base_dir, paths, capacity)
             elif section == "idle":
                 results["idle_adapters"] = idle(preset, base_dir, paths)
+            elif section == "serving":
+                from loadtests.serving_overhead import serving
+
+                results["serving"] = serving(preset, base_dir, work, paths, out)
         except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' numbers
             traceback.print_exc()
             results["skipped"].append({"what": section, "why": f"{type(e).__name__}: {e}"})
     results["duration_s"] = time.time() - t0
+    if set(sections) != set(SECTIONS):
+        keep_earlier(results, out / "results.json", sections)
     report.write(results, out)
     report.print_targets(results)
     return results
+
+
+def keep_earlier(results: dict, earlier_file: Path, sections: tuple[str, ...]) -> None:
+    """Copy the sections this run did not measure from an earlier results.json of the same preset."""
+    if not earlier_file.exists():
+        return
+    try:
+        earlier = json.loads(earlier_file.read_text())
+    except (OSError, ValueError) as e:
+        log(f"not keeping {earlier_file}: unreadable ({e})")
+        return
+    if earlier.get("preset", {}).get("name") != results["preset"]["name"]:
+        return
+    kept = [s for s in SECTIONS if s not in sections and RESULT_KEYS[s] in earlier]
+    for s in kept:
+        results[RESULT_KEYS[s]] = earlier[RESULT_KEYS[s]]
+    results["skipped"] += [x for x in earlier.get("skipped", []) if x.get("what") in SECTIONS
+                           and x["what"] not in sections]
+    if kept:
+        prior = earlier.get("kept_from_earlier", {}).get("runs", {})
+        runs = {s: prior.get(s, {"command": earlier.get("command"), "started": earlier.get("started"),
+                                 "machine": (earlier.get("machine") or {}).get("cpu")})
+                for s in kept}
+        results["kept_from_earlier"] = {"sections": kept, "runs": runs}
+        log(f"kept sections {', '.join(kept)} from {earlier_file}")
 
 
 def _decode_bytes(preset: Preset, base_dir: Path) -> dict:
@@ -297,18 +339,20 @@ def _decode_bytes(preset: Preset, base_dir: Path) -> dict:
     return decode_step_bytes(AutoConfig.from_pretrained(base_dir), max(preset.distinct), preset.lora_rank, size)
 
 
-def adapters_for(preset: Preset, base_dir: Path, work: Path) -> dict[str, dict[str, Path]]:
-    """{kind: {name: path}} with max(N) adapters per kind, plus 'swap': LoRA adapters for the swap tiers."""
+def adapters_for(preset: Preset, base_dir: Path, work: Path, top: int | None = None) -> dict[str, dict[str, Path]]:
+    """{kind: {name: path}} with max(N) adapters per kind (or `top`: then 'swap' holds as many), plus
+    'swap': LoRA adapters for the swap tiers."""
     root = work / "adapters" / base_dir.name
-    top = max(*preset.distinct, *preset.peer_distinct)
+    swap_samples = preset.swap_samples if top is None else top
+    top = max(*preset.distinct, *preset.peer_distinct) if top is None else top
     out = {}
     for kind in KINDS:
-        count = max(top, preset.swap_samples) if kind == "lora" else top
+        count = max(top, swap_samples) if kind == "lora" else top
         ps = make_adapters(base_dir, root, kind, count, preset.lora_rank, preset.prompt_tokens, preset.seed,
                            progress=log)
         out[kind] = {p.name: p for p in ps[:top]}
         if kind == "lora":
-            out["swap"] = {f"swap-{p.name}": p for p in ps[:preset.swap_samples]}
+            out["swap"] = {f"swap-{p.name}": p for p in ps[:swap_samples]}
     return out
 
 

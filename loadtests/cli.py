@@ -1,7 +1,8 @@
 """`peftserve bench`: in-process benchmarks against peers, or HTTP load (locust) against a server.
 
     peftserve bench --preset cpu-small                      # in-process, results in loadtests/results/cpu-small
-    peftserve bench --preset tiny --only swap,idle          # some sections
+    peftserve bench --preset tiny --only swap,idle          # some sections (others kept from an earlier run)
+    peftserve bench --preset cpu-small --threads 1 --only serving   # HTTP via Ray Serve / in-process engine
     peftserve bench --preset cpu-small --http start         # start a loopback server, run the locust scenarios
     peftserve bench --preset cpu-small --http http://127.0.0.1:8000   # against a running server
 """
@@ -12,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-SECTIONS = ("throughput", "swap", "batching", "idle")
+SECTIONS = ("throughput", "swap", "batching", "idle", "serving")
 
 
 class BenchArgumentError(ValueError):
@@ -41,6 +42,8 @@ def add_arguments(parser) -> None:
                         help=f"comma-separated sections of the in-process run: {','.join(SECTIONS)}")
     parser.add_argument("--distinct", default=None, help="override N distinct adapters per batch, e.g. 1,8,32")
     parser.add_argument("--repeats", type=int, default=None, help="override timed repeats per cell")
+    parser.add_argument("--serving-rounds", type=int, default=None,
+                        help="override the serving section's timed (engine, http) round pairs")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). On a machine shared with other busy "
                              "processes 1 is often faster and much steadier than all cores")
@@ -55,7 +58,8 @@ def _command(args) -> str:
     """The command line that reproduces this run (written next to its results)."""
     parts = ["peftserve", "bench", "--preset", args.preset]
     for flag, value in (("--only", None if args.only == ",".join(SECTIONS) else args.only),
-                        ("--distinct", args.distinct), ("--repeats", args.repeats), ("--threads", args.threads),
+                        ("--distinct", args.distinct), ("--repeats", args.repeats),
+                        ("--serving-rounds", getattr(args, "serving_rounds", None)), ("--threads", args.threads),
                         ("--http", args.http)):
         if value is not None:
             parts += [flag, str(value)]
@@ -68,7 +72,10 @@ def run(args) -> int:
     preset = get_preset(args.preset)
     if args.repeats is not None and args.repeats < 1:
         raise BenchArgumentError("--repeats must be >= 1")
-    overrides = {"repeats": args.repeats}
+    serving_rounds = getattr(args, "serving_rounds", None)
+    if serving_rounds is not None and serving_rounds < 1:
+        raise BenchArgumentError("--serving-rounds must be >= 1")
+    overrides = {"repeats": args.repeats, "serving_rounds": serving_rounds}
     if args.distinct:
         overrides["distinct"] = _csv_ints(args.distinct)
     preset = preset.with_overrides(**overrides)
@@ -102,5 +109,6 @@ def run(args) -> int:
     except BenchUnavailableError as e:
         print(f"peftserve bench: skipped: {e}", file=sys.stderr)
         return 0
-    print(f"results: {out}/results.json, results.md, throughput.png, swap_latency_cdf.png")
+    print(f"results: {out}/results.json, results.md, throughput.png, swap_latency_cdf.png"
+          + (", serving_overhead.png" if "serving" in sections else ""))
     return 0

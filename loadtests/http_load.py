@@ -176,15 +176,20 @@ class LoopbackServer:
     (the launcher's clean shutdown), killed only if that hangs. A child process keeps Ray's cluster
     out of the benchmark's own process."""
 
-    def __init__(self, preset: Preset, base_dir: Path, work: Path, log_file: Path, ready_timeout_s: float = 600):
+    def __init__(self, preset: Preset, base_dir: Path, work: Path, log_file: Path, ready_timeout_s: float = 600,
+                 engine: dict | None = None, env: dict[str, str] | None = None):
+        """`engine`: the server's whole engine config (default: sized for the locust scenarios); `env`:
+        extra environment for the server (e.g. OMP_NUM_THREADS, which Ray otherwise sets to 1)."""
         import yaml
 
         from serve.app.local import free_port
 
-        config = {"engine": {"base": str(base_dir), "device": preset.device, "dtype": preset.dtype,
-                             "max_rank": preset.lora_rank, "max_virtual_tokens": max(preset.prompt_tokens, 1),
-                             "max_batch_rows": preset.http_users, "max_new_tokens_cap": max(preset.http_new_tokens, 8),
-                             "device_slots": {k: 8 for k in KINDS}, "host_bytes": "1GiB", "max_queue": 4096},
+        if engine is None:
+            engine = {"base": str(base_dir), "device": preset.device, "dtype": preset.dtype,
+                      "max_rank": preset.lora_rank, "max_virtual_tokens": max(preset.prompt_tokens, 1),
+                      "max_batch_rows": preset.http_users, "max_new_tokens_cap": max(preset.http_new_tokens, 8),
+                      "device_slots": {k: 8 for k in KINDS}, "host_bytes": "1GiB", "max_queue": 4096}
+        config = {"engine": engine,
                   "registry_dir": str(work / "registry" / base_dir.name), "demo_adapters": False,
                   "metrics_push_interval_s": 0.5}
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +202,8 @@ class LoopbackServer:
                "--config", str(cfg), "--num-cpus", str(max(4, os.cpu_count() or 1))]
         log(f"starting a loopback server: {' '.join(cmd)} (log: {log_file})")
         self._log = open(log_file, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         try:
             self._wait_healthy(ready_timeout_s)
         except BaseException:

@@ -47,6 +47,10 @@ class Preset:
     http_users: int = 8
     http_seconds: float = 60.0
     http_new_tokens: int = 8
+    # Serving-layer cost: HTTP through Ray Serve vs the in-process engine, alternated per round.
+    serving_concurrency: int = 64  # concurrent requests per round (and max_batch_rows on both sides)
+    serving_new_tokens: int = 32
+    serving_rounds: int = 5  # timed (engine, http) pairs after one untimed warm-up pair
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -64,7 +68,8 @@ PRESETS: dict[str, Preset] = {
         distinct=(1, 4), batch_rows=4, input_chars=12, new_tokens=4, repeats=1, peer_repeats=1, max_materialized=2,
         peer_distinct=(1, 4), swap_samples=5, first_token_samples=2, poisson_requests=8, poisson_rate=40.0,
         out_len=(2, 8), max_batch_rows=4, idle_adapters=100, http_adapters=(10,), http_requests=12,
-        http_users=2, http_seconds=20.0, http_new_tokens=2,
+        http_users=2, http_seconds=20.0, http_new_tokens=2, serving_concurrency=8, serving_new_tokens=8,
+        serving_rounds=2,
     ),
     # flan-t5-small shape on 2 CPU cores: a few minutes.
     "cpu-small": Preset(name="cpu-small", base_preset="flan-t5-small", device="cpu", dtype="float32"),

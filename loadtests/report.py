@@ -24,6 +24,8 @@ TARGETS = [
     ("cold_swap_p99_ms", "cold swap (disk -> servable) p99, ms", "<=", 50.0),
     ("warm_swap_p99_ms", "warm swap (host -> device) p99, ms", "<=", 5.0),
     ("idle_adapter_bytes", "memory per registered, never-used adapter (retained heap), bytes", "<=", 10_000),
+    ("serving_http_vs_engine", "HTTP via Ray Serve / in-process engine throughput (median of paired rounds)",
+     ">=", 0.9),
 ]
 
 
@@ -72,6 +74,7 @@ def target_values(results: dict) -> dict[str, float | None]:
         "cold_swap_p99_ms": ms("cold"),
         "warm_swap_p99_ms": ms("warm"),
         "idle_adapter_bytes": (results.get("idle_adapters") or {}).get("bytes_each"),
+        "serving_http_vs_engine": (results.get("serving") or {}).get("ratio_median"),
     }
 
 
@@ -107,6 +110,11 @@ def markdown(results: dict) -> str:
              f"{p['input_chars']} input tokens, {p['new_tokens']} new tokens, greedy.", ""]
     if results.get("note"):
         lines += [results["note"], ""]
+    kept = results.get("kept_from_earlier")
+    if kept:
+        lines += ["Sections kept from earlier runs: " + "; ".join(
+            f"{s} (`{r.get('command')}`, {r.get('started')}" + (f", {r['machine']}" if r.get("machine") else "")
+            + ")" for s, r in kept["runs"].items()) + ".", ""]
     lines += ["## Targets", "", "| target | threshold | measured | status |", "|---|---|---|---|"]
     lines += [f"| {t['what']} | {t['target']} | {_fmt(t['measured'])} | {t['status']} |" for t in results["targets"]]
     db = results.get("decode_bytes")
@@ -150,6 +158,10 @@ def markdown(results: dict) -> str:
                       f"the first {idle['traced']}); RSS grew {_fmt(idle['rss_bytes_each'])} bytes each "
                       f"(a lower bound: earlier sections freed memory the allocator reuses); "
                       f"registration {_fmt(idle['register_ms_each'])} ms each."]
+    if results.get("serving"):
+        from loadtests.serving_overhead import markdown_lines
+
+        lines += markdown_lines(results["serving"])
     for s in results.get("skipped", []):
         lines.append(f"- skipped: {s['what']}: {s['why']}")
     return "\n".join(lines) + "\n"
@@ -235,14 +247,20 @@ def plot_swap_cdf(results: dict, out: Path) -> Path:
 
 
 def write(results: dict, out_dir: Path) -> dict[str, Path]:
-    """results.json, results.md, throughput.png, swap_latency_cdf.png under out_dir."""
+    """results.json, results.md, throughput.png, swap_latency_cdf.png (serving_overhead.png is the serving
+    section's own) under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results["targets"] = judge(results)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(results, indent=2, default=str))
     paths["markdown"].write_text(markdown(results))
-    paths["throughput_png"] = plot_throughput(results, out_dir / "throughput.png")
-    paths["swap_png"] = plot_swap_cdf(results, out_dir / "swap_latency_cdf.png")
+    # a partial run without these sections leaves an earlier run's plots in place (no empty plots)
+    if results.get("throughput", {}).get("cells"):
+        paths["throughput_png"] = plot_throughput(results, out_dir / "throughput.png")
+    if results.get("swap"):
+        paths["swap_png"] = plot_swap_cdf(results, out_dir / "swap_latency_cdf.png")
+    if results.get("serving", {}).get("plot"):
+        paths["serving_png"] = Path(results["serving"]["plot"])
     return paths
 
 

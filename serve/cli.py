@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # name -> (module, one-line help)
@@ -20,8 +21,48 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but an unknown option is reported by name.
+
+    Plain argparse hands `--recipe x` to an optional positional and reports
+    "argument action: invalid choice: 'x'", which names the wrong thing."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        unknown = [] if message.startswith("unrecognized arguments") else self._unknown_options()
+        if unknown:
+            message = f"unrecognized option{'s' if len(unknown) > 1 else ''}: {' '.join(unknown)} (see {self.prog} --help)"
+        super().error(message)
+
+    def _unknown_options(self) -> list[str]:
+        known = set(self._option_string_actions)
+        out = []
+        for token in getattr(self, "_argv", []):
+            if token == "--":
+                break
+            if not token.startswith("-") or token == "-" or _is_number(token):
+                continue
+            name = token.split("=", 1)[0]
+            if name in known or (self.allow_abbrev and name.startswith("--")
+                                 and any(k.startswith(name) for k in known)):
+                continue
+            out.append(name)
+        return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="peftserve",
         description="Multi-adapter inference server for FLAN-T5: LoRA, (IA)3, BitFit and prompt-tuning "
                     "adapters chosen per request, all sharing one batch.")
@@ -35,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Installed explicitly: a command started from a script as a background job inherits SIGINT ignored,
+    # and Ctrl-C must still stop it cleanly (exit 130, nothing half-written).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

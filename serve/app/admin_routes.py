@@ -16,7 +16,7 @@ from fastapi import FastAPI, Header, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from serve.app.auth import check_bearer
+from serve.app.auth import check_admin, check_bearer, is_loopback
 from serve.app.http_errors import problem
 from serve.app.schemas import AdapterOut, RegisterRequest
 from serve.registry import (
@@ -103,6 +103,32 @@ def check_source(source: str) -> None:
                               "'org/name'; upload the files as multipart/form-data instead")
 
 
+def _client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def allowed_source(source: str, allowed_dirs: list[str] | None, client_host: str | None) -> Path:
+    """The directory a server-path source names, resolved, if this server lets the caller read it.
+
+    Resolution happens first, so a symlink or '..' cannot leave an allowed directory; the registry then
+    copies from the resolved path (and refuses symlinked files inside it)."""
+    if allowed_dirs is None:
+        if not is_loopback(client_host):
+            raise problem(403, f"server-path sources are accepted from loopback clients only (this request came "
+                               f"from {client_host or 'an unknown peer'}); set allowed_source_dirs on the server, "
+                               "or upload the files as multipart/form-data", field="source")
+        return Path(source).expanduser().resolve()
+    if not allowed_dirs:
+        raise problem(403, "registering server paths is disabled on this server (allowed_source_dirs is empty); "
+                           "upload the files as multipart/form-data instead", field="source")
+    resolved = Path(source).expanduser().resolve()
+    for d in allowed_dirs:
+        if resolved == Path(d) or resolved.is_relative_to(d):
+            return resolved
+    raise problem(403, f"source {source!r} is outside the directories this server reads adapters from "
+                       f"({', '.join(allowed_dirs)}); move it there or upload the files", field="source")
+
+
 def make_validator(base, limits):
     """adapters.inspect_adapter against this server's base and limits, its errors as registry errors."""
     from adapters import AdapterError, AdapterLimitError, inspect_adapter
@@ -121,8 +147,9 @@ def make_validator(base, limits):
 
 def add_admin_routes(app: FastAPI, backend) -> None:
 
-    def admin(authorization: str | None, what: str) -> None:
-        check_bearer(backend.admin_token, authorization, what)
+    def admin(request: Request, authorization: str | None, what: str) -> None:
+        check_admin(backend.admin_token, authorization, what, _client_host(request),
+                    backend.config.insecure_allow_open_admin)
 
     async def validator():
         described = await backend.describe()
@@ -147,10 +174,8 @@ def add_admin_routes(app: FastAPI, backend) -> None:
                     _fetch_from_hub(req.source, staged)
                     return registry.register_staged(req.name, staged, validate, req.replace, f"hub:{req.source}")
             return await asyncio.to_thread(from_hub)
-        if not backend.config.allow_local_sources:
-            raise problem(400, "registering server paths is disabled (allow_local_sources=false); upload the "
-                               "files as multipart/form-data instead", field="source")
-        return await asyncio.to_thread(registry.register, req.name, req.source, validate, req.replace)
+        source_dir = allowed_source(req.source, backend.config.allowed_source_dirs, _client_host(request))
+        return await asyncio.to_thread(registry.register, req.name, source_dir, validate, req.replace, req.source)
 
     async def register_upload(request: Request):
         form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=8)
@@ -181,7 +206,7 @@ def add_admin_routes(app: FastAPI, backend) -> None:
                       "name": {"type": "string"}, "replace": {"type": "boolean"},
                       "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
     async def register(request: Request, authorization: str | None = Header(None)) -> dict:
-        admin(authorization, "adapter registration")
+        admin(request, authorization, "adapter registration")
         ctype = request.headers.get("content-type", "")
         try:
             if ctype.startswith("multipart/form-data"):
@@ -210,8 +235,8 @@ def add_admin_routes(app: FastAPI, backend) -> None:
 
     @app.delete("/adapters/{name:path}", tags=["adapters"],
                 summary="Remove an adapter: running requests finish, new ones get 404")
-    async def delete_adapter(name: str, authorization: str | None = Header(None)) -> dict:
-        admin(authorization, "adapter deletion")
+    async def delete_adapter(name: str, request: Request, authorization: str | None = Header(None)) -> dict:
+        admin(request, authorization, "adapter deletion")
         record = await asyncio.to_thread((await backend.adapters()).delete, name)
         backend.metrics.registrations.labels("delete", "ok").inc()
         return {"deleted": record.name, "version": record.version}

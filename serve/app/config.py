@@ -25,7 +25,12 @@ class AppConfig(BaseModel):
                                                     "(PEFTSERVE_API_TOKEN overrides)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="cap on JSON request bodies (413 above)")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="cap on an adapter upload (413 above)")
-    allow_local_sources: bool = Field(True, description="allow POST /adapters {source: <server path>}")
+    allowed_source_dirs: list[str] | None = Field(
+        None, description="directories that POST /adapters {source: <server path>} may read from (resolved: "
+                          "symlinks and '..' cannot leave them). None: any directory, for loopback clients only "
+                          "(peftserve serve sets [] when bound beyond loopback); []: server paths are refused")
+    insecure_allow_open_admin: bool = Field(
+        False, description="accept registry writes without an admin token from non-loopback clients")
     demo_adapters: bool | None = Field(None, description="register the training demo adapters at start; "
                                                          "default: only with the embedded base")
     adapter_metric_labels: list[str] = Field(default_factory=list, max_length=256,
@@ -39,6 +44,19 @@ class AppConfig(BaseModel):
     @classmethod
     def _bytes(cls, v):
         return parse_bytes(v)
+
+    @field_validator("allowed_source_dirs")
+    @classmethod
+    def _dirs(cls, v):
+        if v is None:
+            return None
+        resolved = []
+        for d in v:
+            p = Path(d).expanduser()
+            if not p.is_absolute():
+                raise ValueError(f"allowed_source_dirs: {d!r} is not an absolute path")
+            resolved.append(str(p.resolve()))
+        return resolved
 
     def registry_path(self) -> Path:
         return Path(self.registry_dir).expanduser() if self.registry_dir else default_home() / "registry"

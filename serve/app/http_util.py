@@ -55,10 +55,13 @@ async def _too_large(limit: int, send) -> None:
 
 
 class HTTPMetricsMiddleware:
-    """Counts requests by route *template* (bounded label set) and status; times to the last body byte."""
+    """Counts requests by route *template* (bounded label set) and status; times to the last body byte.
+    `in_flight` (a one-element list shared with the backend) counts HTTP requests not yet answered, which
+    the shutdown drain waits on."""
 
-    def __init__(self, app, metrics: Metrics):
+    def __init__(self, app, metrics: Metrics, in_flight: list[int] | None = None):
         self.app, self.metrics = app, metrics
+        self.in_flight = in_flight if in_flight is not None else [0]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -71,9 +74,11 @@ class HTTPMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.in_flight[0] += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.in_flight[0] -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.labels(template, scope.get("method", ""), str(status)).inc()

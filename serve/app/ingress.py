@@ -37,6 +37,7 @@ class Ingress:
         self.pusher.start()
         self._described: tuple[float, dict] | None = None
         self._bound: AdapterRegistry | None = None
+        self.http_in_flight = [0]
         if self.config.wants_demo_adapters():
             asyncio.get_running_loop().create_task(self._register_demo_adapters())
 
@@ -80,6 +81,10 @@ class Ingress:
             base = (await self.describe())["base"]
             self._bound = self.registry.for_base(base.fingerprint, base.name)
         return self._bound
+
+    async def in_flight(self) -> int:
+        """HTTP requests this ingress replica has not answered yet (the shutdown drain waits for 0)."""
+        return self.http_in_flight[0]
 
     async def metrics_exposition(self) -> bytes:
         kinds: dict[str, int] = {}

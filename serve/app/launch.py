@@ -8,7 +8,11 @@ AppConfig mapping.
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 from pathlib import Path
+
+from serve.app.auth import OPEN_ADMIN_FLAG
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--no-demo-adapters", action="store_true",
                         help="do not register the demo adapters (embedded base only)")
+    parser.add_argument("--allow-source-dir", action="append", type=Path, default=None, metavar="DIR",
+                        help="a directory POST /adapters may read server-path sources from (repeatable); "
+                             "default: any, from loopback clients only; none when bound beyond loopback")
+    parser.add_argument(OPEN_ADMIN_FLAG, dest="insecure_allow_open_admin", action="store_true",
+                        help="allow registry writes from the network without an admin token (unsafe)")
+    parser.add_argument("--grace-s", type=float, default=30.0,
+                        help="on Ctrl-C/SIGTERM, seconds in-flight requests get to finish (default 30)")
 
 
 def read_config(path: Path | None) -> tuple[dict, dict[str, dict]]:
@@ -50,6 +61,10 @@ def build_from_args(args) -> tuple[object, dict]:
         app_args.setdefault("engine", {})["base"] = args.base
     if args.no_demo_adapters:
         app_args["demo_adapters"] = False
+    if args.allow_source_dir:
+        app_args["allowed_source_dirs"] = [str(d) for d in args.allow_source_dir]
+    if args.insecure_allow_open_admin:
+        app_args["insecure_allow_open_admin"] = True
     try:
         config = AppConfig.model_validate(app_args)
     except ValueError as e:
@@ -75,25 +90,35 @@ def build_application(config, deployments: dict[str, dict]):
 
 
 def run(args) -> int:
-    import signal
     import time
 
     from serve.app import local
+    from serve.app.preflight import preflight
 
     config, deployments = build_from_args(args)
+    config = preflight(config, args.host, args.port)  # every error knowable before Ray starts, in seconds
     print(f"peftserve: starting Ray and the app on http://{args.host}:{args.port} "
           f"(base: {config.engine.base or 'embedded'}; registry: {config.registry_path()})", flush=True)
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    # Installed explicitly: a command started as a background job inherits SIGINT ignored.
+    stop = threading.Event()
+
+    def on_signal() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signal()
+    started = False
     try:
         url = local.start(build_application(config, deployments), args.host, args.port, args.num_cpus,
-                          ready_timeout_s=600)
+                          ready_timeout_s=600, stop=stop)
+        on_signal()  # ray.init installs its own SIGTERM handler (it aborts the driver): take it back
+        started = True
         print(f"peftserve: ready on {url} (API docs: {url}/docs); Ctrl-C stops", flush=True)
-        while not stop["now"]:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.5):
+            pass
     finally:
-        print("peftserve: shutting down", flush=True)
-        local.stop()
+        print(f"peftserve: shutting down (in-flight requests get up to {args.grace_s:g} s)", flush=True)
+        t0 = time.monotonic()
+        local.stop(grace_s=args.grace_s if started else 0.0)
+        print(f"peftserve: stopped in {time.monotonic() - t0:.1f} s", flush=True)
     return 0

@@ -15,7 +15,7 @@ def free_port() -> int:
 
 
 def start(application, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-          ready_timeout_s: float = 120.0) -> str:
+          ready_timeout_s: float = 120.0, stop=None) -> str:
     """Start Ray (if needed) and Serve on host:port, deploy `application`, wait for /health; returns the URL."""
     import ray
     from ray import serve as ray_serve
@@ -26,15 +26,18 @@ def start(application, host: str = "127.0.0.1", port: int = 8000, num_cpus: int 
     ray_serve.start(http_options={"host": host, "port": port})
     ray_serve.run(application, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
-    wait_healthy(url, ready_timeout_s)
+    wait_healthy(url, ready_timeout_s, stop)
     return url
 
 
-def wait_healthy(url: str, timeout_s: float) -> None:
+def wait_healthy(url: str, timeout_s: float, stop=None) -> None:
+    """Until /health answers 200; returns early once `stop` (a threading.Event) is set."""
     import httpx
 
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return
         try:
             r = httpx.get(f"{url}/health", timeout=10)
             if r.status_code == 200:
@@ -55,11 +58,77 @@ def redeploy(application, url: str, ready_timeout_s: float = 120.0) -> None:
     wait_healthy(url, ready_timeout_s)
 
 
-def stop() -> None:
+def stop(grace_s: float = 0.0) -> None:
+    """Shut Serve down (replicas finish their in-flight requests first, for up to their graceful-shutdown
+    timeout), then Ray, then any process this Ray session left behind (its dashboard and runtime-env
+    agents outlive `ray.shutdown()`)."""
     import ray
     from ray import serve as ray_serve
 
+    session_dir = _session_dir()
     try:
+        if grace_s > 0:
+            _drain(grace_s)
         ray_serve.shutdown()
     finally:
         ray.shutdown()
+        if session_dir:
+            reap_session(session_dir)
+
+
+def _drain(grace_s: float) -> None:
+    """Wait until no HTTP request is in flight anywhere in the app, or `grace_s` passes."""
+    from ray import serve as ray_serve
+
+    deadline = time.monotonic() + grace_s
+    handle = ray_serve.get_deployment_handle("Ingress", APP_NAME)
+    while time.monotonic() < deadline:
+        try:
+            if handle.in_flight.remote().result(timeout_s=5) == 0:
+                return
+        except Exception:  # noqa: BLE001 - an app without the method, or already gone: nothing to drain
+            return
+        time.sleep(0.2)
+
+
+def _session_dir() -> str | None:
+    try:
+        import ray
+
+        node = ray._private.worker.global_worker.node  # the node this driver started (None if it connected)
+        return node.get_session_dir_path() if node is not None and node.head else None
+    except Exception:  # noqa: BLE001 - not initialised, or a Ray without this attribute
+        return None
+
+
+def reap_session(session_dir: str, timeout_s: float = 10.0) -> list[int]:
+    """SIGTERM (then SIGKILL) every process whose command line names `session_dir`; returns their pids."""
+    import os
+    import signal
+
+    def leftovers() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if session_dir.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    if not os.path.isdir("/proc"):
+        return []
+    found = leftovers()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in leftovers():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s / 2
+        while leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return found

@@ -47,6 +47,7 @@ ADAPTER_HEADER = "x-adapter-id"  # for clients without an adapter parameter (tex
 class Backend(Protocol):
     config: AppConfig
     registry: AdapterRegistry  # unbound: generation(), staging(), gc()
+    http_in_flight: list[int]  # HTTP requests not yet answered (the middleware counts them)
     metrics: Metrics
     api_token: str | None
     admin_token: str | None
@@ -69,7 +70,7 @@ def build_api(backend: Backend) -> FastAPI:
     _add_ops_routes(app, backend)
     cfg = backend.config
     app.add_middleware(BodyLimitMiddleware, default_limit=cfg.max_body_bytes, upload_limit=cfg.max_upload_bytes)
-    app.add_middleware(HTTPMetricsMiddleware, metrics=backend.metrics)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=backend.metrics, in_flight=backend.http_in_flight)
     return app
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,16 +133,90 @@ def _looks_local(source: str) -> bool:
 
 
 def check_local_base(path: Path) -> None:
+    """A local base is a T5 directory: config.json with model_type t5, weights and a tokenizer."""
+    if not path.exists():
+        raise BaseLoadError(f"base path {path} does not exist (expected a T5 model directory, or a hub id "
+                            "such as google/flan-t5-xl)")
     if not path.is_dir():
         raise BaseLoadError(f"base path {path} is not a directory (expected a T5 model directory)")
     missing = [f for f in ("config.json",) if not (path / f).exists()]
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         missing.append("model weights (*.safetensors)")
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer_config.json, tokenizer.json or spiece.model)")
     if missing:
         raise BaseLoadError(f"base path {path} is not a T5 model directory: missing {', '.join(missing)}")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    _check_model_type(path / "config.json", str(path))
+
+
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _check_model_type(config_file: Path, label: str) -> None:
+    try:
+        model_type = json.loads(Path(config_file).read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise BaseLoadError(f"base {label}: config.json is not readable JSON ({type(e).__name__}); "
+                            "re-save the model with save_pretrained") from None
     if model_type != "t5":
-        raise BaseLoadError(f"base path {path} holds model_type {model_type!r}; peftserve serves T5 models")
+        raise BaseLoadError(f"base {label} holds model_type {model_type!r}; peftserve serves T5 models")
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub's host: fails in seconds where the hub client would retry for ~30 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_base_source(source: str | None) -> None:
+    """Everything about a base that can be known without loading its weights; raises BaseLoadError.
+
+    Local path: directory, config, weights, tokenizer, model type. Hub id: cached locally, or the hub is
+    reachable and has the model (only its config.json is fetched). None: the embedded base (always there)."""
+    if source is None:
+        return
+    if _looks_local(source):
+        check_local_base(Path(source).expanduser())
+        return
+    if not _HUB_ID.match(source):
+        raise BaseLoadError(f"base {source!r} is neither an existing local directory nor a hub id "
+                            "('org/name'); check the path")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    if isinstance(cached, str):
+        _check_model_type(Path(cached), source)
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise BaseLoadError(f"base {source!r} is not in the local Hugging Face cache and the hub is offline "
+                            "(HF_HUB_OFFLINE=1); download it first, pass a local directory, or omit --base "
+                            "for the embedded base")
+    endpoint = _hub_endpoint()
+    if not _reachable(endpoint):
+        raise BaseLoadError(f"base {source!r} is not in the local Hugging Face cache and the hub ({endpoint}) "
+                            "cannot be reached; download it first, pass a local directory, or omit --base "
+                            "for the embedded base")
+    try:
+        config_file = hf_hub_download(source, "config.json", etag_timeout=10)
+    except Exception as e:  # noqa: BLE001 - offline, typo, private repo: all the user's to fix
+        raise BaseLoadError(f"could not fetch {source!r} from the Hugging Face hub ({type(e).__name__}): "
+                            "offline, or no such model? Use a local T5 directory, or omit --base for the "
+                            "embedded base") from None
+    _check_model_type(Path(config_file), source)
 
 
 def load_base(source: str | None = None, dtype: torch.dtype | None = None, device_map=None) -> LoadedBase:

@@ -63,8 +63,10 @@ def test_interrupt_leaves_no_half_written_adapter(task_files, tiny_base_dir, tmp
     cmd = [sys.executable, "-m", "serve.cli", "train", "--method", "lora", "--base", str(tiny_base_dir),
            "--train", str(task_files[0]), "--input-field", "text", "--target-field", "label",
            "--max-steps", "100000", "--eval-every", "100000", "--threads", "1", "--output", str(out)]
+    # started as a script's background job would be: SIGINT ignored on entry; the command re-installs it
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     seen = ""
     deadline = time.monotonic() + 240
     while "train lora" not in seen and time.monotonic() < deadline:  # the progress bar shows training started
@@ -121,3 +123,17 @@ def test_seed_paper_sweep_config_plans_every_cell(shared_data, tmp_path):
     assert len(runs) == 3 * (2 + 3 * 4) * 4
     assert all(Path(cfg.train).is_file() and Path(cfg.eval).is_file() for _, _, cfg in runs)
     assert {cfg.task for _, _, cfg in runs} == {"classification", "generation"}
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--recipe", "x"], "unrecognized option: --recipe"),
+    (["train", "--method", "lora", "--lora-rnk", "4"], "unrecognized option: --lora-rnk"),
+    (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_unknown_option_is_named(argv, named, capsys):
+    """Not "argument action: invalid choice: 'x'": the option the user mistyped is the one reported."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "invalid choice" not in err

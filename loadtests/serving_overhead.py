@@ -1,0 +1,247 @@
+"""Serving-layer cost: generated tokens/s through HTTP + Ray Serve over the in-process engine's, same load.
+
+One loopback server (`LoopbackServer`: `peftserve serve` in a child process) and one in-process engine
+with the same engine config are both loaded; the rounds alternate (engine, http, engine, http, ...), so
+the two never compute at the same moment (they share the machine's cores) and slow drifts of the machine
+hit both sides alike. Each side gets one untimed warm-up round first (adapters resident, allocator warm).
+
+A round: `serving_concurrency` requests sent at once (asyncio; `engine.submit` in-process, POST /generate
+over one keep-alive httpx.AsyncClient), `serving_new_tokens` each, greedy; tokens/s = generated tokens /
+wall time from the first send to the last result. The same texts and adapter per row on both sides: base
+rows plus two adapters of each kind (LoRA, (IA)3, BitFit, prompt), cycled over the rows. HTTP asks for
+`details` (to read generated_tokens), which makes the engine keep logprobs: the in-process requests ask
+for logprobs too, so both sides do the same work.
+
+ratio per round = http tokens/s / engine tokens/s of the same round; reported: every round, the median
+of those paired ratios (the judged figure) and best-of (best http / best engine). Target >= 0.9: reported,
+never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+from loadtests.presets import KINDS, Preset
+from loadtests.workload import Request, random_texts
+
+TARGET = 0.9
+
+
+def log(msg: str) -> None:
+    print(f"[bench serving {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def engine_fields(preset: Preset, base_dir: Path) -> dict:
+    """The one engine config both sides run (the server's YAML `engine:` and the in-process EngineConfig)."""
+    return {"base": str(base_dir), "device": preset.device, "dtype": preset.dtype, "max_rank": preset.lora_rank,
+            "max_virtual_tokens": max(preset.prompt_tokens, 1), "max_batch_rows": preset.serving_concurrency,
+            "max_new_tokens_cap": max(preset.serving_new_tokens, 8), "device_slots": {k: 8 for k in KINDS},
+            "host_bytes": 2**30, "max_queue": 4096}
+
+
+def serving_adapters(paths: dict[str, dict[str, Path]], per_kind: int = 2) -> dict[str, Path]:
+    """Two adapters of each kind, kinds interleaved: lora-0, ia3-0, bitfit-0, prompt-0, lora-1, ..."""
+    out = {}
+    for i in range(per_kind):
+        for kind in KINDS:
+            name, path = list(paths[kind].items())[i]
+            out[name] = path
+    return out
+
+
+def serving_requests(preset: Preset, adapters: list[str]) -> list[Request]:
+    """Row i: text i, adapter (None, *adapters)[i mod (1 + len(adapters))]."""
+    texts = random_texts(preset.serving_concurrency, preset.input_chars, preset.seed + 23)
+    cycle = [None, *adapters]
+    return [Request(t, cycle[i % len(cycle)], preset.serving_new_tokens) for i, t in enumerate(texts)]
+
+
+def _complete(generated: int, finish: str | None, wanted: int) -> bool:
+    """The requested number of tokens, or fewer because the model stopped at EOS."""
+    return generated == wanted or (finish in ("eos", "eos_token") and 0 < generated <= wanted)
+
+
+async def engine_round(engine, requests: list[Request]) -> dict:
+    from serve.engine import GenerationParams, GenerationRequest
+
+    reqs = [GenerationRequest(inputs=r.text, adapter=r.adapter,
+                              params=GenerationParams(max_new_tokens=r.max_new_tokens, logprobs=True))
+            for r in requests]
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(engine.submit(r) for r in reqs), return_exceptions=True)
+    seconds = time.perf_counter() - t0
+    errors = [repr(d) for d in done if isinstance(d, BaseException)]
+    ok = [d for d in done if not isinstance(d, BaseException)]
+    tokens = sum(d.generated_tokens for d in ok)
+    return {"requests": len(reqs), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "complete": sum(_complete(d.generated_tokens, d.finish_reason, r.max_new_tokens)
+                            for d, r in zip(done, requests, strict=True) if not isinstance(d, BaseException))}
+
+
+def tgi_body(request: Request) -> dict:
+    params = {"max_new_tokens": request.max_new_tokens, "details": True}
+    if request.adapter is not None:
+        params["adapter_id"] = request.adapter
+    return {"inputs": request.text, "parameters": params}
+
+
+async def _post(client, request: Request) -> tuple[int, int, str | None, str | None]:
+    """(status, generated tokens, finish reason, error text) of one POST /generate."""
+    try:
+        r = await client.post("/generate", json=tgi_body(request))
+    except Exception as e:  # noqa: BLE001 - a transport error is counted, not fatal to the round
+        return 0, 0, None, repr(e)
+    if r.status_code != 200:
+        return r.status_code, 0, None, r.text[:300]
+    details = r.json().get("details") or {}
+    return 200, int(details.get("generated_tokens", 0)), details.get("finish_reason"), None
+
+
+async def http_round(client, requests: list[Request]) -> dict:
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(_post(client, r) for r in requests))
+    seconds = time.perf_counter() - t0
+    statuses: dict[str, int] = {}
+    for status, *_ in done:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    errors = [e for *_, e in done if e]
+    tokens = sum(g for _, g, _, _ in done)
+    return {"requests": len(requests), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "statuses": statuses, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "complete": sum(s == 200 and _complete(g, f, r.max_new_tokens)
+                            for (s, g, f, _), r in zip(done, requests, strict=True))}
+
+
+async def alternate(engine, url: str, requests: list[Request], rounds: int) -> tuple[dict, list[dict]]:
+    """One warm-up pair, then `rounds` timed (engine, http) pairs; returns (warm-up, rounds)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        warm = {"engine": await engine_round(engine, requests), "http": await http_round(client, requests)}
+        log(f"warm-up: engine {warm['engine']['tokens_per_s']:.1f} tok/s, http {warm['http']['tokens_per_s']:.1f} "
+            "tok/s")
+        out = []
+        for i in range(rounds):
+            e = await engine_round(engine, requests)
+            h = await http_round(client, requests)
+            ratio = h["tokens_per_s"] / e["tokens_per_s"] if e["tokens_per_s"] else None
+            out.append({"round": i + 1, "engine": e, "http": h, "ratio": ratio})
+            log(f"round {i + 1}/{rounds}: engine {e['tokens_per_s']:.1f} tok/s, http {h['tokens_per_s']:.1f} tok/s, "
+                f"ratio {ratio:.3f}" if ratio is not None else f"round {i + 1}: engine produced no tokens")
+    return warm, out
+
+
+def summarize(rounds: list[dict]) -> dict:
+    eng = [r["engine"]["tokens_per_s"] for r in rounds]
+    http = [r["http"]["tokens_per_s"] for r in rounds]
+    ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
+    median = statistics.median(ratios) if ratios else None
+    best = max(http) / max(eng) if eng and max(eng) > 0 else None
+    return {"engine_tokens_per_s_runs": eng, "http_tokens_per_s_runs": http, "ratio_runs": ratios,
+            "ratio_median": median, "ratio_best_of": best,
+            "engine_tokens_per_s_median": statistics.median(eng) if eng else None,
+            "http_tokens_per_s_median": statistics.median(http) if http else None,
+            "target": TARGET, "target_applies_to": "ratio_median",
+            "met": None if median is None else median >= TARGET}
+
+
+def serving(preset: Preset, base_dir: Path, work: Path, paths: dict[str, dict[str, Path]], out_dir: Path) -> dict:
+    import torch
+
+    from loadtests.http_load import LoopbackServer, register
+    from serve.engine import Engine, EngineConfig
+
+    fields = engine_fields(preset, base_dir)
+    adapters = serving_adapters(paths)
+    requests = serving_requests(preset, list(adapters))
+    threads = torch.get_num_threads()
+    # Ray sets OMP_NUM_THREADS=1 in a replica that asks for no CPUs: give the server the bench's thread count
+    server_log = work / "serving" / f"server-{base_dir.name}.log"
+    server = LoopbackServer(preset, base_dir, work, server_log, engine=fields, env={"OMP_NUM_THREADS": str(threads)})
+    engine = None
+    try:
+        register(server.url, list(adapters.items()), None)
+        engine = Engine.from_config(EngineConfig(**fields))
+        for name, path in adapters.items():
+            engine.register_adapter(name, str(path))
+        warm, rounds = asyncio.run(alternate(engine, server.url, requests, preset.serving_rounds))
+    finally:
+        if engine is not None:
+            engine.close()
+        server.stop()
+    result = {
+        "concurrency": preset.serving_concurrency, "new_tokens": preset.serving_new_tokens,
+        "input_tokens": preset.input_chars, "rounds_timed": len(rounds), "order": "engine then http, each round",
+        "adapters": ["base", *adapters],
+        "rows": {"base": sum(r.adapter is None for r in requests),
+                 "adapter": sum(r.adapter is not None for r in requests)},
+        "torch_threads": {"in_process": threads, "server_OMP_NUM_THREADS": threads},
+        "engine_config": {k: v for k, v in fields.items() if k != "base"},
+        "server": {"url": server.url, "log": str(server_log)},
+        "warmup": warm, "rounds": rounds, **summarize(rounds),
+    }
+    result["plot"] = str(plot(result, out_dir / "serving_overhead.png", preset.name))
+    med = result["ratio_median"]
+    log(f"http / engine: median {med:.3f}, best-of {result['ratio_best_of']:.3f} (target >= {TARGET}: "
+        f"{'met' if result['met'] else 'not met'})" if med is not None else "no ratio measured")
+    return result
+
+
+def plot(result: dict, out: Path, preset_name: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    xs = [r["round"] for r in result["rounds"]]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(xs, result["engine_tokens_per_s_runs"], "-o", label="in-process engine (submit)")
+    ax.plot(xs, result["http_tokens_per_s_runs"], "-s", label="HTTP POST /generate via Ray Serve")
+    ax.set_xlabel("round (engine, then http)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(xs)
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(xs, result["ratio_runs"], ":^", color="gray", label="http / engine")
+    ax2.axhline(TARGET, color="red", lw=0.8, ls="--", label=f"target {TARGET}")
+    ax2.set_ylabel("ratio")
+    ax2.set_ylim(0, max(1.1, *(result["ratio_runs"] or [1.0])) * 1.05)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower right")
+    med = result["ratio_median"]
+    ax.set_title(f"serving-layer cost — {preset_name}: {result['concurrency']} concurrent x "
+                 f"{result['new_tokens']} tokens; median ratio {med:.3f}" if med is not None else
+                 f"serving-layer cost — {preset_name}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def markdown_lines(s: dict) -> list[str]:
+    def f(v):
+        return "-" if v is None else f"{v:.3g}"
+
+    lines = ["", "## Serving-layer cost (HTTP through Ray Serve / in-process engine)", "",
+             f"{s['concurrency']} concurrent requests x {s['new_tokens']} new tokens ({s['input_tokens']} input "
+             f"tokens; {s['rows']['base']} base rows, {s['rows']['adapter']} rows over {len(s['adapters']) - 1} "
+             f"adapters, two per kind), the same engine config on both sides, rounds alternated "
+             f"({s['order']}) after one warm-up pair. Median paired ratio **{f(s['ratio_median'])}**, best-of "
+             f"{f(s['ratio_best_of'])}; target >= {s['target']:g}: {'met' if s['met'] else 'not met'}.", "",
+             "| round | engine tok/s | http tok/s | http / engine | http statuses | complete (engine / http) |",
+             "|---|---|---|---|---|---|"]
+    for r in s["rounds"]:
+        e, h = r["engine"], r["http"]
+        lines.append(f"| {r['round']} | {e['tokens_per_s']:.1f} | {h['tokens_per_s']:.1f} | {f(r['ratio'])} | "
+                     f"{', '.join(f'{k}: {v}' for k, v in h['statuses'].items())} | "
+                     f"{e['complete']}/{e['requests']} / {h['complete']}/{h['requests']} |")
+    return lines
+
