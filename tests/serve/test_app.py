@@ -282,6 +282,45 @@ def test_upload_too_large_is_413_and_pickles_refused(server, http, zoo):
     assert generation(http) == g
 
 
+def test_refused_registration_names_what_the_user_sent(http, zoo, tmp_path):
+    """Issue 12: messages name the source the user sent, never the registry's internal staging directory."""
+    d = tmp_path / "unknown-type"
+    import shutil
+
+    shutil.copytree(zoo["lora-a"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["peft_type"] = "NOT_A_PEFT_TYPE"
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    r = register(http, "named-source", d)
+    assert r.status_code == 400, r.text
+    assert str(d) in r.json()["error"] and "store/tmp" not in r.json()["error"], r.text
+    files = [("files", ("adapter_config.json", (d / "adapter_config.json").read_bytes())),
+             ("files", ("adapter_model.safetensors", (d / "adapter_model.safetensors").read_bytes()))]
+    r = http.post("/adapters", data={"name": "named-upload"}, files=files, headers=AUTH)
+    assert r.status_code == 400 and "upload" in r.json()["error"] and "store/tmp" not in r.json()["error"], r.text
+
+
+def test_another_bases_adapter_is_not_listed_and_its_404_names_that_base(server, http, zoo):
+    """Issue 12: one registry holds adapters of several bases; a server lists and serves its own base's only."""
+    from serve.registry import AdapterRegistry
+
+    other = AdapterRegistry(server["args"]["registry_dir"]).for_base("sha256:" + "ab" * 32, "org/other-t5")
+    other.register("foreign", zoo["lora-a"], lambda p: {"kind": "lora"})
+    listed = {a["name"] for a in http.get("/adapters").json()["adapters"]}
+    assert "foreign" not in listed
+    for r in (gen(http, adapter="foreign"), http.get("/adapters/foreign"),
+              http.post("/v1/completions", json={"model": "foreign", "prompt": "hi", "max_tokens": 2})):
+        assert r.status_code == 404, r.text
+        assert "org/other-t5" in r.text and "another base" in r.text, r.text
+    assert "foreign" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
+    # the same name can be registered for this base: names are per base
+    assert register(http, "foreign", zoo["ia3-a"]).status_code == 201
+    assert gen(http, adapter="foreign").status_code == 200
+    assert other.get("foreign").kind == "lora"
+    assert http.delete("/adapters/foreign", headers=AUTH).status_code == 200
+    assert other.get("foreign").version == 1  # deleting here leaves the other base's entry alone
+
+
 # ---- ops -----------------------------------------------------------------------------------------
 
 def test_health_info_docs(http):
