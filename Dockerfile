@@ -1,6 +1,6 @@
 # peftserve on GPUs: CUDA runtime, non-root, the project installed, Serve started from a config.
 #   docker build -t peftserve .
-#   docker run --gpus all -p 8000:8000 -v /mnt/peftserve:/mnt/peftserve peftserve          # 4 x A10, XL
+#   docker run --gpus all -p 8000:8000 -e PEFTSERVE_ADMIN_TOKEN=... -v /mnt/peftserve:/mnt/peftserve peftserve  # 4 x A10, XL
 #   docker run -p 8000:8000 peftserve serve run deploy/local.yaml                         # CPU, tiny base
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
