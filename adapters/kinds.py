@@ -21,7 +21,14 @@ PEFT_TYPES: dict[str, AdapterKind] = {
     "IA3": AdapterKind.IA3,
     "BITFIT": AdapterKind.BITFIT,
     "PROMPT_TUNING": AdapterKind.PROMPT,
+    # served through the same slots: AdaLoRA's SVD triplet and DoRA (LORA + use_dora) fold into LoRA at
+    # load; P-tuning's saved prompt is the prompt encoder's output, a soft prompt like prompt tuning's
+    "ADALORA": AdapterKind.LORA,
+    "P_TUNING": AdapterKind.PROMPT,
 }
+
+# Every method a spec may name (AdapterSpec.method_name): the label metrics and GET /adapters show.
+METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "p_tuning")
 
 # Kinds that act inside the wrapped linears (prompt acts on the encoder input instead).
 LINEAR_KINDS = (AdapterKind.LORA, AdapterKind.IA3, AdapterKind.BITFIT)

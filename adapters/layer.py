@@ -116,6 +116,13 @@ class AdaptedLinear(nn.Module):
                        and not base_layer._forward_hooks and not base_layer._forward_pre_hooks)
         self._backup: torch.Tensor | None = None  # exact copy of the weight while a slot is merged
         self._merged_bias: torch.Tensor | None = None
+        for slots in kinds.values():  # kinds whose slot contents depend on the base weight (DoRA's norm)
+            if hasattr(slots, "bind_layer"):
+                slots.bind_layer(self.unmerged_weight)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight as if nothing were merged (the exact saved copy while a slot is merged)."""
+        return self._backup if self._backup is not None else self.weight.detach()
 
     @property
     def weight(self) -> torch.Tensor:

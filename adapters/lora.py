@@ -1,9 +1,20 @@
-"""LoRA: PEFT format in, one narrow dataclass out, batched per-row math and merge delta.
+"""LoRA, and the two PEFT methods that fold into it: PEFT format in, one narrow dataclass out, batched
+per-row math and merge delta.
 
-Format (PeftModel.save_pretrained, T5, SEQ_2_SEQ_LM): `base_model.model.<module>.lora_A.weight` [r, in] and
+LoRA (PeftModel.save_pretrained, T5, SEQ_2_SEQ_LM): `base_model.model.<module>.lora_A.weight` [r, in] and
 `.lora_B.weight` [out, r]. Per module r comes from the tensors (rank_pattern already shaped them);
 alpha from `alpha_pattern` (peft's pattern-key rule) else `lora_alpha`; scaling alpha/r, or alpha/sqrt(r)
 with `use_rslora`. Scaling is folded into B at load so the hot path is two matmuls.
+
+DoRA (LORA with `use_dora`): also `.lora_magnitude_vector` [out]. peft computes
+y = (m / ||W + s·B·A||_row) ⊙ (W x + s·B·A x); the norm needs the base weight, so the per-output scale
+g = m / ||W + s·B·A|| is computed when the adapter is written to a slot (`LoraSlots.stage`, on the
+layer's device, from the unmerged weight) and applied per row after the LoRA term.
+
+AdaLoRA (ADALORA): `.lora_A` [r, in], `.lora_E` [r, 1], `.lora_B` [out, r] (no `.weight`), r the rank
+left after pruning (the file is already cut to `rank_pattern`). peft computes B (A ⊙ E) x · alpha / (ranknum
++ 1e-5) with ranknum the *initial* rank `init_r` (resizing keeps it) and alpha = lora_alpha (init_r when
+<= 0). At load E is folded into A and the scale into B: plain LoRA from then on.
 """
 
 from __future__ import annotations
@@ -26,16 +37,17 @@ from .common import (
     split_keys,
     targets_of,
 )
-from .errors import AdapterLimitError, AdapterMismatchError, UnsupportedAdapterError
+from .errors import AdapterLimitError, AdapterMismatchError, SlotError, UnsupportedAdapterError
 from .format import AdapterFiles
 from .kinds import AdapterKind
 from .layer import KindSlots
 from .spec import AdapterLimits, AdapterSpec
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight")
+MAGNITUDE = "lora_magnitude_vector"
+ADALORA_SUFFIXES = ("lora_A", "lora_B", "lora_E")
 # Options whose effect the plain x @ A @ B math does not reproduce.
 UNSUPPORTED = {
-    "use_dora": "DoRA re-normalises the weight per row",
     "lora_bias": "a trained bias on lora_B",
     "modules_to_save": "full copies of extra modules",
     "trainable_token_indices": "trained embedding rows",
@@ -56,6 +68,7 @@ class LoraWeights:
     spec: AdapterSpec
     a: dict[str, torch.Tensor]  # module path -> [r, in]
     b: dict[str, torch.Tensor]  # module path -> [out, r], scaling folded in
+    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: module path -> m [out]
     # module path -> (A.T [in, r], B.T [r, out]) contiguous: the slot layout, what a swap copies. Made once
     # here; free when a/b are transposed views of contiguous tensors, as `build` makes them.
     slot_layout: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
@@ -65,7 +78,8 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values(),
+                                                           *self.magnitude.values()))
 
 
 def pattern_key(patterns, module: str) -> str | None:
@@ -83,9 +97,59 @@ def scaling_for(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+def method_of(files: AdapterFiles) -> str:
+    if files.config.get("peft_type") == "ADALORA":
+        return "adalora"
+    return "dora" if files.config.get("use_dora") else "lora"
+
+
+def adalora_rank_scale(files: AdapterFiles) -> float:
+    """alpha / (ranknum + 1e-5) as peft's AdaLoRA forward applies it (ranknum = init_r, kept by pruning)."""
+    init_r = files.config.get("init_r")
+    if not isinstance(init_r, int) or init_r <= 0:
+        raise AdapterMismatchError(f"adapter {files.path}: an AdaLoRA config needs its rank data: init_r (the "
+                                   f"rank before pruning, which scales the update) is {init_r!r}; re-save the "
+                                   "adapter with PeftModel.save_pretrained")
+    alpha = files.config.get("lora_alpha", 8)
+    alpha = float(alpha if isinstance(alpha, int | float) and alpha > 0 else init_r)
+    return alpha / (init_r + 1e-5)
+
+
+def _check_adalora(files: AdapterFiles, modules: dict) -> dict:
+    """Every module has A, E and B of one rank, which matches rank_pattern when the file was pruned. Modules
+    pruned to rank 0 change nothing and are dropped."""
+    adalora_rank_scale(files)
+    pattern = files.config.get("rank_pattern")
+    if pattern is not None and not isinstance(pattern, dict):
+        raise AdapterMismatchError(f"adapter {files.path}: rank_pattern must map modules to kept-rank masks")
+    kept = {}
+    for module, parts in modules.items():
+        if set(parts) != set(ADALORA_SUFFIXES):
+            missing = sorted(set(ADALORA_SUFFIXES) - set(parts))
+            raise AdapterMismatchError(f"adapter {files.path}: AdaLoRA module {module} lacks {', '.join(missing)} "
+                                       "(A, E and B are its SVD triplet); re-save the adapter")
+        a, e, b = parts["lora_A"].shape, parts["lora_E"].shape, parts["lora_B"].shape
+        if len(a) != 2 or len(b) != 2 or tuple(e) != (a[0], 1) or b[1] != a[0]:
+            raise AdapterMismatchError(f"adapter {files.path}: AdaLoRA module {module} has lora_A {list(a)}, "
+                                       f"lora_E {list(e)}, lora_B {list(b)}; expected [r, in], [r, 1], [out, r]")
+        if pattern is not None:
+            mask = pattern.get(f"{module}.lora_E", pattern.get(module))
+            if mask is not None and (not isinstance(mask, list) or sum(bool(x) for x in mask) != a[0]):
+                raise AdapterMismatchError(
+                    f"adapter {files.path}: rank_pattern keeps {sum(bool(x) for x in mask) if isinstance(mask, list) else mask!r} "
+                    f"ranks of {module} but its tensors have rank {a[0]}; the config and weights disagree, re-save")
+        if a[0] > 0:
+            kept[module] = {"lora_A.weight": parts["lora_A"], "lora_B.weight": parts["lora_B"]}
+    if not kept:
+        raise AdapterMismatchError(f"adapter {files.path}: every AdaLoRA module was pruned to rank 0; the "
+                                   "adapter changes nothing")
+    return kept
+
+
 def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, name: str) -> AdapterSpec:
     check_task_type(files)
     refuse_options(files, UNSUPPORTED)
+    method = method_of(files)
     if files.config.get("bias", "none") != "none":
         raise UnsupportedAdapterError(f"adapter {files.path}: LoRA bias={files.config['bias']!r} trains the base "
                                       "biases too; peftserve serves bias='none' (serve biases as a BitFit adapter)")
@@ -95,10 +159,14 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
             f"adapter {files.path}: init_lora_weights={init!r} also rewrites the base weights; save it with "
             "path_initial_model_for_weight_conversion so it applies to the original base")
     check_target_modules(files, base)
-    modules = split_keys(files, SUFFIXES, base)
+    if method == "adalora":
+        modules = _check_adalora(files, split_keys(files, ADALORA_SUFFIXES, base))
+    else:
+        modules = split_keys(files, SUFFIXES + ((MAGNITUDE,) if method == "dora" else ()), base)
     check_layers(files, modules)
     rank = 0
     for module, parts in modules.items():
+        magnitude = parts.pop(MAGNITUDE, None)
         if set(parts) != set(SUFFIXES):
             raise AdapterMismatchError(f"adapter {files.path}: module {module} has only {', '.join(parts)}; "
                                        "lora_A and lora_B come in pairs, re-save the adapter")
@@ -109,18 +177,31 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
                 f"adapter {files.path}: {module} has lora_A {list(a)} and lora_B {list(b)} but the base layer is "
                 f"{fan_in}->{fan_out} (expected [r, {fan_in}] and [{fan_out}, r]); the adapter was trained for "
                 f"a different model size than base {base.name!r}")
+        if method == "dora" and (magnitude is None or tuple(magnitude.shape) != (fan_out,)):
+            raise AdapterMismatchError(
+                f"adapter {files.path}: DoRA module {module} needs {MAGNITUDE} of shape [{fan_out}] (found "
+                f"{'none' if magnitude is None else list(magnitude.shape)}); re-save it with PeftModel.save_pretrained")
         rank = max(rank, a[0])
     if rank > limits.max_rank:
         raise AdapterLimitError(f"adapter {files.path}: LoRA rank {rank} is above this server's max_rank="
                                 f"{limits.max_rank}; retrain with a smaller r or raise the limit")
+    options = {"use_rslora": bool(files.config.get("use_rslora")),
+               "lora_alpha": files.config.get("lora_alpha"),
+               "rank_pattern": bool(files.config.get("rank_pattern")),
+               "alpha_pattern": bool(files.config.get("alpha_pattern"))}
+    notes: tuple[str, ...] = ()
+    if method == "adalora":
+        options = {"init_r": files.config.get("init_r"), "lora_alpha": files.config.get("lora_alpha"),
+                   "pruned": bool(files.config.get("rank_pattern"))}
+        notes = ("AdaLoRA's SVD triplet is folded into plain LoRA A/B at load (E into A, alpha/init_r into B)",)
+    elif method == "dora":
+        options["use_dora"] = True
+        notes = ("DoRA: per-row output scale m / ||W + s·B·A|| computed from the base weight when the slot is written",)
     return AdapterSpec(
         name=name, kind=AdapterKind.LORA, rank=rank, targets=targets_of(modules), num_virtual_tokens=None,
         size_bytes=files.size_bytes, base_model=base_model_of(files), path=str(files.path),
-        modules=tuple(sorted(modules)),
-        options={"use_rslora": bool(files.config.get("use_rslora")),
-                 "lora_alpha": files.config.get("lora_alpha"),
-                 "rank_pattern": bool(files.config.get("rank_pattern")),
-                 "alpha_pattern": bool(files.config.get("alpha_pattern"))},
+        modules=tuple(sorted(modules)), options=options, notes=notes,
+        method=None if method == "lora" else method,
     )
 
 
@@ -128,15 +209,34 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
     """A and B are stored transposed in memory (A.T [in, r], B.T [r, out] contiguous; `a`/`b` are their
     [r, in] / [out, r] views): that is the slot layout, so the transposing copy happens here, on the
     loader thread, and the swap (`LoraSlots.stage`) is a plain contiguous copy."""
-    a, b = {}, {}
+    a, b, magnitude = {}, {}, {}
+    adalora = spec.method == "adalora"
     for module in spec.modules:
         key = f"base_model.model.{module}"
-        a_t = tensors[f"{key}.lora_A.weight"].t().contiguous()
-        b_raw = tensors[f"{key}.lora_B.weight"]
+        if adalora:  # B (A ⊙ E) · alpha/(init_r + 1e-5): E into A, the scale into B
+            a_raw = tensors[f"{key}.lora_A"] * tensors[f"{key}.lora_E"]
+            b_raw, scale = tensors[f"{key}.lora_B"], adalora_rank_scale(files)
+        else:
+            a_raw, b_raw = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+            scale = scaling_for(files.config, module, a_raw.shape[0])
+        a_t = a_raw.t().contiguous()
         b_t = torch.empty(b_raw.shape[1], b_raw.shape[0], dtype=b_raw.dtype)  # scale and transpose in one pass
-        torch.mul(b_raw.t(), scaling_for(files.config, module, a_t.shape[1]), out=b_t)
+        torch.mul(b_raw.t(), scale, out=b_t)
         a[module], b[module] = a_t.t(), b_t.t()
-    return LoraWeights(spec=spec, a=a, b=b)
+        if spec.method == "dora":
+            magnitude[module] = tensors[f"{key}.{MAGNITUDE}"].contiguous()
+    return LoraWeights(spec=spec, a=a, b=b, magnitude=magnitude)
+
+
+def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor,
+               weight_sq_norm: torch.Tensor) -> torch.Tensor:
+    """g = m / ||W + B A|| per output row (B carries the scaling), in fp32, without forming W + B A:
+    ||W_o + (BA)_o||^2 = ||W_o||^2 + 2 B_o·(W A^T)_o + B_o (A A^T) B_o^T, at the cost of the LoRA term."""
+    a32, b32, w32 = a.float(), b.float(), weight.float()
+    cross = ((w32 @ a32.T) * b32).sum(dim=1)  # [out]
+    lora_sq = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
+    norm = (weight_sq_norm + 2 * cross + lora_sq).clamp_min(0).sqrt()
+    return magnitude.float().to(norm.device) / norm
 
 
 # ---- batched math (tensors already gathered per row) ---------------------------------------------
@@ -218,6 +318,12 @@ def group_rows(slot_of_row: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int
     return slots, places, real, size
 
 
+class Rescaled(NamedTuple):
+    """A LoRA gather plus DoRA's per-row output scale [rows, out] (1 for rows without DoRA on this layer)."""
+    inner: PerRow | Grouped
+    scale: torch.Tensor
+
+
 class LoraSlots(KindSlots):
     """Stacked LoRA weights of one layer: A as [slots+1, in, max_rank], B as [slots+1, max_rank, out]
     (pre-transposed for x @ A @ B). Ranks below max_rank are zero-padded; a batch only computes up to the
@@ -233,8 +339,17 @@ class LoraSlots(KindSlots):
         # Host-side, per slot: bumped by every stage/clear (rows gathered from an older generation are stale).
         # Plain lists, not module attributes: a swap updates ~150 layers and nn.Module.__setattr__ is slow.
         self.generation = [0] * (n + 1)
+        # DoRA: per-slot output scale m / ||W + s·B·A|| (ones where a slot has no DoRA on this layer)
+        self.register_buffer("scale", torch.ones(n + 1, fan_out, dtype=dtype, device=device), persistent=False)
+        self.dora = [False] * (n + 1)
+        self._unmerged_weight = None  # set by AdaptedLinear: the base weight as if nothing were merged
+        self._weight_sq_norm: torch.Tensor | None = None  # ||W_o||^2 per output row, made at the first DoRA write
         self._views = self._slot_views()
         self._last = None  # (key, index_host, generations, A rows buffer, B rows buffer) of the last gather
+
+    def bind_layer(self, unmerged_weight) -> None:
+        """`unmerged_weight()` returns this layer's base weight without any merged adapter (DoRA's norm)."""
+        self._unmerged_weight = unmerged_weight
 
     def _slot_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-slot (A, B) views, made once: indexing the buffers on every swap costs ~150 layers x 2."""
@@ -264,6 +379,23 @@ class LoraSlots(KindSlots):
         dst += (slot_a, slot_b)
         src += pair
         self.rank[slot] = r
+        magnitude = weights.magnitude.get(path)
+        if magnitude is not None:
+            self._write_dora_scale(slot, weights.a[path], weights.b[path], magnitude)
+        elif self.dora[slot]:
+            self.scale[slot].fill_(1.0)
+            self.dora[slot] = False
+
+    def _write_dora_scale(self, slot: int, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor) -> None:
+        if self._unmerged_weight is None:
+            raise SlotError("DoRA needs the base weight: this LoraSlots is not bound to its layer")
+        weight = self._unmerged_weight()
+        dev = weight.device
+        if self._weight_sq_norm is None or self._weight_sq_norm.device != dev:
+            self._weight_sq_norm = weight.float().pow(2).sum(dim=1)
+        g = dora_scale(weight, a.to(dev), b.to(dev), magnitude.to(dev), self._weight_sq_norm)
+        self.scale[slot].copy_(g.to(self.scale.dtype))
+        self.dora[slot] = True
 
     def clear(self, slot: int) -> None:
         self.generation[slot] += 1
@@ -271,13 +403,23 @@ class LoraSlots(KindSlots):
             self.a[slot].zero_()
             self.b[slot].zero_()
         self.rank[slot] = 0
+        if self.dora[slot]:
+            self.scale[slot].fill_(1.0)
+            self.dora[slot] = False
 
     def touches(self, slot: int) -> bool:
         return self.rank[slot] > 0
 
     def gather(self, index_host, index, dtype):
-        """Per-row A/B for this batch: `Grouped` when rows share adapters, else `PerRow`. Rows without LoRA
-        on this layer (base rows, other kinds, layers outside layers_to_transform) are not computed."""
+        """Per-row A/B for this batch: `Grouped` when rows share adapters, else `PerRow`; wrapped in
+        `Rescaled` when a row uses DoRA here. Rows without LoRA on this layer (base rows, other kinds, layers
+        outside layers_to_transform) are not computed."""
+        g = self._gather_ab(index_host, index, dtype)
+        if g is None or not any(self.dora[s] for s in index_host):
+            return g
+        return Rescaled(g, self.scale.index_select(0, index).to(dtype))
+
+    def _gather_ab(self, index_host, index, dtype):
         active = [i for i, s in enumerate(index_host) if self.rank[s] > 0]
         self._last, last = None, self._last
         if not active:
@@ -311,6 +453,9 @@ class LoraSlots(KindSlots):
         self._last = None
 
     def post(self, y, x, g):
+        if isinstance(g, Rescaled):  # DoRA: g ⊙ (W x + s·B·A x), per row
+            y = self.post(y, x, g.inner)
+            return y.view(y.shape[0], -1, y.shape[-1]).mul_(g.scale[:, None, :]).view(y.shape)
         shape = y.shape
         y3, x3 = y.reshape(shape[0], -1, shape[-1]), x.reshape(shape[0], -1, x.shape[-1])
         # y is this layer's fresh output: every path accumulates into it in place
@@ -332,5 +477,8 @@ class LoraSlots(KindSlots):
     def merge_into(self, slot: int, weight: torch.Tensor):
         r = self.rank[slot]
         delta = delta_weight(self.a[slot, :, :r].T, self.b[slot, :r, :].T)
-        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        merged = weight.float() + delta.to(weight.device)
+        if self.dora[slot]:  # W' = g ⊙ (W + s·B·A), row by row
+            merged.mul_(self.scale[slot].float().to(weight.device)[:, None])
+        weight.copy_(merged.to(weight.dtype))
         return None

@@ -5,6 +5,11 @@ SEQ_2_SEQ_LM peft defaults num_transformer_submodules to 2 and saves a decoder h
 `generate` ignores (it prepends only the first num_virtual_tokens rows to the encoder input). peftserve
 serves exactly that: the encoder half; the spec's notes say so.
 
+P-tuning (P_TUNING) is served the same way: peft's `save_pretrained` writes `prompt_embeddings` as the output
+of the prompt encoder (`get_prompt_embedding_to_save` runs the MLP or LSTM over the virtual-token
+embeddings), and a model loaded for inference uses exactly those rows. The encoder ran once, at save time;
+nothing of it is needed, or run, per request.
+
 Batch layout: each row is [its soft prompt, its real tokens, padding] — left-aligned and right-padded,
 so every row's content is contiguous from position 0 exactly as peft builds that row alone, and T5's
 relative position bias (which depends only on distances) sees the same positions.
@@ -31,6 +36,7 @@ from .kinds import AdapterKind
 from .spec import AdapterLimits, AdapterSpec
 
 KEY = "prompt_embeddings"
+PROMPT_ENCODERS = ("MLP", "LSTM")  # peft's PromptEncoderReparameterizationType
 
 
 @dataclass
@@ -53,6 +59,13 @@ def _geometry(files: AdapterFiles) -> tuple[int, int]:
 
 def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, name: str) -> AdapterSpec:
     check_task_type(files, required=True)
+    ptuning = files.config.get("peft_type") == "P_TUNING"
+    if ptuning:
+        encoder = files.config.get("encoder_reparameterization_type", "MLP")
+        if str(encoder).upper() not in PROMPT_ENCODERS:
+            raise UnsupportedAdapterError(
+                f"adapter {files.path}: P-tuning prompt encoder {encoder!r} is unknown; peft's encoders are "
+                f"{', '.join(PROMPT_ENCODERS)} (encoder_reparameterization_type in adapter_config.json)")
     n, subs = _geometry(files)
     if set(files.tensors) != {KEY}:
         extra = sorted(set(files.tensors) - {KEY}) or [f"missing {KEY}"]
@@ -73,7 +86,10 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
     return AdapterSpec(
         name=name, kind=AdapterKind.PROMPT, rank=None, targets=(), num_virtual_tokens=n,
         size_bytes=files.size_bytes, base_model=base_model_of(files), path=str(files.path), notes=notes,
-        options={"num_transformer_submodules": subs})
+        options={"num_transformer_submodules": subs,
+                 **({"prompt_encoder": str(files.config.get("encoder_reparameterization_type", "MLP")).upper()}
+                    if ptuning else {})},
+        method="p_tuning" if ptuning else None)
 
 
 def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> PromptWeights:

@@ -29,10 +29,17 @@ class AdapterSpec:
     notes: tuple[str, ...] = ()  # how peftserve serves it where that differs from the file
     base_fingerprint: str | None = None  # BitFit files may record the exact base they were trained on
     options: dict = field(default_factory=dict)  # per-kind facts worth showing (rslora, feedforward targets...)
+    # the PEFT method as trained (dora, adalora, p_tuning...) where it differs from the kind it is served as
+    method: str | None = None
+
+    @property
+    def method_name(self) -> str:
+        return self.method or self.kind.value
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["kind"] = self.kind.value
+        d["method"] = self.method_name
         d["targets"] = list(self.targets)
         d["notes"] = list(self.notes)
         d["num_modules"] = len(self.modules)

@@ -54,3 +54,60 @@ def prompt(model, out, seed, num_virtual_tokens, **kw):
 
     cfg = PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=num_virtual_tokens, **kw)
     return save_peft(model, cfg, out, seed, init=redraw("prompt_encoder", torch.randn_like))
+
+
+def dora(model, out, seed, **kw):
+    """LoRA with use_dora, B at a trained size and the magnitude vector 0.9-1.1x of ||W + s·B·A|| per row
+    (peft's init sets it to that norm, computed with the init B; redrawn here after B)."""
+    from peft import LoraConfig
+
+    kw.setdefault("target_modules", ["q", "v"])
+    cfg = LoraConfig(task_type="SEQ_2_SEQ_LM", init_lora_weights=False, lora_alpha=16, use_dora=True, **kw)
+
+    def init(pm) -> None:
+        redraw("lora_B", lambda p: 0.1 * p)(pm)
+        for module in pm.modules():
+            magnitude = getattr(module, "lora_magnitude_vector", None)
+            if magnitude is None or "default" not in magnitude:
+                continue
+            w = module.base_layer.weight + module.scaling["default"] * (
+                module.lora_B["default"].weight @ module.lora_A["default"].weight)
+            norm = w.norm(dim=1)
+            magnitude["default"].weight.copy_(norm * (1 + 0.1 * torch.randn_like(norm)))
+    return save_peft(model, cfg, out, seed, init=init)
+
+
+def adalora(model, out, seed, steps: int = 4, **kw):
+    """AdaLoRA pruned by peft's own RankAllocator (real gradients, `update_and_allocate` to the final step),
+    so the file holds a genuine rank_pattern and tensors cut to it."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    kw.setdefault("target_modules", ["q", "v", "wo"])
+    cfg = AdaLoraConfig(task_type="SEQ_2_SEQ_LM", init_r=6, target_r=2, tinit=0, tfinal=0, total_step=steps,
+                        deltaT=1, lora_alpha=12, **kw)
+    torch.manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():
+        redraw("lora_E", torch.randn_like)(pm)
+        redraw("lora_B", lambda p: 0.3 * torch.randn_like(p))(pm)
+    pm.train()
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    for step in range(1, steps + 1):
+        ids = torch.randint(3, vocab, (4, 12), generator=g)
+        labels = torch.randint(3, vocab, (4, 6), generator=g)
+        pm(input_ids=ids, labels=labels).loss.backward()
+        pm.base_model.update_and_allocate(step)
+        pm.zero_grad()
+    pm.eval()
+    pm.save_pretrained(out)
+    return out
+
+
+def ptuning(model, out, seed, num_virtual_tokens, encoder="MLP", **kw):
+    """P-tuning; its saved prompt_embeddings are the prompt encoder's output (peft runs it at save)."""
+    from peft import PromptEncoderConfig
+
+    cfg = PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=num_virtual_tokens,
+                              encoder_hidden_size=32, encoder_reparameterization_type=encoder, **kw)
+    return save_peft(model, cfg, out, seed, init=redraw("prompt_encoder", lambda p: 0.5 * torch.randn_like(p)))

@@ -87,11 +87,14 @@ class Ingress:
         return self.http_in_flight[0]
 
     async def metrics_exposition(self) -> bytes:
-        kinds: dict[str, int] = {}
+        from adapters.kinds import METHODS
+
+        methods: dict[str, int] = {}
         for r in (await self.adapters()).list():
-            kinds[r.kind] = kinds.get(r.kind, 0) + 1
-        for kind in ("lora", "ia3", "bitfit", "prompt"):
-            self.metrics.registered_adapters.labels(kind).set(kinds.get(kind, 0))
+            method = r.spec.get("method") or r.kind  # the label is the PEFT method (dora, adalora, p_tuning...)
+            methods[method] = methods.get(method, 0) + 1
+        for method in METHODS:
+            self.metrics.registered_adapters.labels(method).set(methods.get(method, 0))
         await self.pusher.push()  # this replica's HTTP counters are fresh; engines push every interval
         return await self.hub.render.remote()
 

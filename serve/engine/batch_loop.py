@@ -151,7 +151,7 @@ class BatchLoop:
         if reg is None:
             seq.error = UnknownAdapterError(seq.adapter)
             return FAIL
-        seq.key, seq.kind = reg.key, reg.kind
+        seq.key, seq.kind, seq.method = reg.key, reg.kind, reg.method
         prepared = self.cache.prepare(reg.key, count=not seq.counted)
         seq.counted = True
         if prepared.state == READY:
@@ -238,7 +238,7 @@ class BatchLoop:
             s.t_admit = now
             s.start()
             self._running.append(s)
-            safe_call(self.observer, "on_request_admitted", s.adapter, s.kind, now - s.t_submit)
+            safe_call(self.observer, "on_request_admitted", s.adapter, s.method, now - s.t_submit)
         self.counters["prefills"] += 1
         safe_call(self.observer, "on_prefill", len(seqs), int(mask.sum()), now - t0)
 
@@ -258,7 +258,7 @@ class BatchLoop:
         for i, s in enumerate(running):
             if s.t_first is None:
                 s.t_first = now
-                safe_call(self.observer, "on_first_token", s.adapter, s.kind, now - s.t_submit)
+                safe_call(self.observer, "on_first_token", s.adapter, s.method, now - s.t_submit)
             reason = s.append(next_ids[i], logprobs[i] if logprobs else None, self.parts.eos_token_id,
                               self.tokenizer)
             if reason is not None:
@@ -270,7 +270,7 @@ class BatchLoop:
             self._remove_row(i)
             self.counters["finished"] += 1
             result = seq.result(reason)
-            safe_call(self.observer, "on_request_finished", seq.adapter, seq.kind, reason, result.prompt_tokens,
+            safe_call(self.observer, "on_request_finished", seq.adapter, seq.method, reason, result.prompt_tokens,
                       result.generated_tokens, result.timings["total_s"])
             seq.finish(result, None)
         self.counters["steps"] += 1

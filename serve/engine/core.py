@@ -61,6 +61,10 @@ class _Registered:
     def kind(self) -> str:
         return str(self.spec.kind)
 
+    @property
+    def method(self) -> str:  # the metrics label: the PEFT method as trained (dora, adalora, p_tuning...)
+        return self.spec.method_name
+
 
 class Engine:
     def __init__(self, config: EngineConfig, base, observer: EngineObserver | None = None):

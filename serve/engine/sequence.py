@@ -37,6 +37,7 @@ class Sequence:
     # adapter resolved at admission (a replaced adapter's newest version)
     key: tuple[str, int] | None = None
     kind: str = "base"
+    method: str = "base"  # metrics label (AdapterSpec.method_name)
     slot: int | None = None
     # decoding
     sampling: SamplingRow | None = None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters import AdapterKind, BaseDescription, SlotConfig, attach_slots, load_adapter
-from tests.peft_zoo import ia3, lora, prompt
+from tests.peft_zoo import adalora, dora, ia3, lora, prompt, ptuning
 
 SLOT_OF = {  # adapter name -> (kind, slot)
     "lora_qv_r4": (AdapterKind.LORA, 0), "lora_all_r8_rslora": (AdapterKind.LORA, 1),
@@ -17,11 +17,14 @@ SLOT_OF = {  # adapter name -> (kind, slot)
     "ia3_default": (AdapterKind.IA3, 0), "ia3_mixed": (AdapterKind.IA3, 1),
     "bitfit_attn": (AdapterKind.BITFIT, 0), "bitfit_ffn": (AdapterKind.BITFIT, 1),
     "prompt_5": (AdapterKind.PROMPT, 0), "prompt_9_single": (AdapterKind.PROMPT, 1),
+    "dora_qv_r4": (AdapterKind.LORA, 4), "adalora_pruned": (AdapterKind.LORA, 5),
+    "ptune_mlp": (AdapterKind.PROMPT, 2), "ptune_lstm_single": (AdapterKind.PROMPT, 3),
 }
 
 # Rows of the batch: every adapter once, two base rows, and a repeated adapter.
 ROWS = [None, "lora_qv_r4", "ia3_default", "prompt_5", "bitfit_attn", "lora_all_r8_rslora", "ia3_mixed",
-        "prompt_9_single", "bitfit_ffn", "lora_layers_pattern", None, "lora_regex", "lora_qv_r4", "prompt_5"]
+        "prompt_9_single", "bitfit_ffn", "lora_layers_pattern", None, "lora_regex", "lora_qv_r4", "prompt_5",
+        "dora_qv_r4", "adalora_pruned", "ptune_mlp", "dora_qv_r4", "ptune_lstm_single"]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +52,11 @@ def zoo(tiny_base, tmp_path_factory) -> dict[str, Path]:
                          feedforward_modules=["wi_0", "wo"]),
         "prompt_5": prompt(m, root / "prompt_5", 7, 5),
         "prompt_9_single": prompt(m, root / "prompt_9_single", 8, 9, num_transformer_submodules=1),
+        "dora_qv_r4": dora(m, root / "dora_qv_r4", 10, r=4, target_modules=["q", "v", "wi_0"]),
+        "adalora_pruned": adalora(m, root / "adalora_pruned", 11),
+        "ptune_mlp": ptuning(m, root / "ptune_mlp", 12, 6),
+        "ptune_lstm_single": ptuning(m, root / "ptune_lstm_single", 13, 3, encoder="LSTM",
+                                     num_transformer_submodules=1),
     }
     g = torch.Generator().manual_seed(9)
     for name, targets, layers in (("bitfit_attn", ("q", "o"), None), ("bitfit_ffn", ("wo", "wi_1", "v"), [0, 2])):
@@ -63,7 +71,7 @@ def zoo(tiny_base, tmp_path_factory) -> dict[str, Path]:
 def wrap(tiny_base, tiny_desc, zoo, **config):
     """A deep copy of the tiny base with slots attached and every zoo adapter written to its SLOT_OF slot."""
     model = copy.deepcopy(tiny_base.model)
-    config.setdefault("slots", {AdapterKind.LORA: 4, AdapterKind.IA3: 2, AdapterKind.BITFIT: 2, AdapterKind.PROMPT: 2})
+    config.setdefault("slots", {AdapterKind.LORA: 6, AdapterKind.IA3: 2, AdapterKind.BITFIT: 2, AdapterKind.PROMPT: 4})
     slots = attach_slots(model, SlotConfig(max_rank=8, max_virtual_tokens=12, **config))
     for name, (kind, slot) in SLOT_OF.items():
         if slot < slots.config.count(kind):

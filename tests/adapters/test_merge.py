@@ -26,7 +26,7 @@ def merging(make_wrapped):
 
 
 @pytest.mark.parametrize("name", ["lora_all_r8_rslora", "lora_layers_pattern", "ia3_default", "ia3_mixed",
-                                  "bitfit_ffn", "bitfit_attn"])
+                                  "bitfit_ffn", "bitfit_attn", "dora_qv_r4", "adalora_pruned"])
 def test_merged_equals_unmerged_and_unmerge_is_exact(merging, mixed_batch, slot_of, run_batch, name):
     model, slots = merging
     _, ids, mask, dec, _ = mixed_batch

@@ -16,7 +16,7 @@ def peft_logits(base_model, adapter_dir, ids, dec):
     pm = PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dir)).eval()
     cfg = pm.peft_config["default"]
     with torch.no_grad():
-        if cfg.peft_type.value == "PROMPT_TUNING" and cfg.num_transformer_submodules == 2:
+        if cfg.peft_type.value in ("PROMPT_TUNING", "P_TUNING") and cfg.num_transformer_submodules == 2:
             # peft's generate: only the encoder half of the prompt, before the input (forward would also
             # prepend the decoder half to the decoder input)
             n = cfg.num_virtual_tokens

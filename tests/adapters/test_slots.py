@@ -99,9 +99,9 @@ def test_state_dict_and_description_unchanged_by_wrapping(wrapped, tiny_base, ti
 
 
 @pytest.mark.parametrize("pairs, match", [
-    ([(AdapterKind.LORA, 4)], "out of range"),
+    ([(AdapterKind.LORA, 6)], "out of range"),
     ([(AdapterKind.PROMPT, 7)], "out of range"),
-    ([("dora", 0)], "expected"),
+    ([("prefix", 0)], "expected"),
     ([(AdapterKind.IA3, -1)], "negative"),
 ])
 def test_bad_rows_are_refused(wrapped, pairs, match):

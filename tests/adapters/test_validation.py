@@ -167,7 +167,6 @@ def test_auto_map_and_custom_code_are_ignored(zoo, tiny_desc, tmp_path, monkeypa
     ({"peft_type": None}, "peft_type None"),
     ({"task_type": "CAUSAL_LM"}, "SEQ_2_SEQ_LM"),
     ({"bias": "all"}, "bias='none'"),
-    ({"use_dora": True}, "use_dora"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),
 ])
@@ -183,16 +182,44 @@ def test_prompt_needs_seq2seq_task(zoo, tiny_desc, tmp_path):
         inspect_adapter(path, tiny_desc)
 
 
-def test_real_dora_adapter_is_refused(tiny_base, tiny_desc, tmp_path):
-    import copy
+def test_peft_method_files_that_cannot_be_served(zoo, tiny_desc, tmp_path):
+    """Issue 13's validation, each on a real file written by peft and then damaged the way it happens."""
+    from adapters.errors import AdapterMismatchError
 
-    from peft import LoraConfig, get_peft_model
+    cases = [
+        # a plain LoRA file whose config claims DoRA: the magnitude vectors are missing
+        (edit_config(clone(zoo, "lora_qv_r4", tmp_path / "a"), use_dora=True), AdapterMismatchError,
+         "lora_magnitude_vector"),
+        # DoRA with an option its math does not cover
+        (edit_config(clone(zoo, "dora_qv_r4", tmp_path / "b"), lora_bias=True), UnsupportedAdapterError, "lora_bias"),
+        # AdaLoRA without its rank data
+        (edit_config(clone(zoo, "adalora_pruned", tmp_path / "c"), init_r=None), AdapterMismatchError, "init_r"),
+        (edit_tensors(clone(zoo, "adalora_pruned", tmp_path / "d"),
+                      lambda t: {k: v for k, v in t.items() if not k.endswith("lora_E")}),
+         AdapterMismatchError, "lacks lora_E"),
+        # P-tuning with a prompt encoder peft does not have
+        (edit_config(clone(zoo, "ptune_mlp", tmp_path / "f"), encoder_reparameterization_type="GRU"),
+         UnsupportedAdapterError, "prompt encoder 'GRU' is unknown"),
+    ]
+    pruned = clone(zoo, "adalora_pruned", tmp_path / "e")
+    pattern = json.loads((pruned / CONFIG).read_text())["rank_pattern"]
+    key = next(k for k, v in pattern.items() if sum(v) > 0)
+    pattern[key] = [True] * len(pattern[key])  # claims every rank was kept; the tensors are cut
+    cases.append((edit_config(pruned, rank_pattern=pattern), AdapterMismatchError, "config and weights disagree"))
+    for path, error, match in cases:
+        with pytest.raises(error, match=match):
+            inspect_adapter(path, tiny_desc)
 
-    pm = get_peft_model(copy.deepcopy(tiny_base.model), LoraConfig(task_type="SEQ_2_SEQ_LM", r=2, use_dora=True,
-                                                                   target_modules=["q"]))
-    pm.save_pretrained(tmp_path / "dora")
-    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
-        inspect_adapter(tmp_path / "dora", tiny_desc)
+
+def test_peft_methods_report_what_they_are(zoo, tiny_desc):
+    specs = {name: inspect_adapter(zoo[name], tiny_desc).to_dict()
+             for name in ("dora_qv_r4", "adalora_pruned", "ptune_mlp", "ptune_lstm_single", "lora_qv_r4")}
+    assert {n: (s["kind"], s["method"]) for n, s in specs.items()} == {
+        "dora_qv_r4": ("lora", "dora"), "adalora_pruned": ("lora", "adalora"), "ptune_mlp": ("prompt", "p_tuning"),
+        "ptune_lstm_single": ("prompt", "p_tuning"), "lora_qv_r4": ("lora", "lora")}
+    assert specs["adalora_pruned"]["options"]["pruned"] and 0 < specs["adalora_pruned"]["rank"] <= 6
+    assert specs["ptune_lstm_single"]["options"]["prompt_encoder"] == "LSTM"
+    assert specs["ptune_mlp"]["num_virtual_tokens"] == 6
 
 
 # ---- fit to the base --------------------------------------------------------------------------------

@@ -51,11 +51,42 @@ def test_flan_t5_small_preset_shape():
 
 
 def test_bad_base_paths_are_one_line_errors(tmp_path):
-    with pytest.raises(BaseLoadError, match="is not a directory"):
+    with pytest.raises(BaseLoadError, match="does not exist"):
         load_base(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BaseLoadError, match="is not a directory"):
+        load_base(str(tmp_path / "file"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaseLoadError, match="missing config.json"):
         load_base(str(tmp_path / "empty"))
+
+
+def test_check_base_source_without_loading_weights(tmp_path, tiny_base_dir):
+    import json
+    import shutil
+
+    from serve.engine import check_base_source
+
+    check_base_source(None)
+    check_base_source(str(tiny_base_dir))
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_base_dir, no_tok)
+    for f in no_tok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "spiece")):
+            f.unlink()
+    with pytest.raises(BaseLoadError, match="a tokenizer"):
+        check_base_source(str(no_tok))
+    bart = tmp_path / "bart"
+    shutil.copytree(tiny_base_dir, bart)
+    cfg = json.loads((bart / "config.json").read_text())
+    (bart / "config.json").write_text(json.dumps({**cfg, "model_type": "bart"}))
+    with pytest.raises(BaseLoadError, match="model_type 'bart'"):
+        check_base_source(str(bart))
+    (bart / "config.json").write_text("{not json")
+    with pytest.raises(BaseLoadError, match="not readable JSON"):
+        check_base_source(str(bart))
+    with pytest.raises(BaseLoadError, match="neither an existing local directory nor a hub id"):
+        check_base_source("no such/model here")
 
 
 def test_unreachable_hub_says_so(monkeypatch):
