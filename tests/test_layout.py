@@ -90,3 +90,21 @@ def test_the_checker_sees_lazy_and_submodule_imports(tmp_path, snippet, expected
     f = tmp_path / "probe.py"
     f.write_text(snippet)
     assert [m for _, m in imports(f)] == expected
+
+
+def test_public_entry_points_resolve():
+    """The README's in-process API, the console script and every Serve YAML's import_path."""
+    import importlib
+    import re
+
+    import yaml
+
+    from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest  # noqa: F401
+
+    script = re.search(r'^peftserve = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    module, _, attr = script.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    for config in sorted((ROOT / "deploy").glob("*.yaml")):
+        for app in yaml.safe_load(config.read_text())["applications"]:
+            module, _, attr = app["import_path"].partition(":")
+            assert callable(getattr(importlib.import_module(module), attr)), config.name
