@@ -18,17 +18,18 @@ from .kinds import AdapterKind
 from .layer import AdaptedLinear
 from .loading import inspect_adapter, load_adapter
 from .lora import LoraWeights
+from .prefix import PrefixWeights
 from .prompt import PromptWeights
 from .rows import RowAdapters
 from .slots import AdapterSlots, SlotConfig, attach_slots, encoder_embedding
 from .spec import AdapterLimits, AdapterSpec
 
-AdapterWeights = LoraWeights | IA3Weights | BitFitWeights | PromptWeights
+AdapterWeights = LoraWeights | IA3Weights | BitFitWeights | PromptWeights | PrefixWeights
 
 __all__ = [
     "AdaptedLinear", "AdapterError", "AdapterKind", "AdapterLimitError", "AdapterLimits", "AdapterMismatchError",
     "AdapterNotFoundError", "AdapterSlots", "AdapterSpec", "AdapterWeights", "BaseDescription", "BitFitWeights",
-    "CorruptAdapterError", "IA3Weights", "LoraWeights", "PromptWeights", "RowAdapters", "SlotConfig", "SlotError",
+    "CorruptAdapterError", "IA3Weights", "LoraWeights", "PrefixWeights", "PromptWeights", "RowAdapters", "SlotConfig", "SlotError",
     "UnsafeAdapterFormatError", "UnsupportedAdapterError", "attach_slots", "encoder_embedding", "inspect_adapter", "load_adapter",
     "save_bitfit",
 ]

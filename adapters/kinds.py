@@ -10,6 +10,7 @@ class AdapterKind(str, Enum):
     IA3 = "ia3"
     BITFIT = "bitfit"
     PROMPT = "prompt"
+    PREFIX = "prefix"
 
     def __str__(self) -> str:  # f-strings and JSON show "lora", not "AdapterKind.LORA"
         return self.value
@@ -23,14 +24,16 @@ PEFT_TYPES: dict[str, AdapterKind] = {
     "PROMPT_TUNING": AdapterKind.PROMPT,
     # served through the same slots: AdaLoRA's SVD triplet and DoRA (LORA + use_dora) fold into LoRA at
     # load; P-tuning's saved prompt is the prompt encoder's output, a soft prompt like prompt tuning's
+    "PREFIX_TUNING": AdapterKind.PREFIX,
     "ADALORA": AdapterKind.LORA,
     "P_TUNING": AdapterKind.PROMPT,
 }
 
 # Every method a spec may name (AdapterSpec.method_name): the label metrics and GET /adapters show.
-METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "p_tuning")
+METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "p_tuning", "prefix")
 
-# Kinds that act inside the wrapped linears (prompt acts on the encoder input instead).
+# Kinds that act inside the wrapped linears (prompt acts on the encoder input, prefix on the decoder's
+# self-attention keys and values, instead).
 LINEAR_KINDS = (AdapterKind.LORA, AdapterKind.IA3, AdapterKind.BITFIT)
 
 # Every linear of a T5 block an adapter may target: attention (self and cross) and the FFN

@@ -15,9 +15,10 @@ from .spec import AdapterLimits, AdapterSpec
 def _kind_modules() -> dict[AdapterKind, ModuleType]:
     # Each kind module has the same small interface: inspect(files, base, limits, name) -> AdapterSpec,
     # build(spec, files, tensors) -> <Kind>Weights.
-    from . import bitfit, ia3, lora, prompt
+    from . import bitfit, ia3, lora, prefix, prompt
 
-    return {AdapterKind.LORA: lora, AdapterKind.IA3: ia3, AdapterKind.BITFIT: bitfit, AdapterKind.PROMPT: prompt}
+    return {AdapterKind.LORA: lora, AdapterKind.IA3: ia3, AdapterKind.BITFIT: bitfit, AdapterKind.PROMPT: prompt,
+            AdapterKind.PREFIX: prefix}
 
 
 def kind_of(files: AdapterFiles) -> AdapterKind:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import prefix as prefix_kind
 from . import prompt as prompt_kind
 from .base import BaseDescription, is_target_path
 from .bitfit import BitFitSlots
@@ -30,6 +31,7 @@ class SlotConfig:
     slots: dict[AdapterKind, int] = field(default_factory=dict)  # slots per kind (0 / absent: kind disabled)
     max_rank: int = 16
     max_virtual_tokens: int = 32
+    max_prefix_tokens: int = 32
     dtype: torch.dtype | None = None  # slot tensor dtype; None: each wrapped weight's own dtype
     # Keep each layer's gathered per-row weights until the rows change (memory for speed in decode).
     cache_gathered: bool = True
@@ -95,6 +97,14 @@ class AdapterSlots:
         self.prompts = (prompt_kind.PromptSlots(n_prompt, config.max_virtual_tokens, emb.embedding_dim,
                                                 config.dtype or emb.weight.dtype, emb.weight.device)
                         if n_prompt else None)
+        n_prefix = config.count(AdapterKind.PREFIX)
+        self.prefixes = None
+        if n_prefix:
+            c = model.config
+            blocks = model.get_decoder().block
+            devices = [next(b.parameters()).device for b in blocks]
+            self.prefixes = prefix_kind.PrefixSlots(n_prefix, config.max_prefix_tokens, c.num_heads, c.d_kv,
+                                                    config.dtype or emb.weight.dtype, devices)
 
     @property
     def embedding(self) -> torch.nn.Embedding:
@@ -120,6 +130,8 @@ class AdapterSlots:
             raise SlotError(f"adapter {weights.spec.name!r} is a {weights.spec.kind} adapter, not {kind}")
         if kind == AdapterKind.PROMPT:
             self.prompts.write(slot + 1, weights)
+        elif kind == AdapterKind.PREFIX:
+            self.prefixes.write(slot + 1, weights)
         else:
             unknown = [m for m in weights.spec.modules if m not in self.layers]
             if unknown:
@@ -140,6 +152,8 @@ class AdapterSlots:
         kind = self._check(kind, slot)
         if kind == AdapterKind.PROMPT:
             self.prompts.clear(slot + 1)
+        elif kind == AdapterKind.PREFIX:
+            self.prefixes.clear(slot + 1)
         else:
             for _, kind_slots in self._kind_slots[kind]:
                 kind_slots.clear(slot + 1)
@@ -174,6 +188,17 @@ class AdapterSlots:
                 self._check(*p)
         return self.prompts.place(embeds, attention_mask, rows.slot_index(AdapterKind.PROMPT))
 
+    def prefix_of(self, pair) -> tuple[list, list, int, int]:
+        """(keys, values per decoder layer as [heads, tokens, d_kv] views, tokens, layers) of a row's prefix
+        adapter; no tokens for any other row."""
+        if pair is None or pair[0] != AdapterKind.PREFIX:
+            return [], [], 0, 0
+        self._check(*pair)
+        slot = pair[1] + 1
+        p = self.prefixes
+        return ([k[slot].transpose(0, 1) for k in p.k], [v[slot].transpose(0, 1) for v in p.v],
+                p.length[slot], p.layers[slot])
+
     # ---- merging (a replica dedicated to one adapter; or (IA)3 when every row shares it) -------------
 
     def merge(self, kind, slot: int) -> None:
@@ -181,8 +206,8 @@ class AdapterSlots:
         kind = self._check(kind, slot)
         if self.merged is not None:
             raise SlotError(f"{self.merged[0]} slot {self.merged[1]} is already merged; unmerge() first")
-        if kind == AdapterKind.PROMPT:
-            raise SlotError("prompt adapters change the input, not weights; they cannot be merged")
+        if kind in (AdapterKind.PROMPT, AdapterKind.PREFIX):
+            raise SlotError(f"{kind} adapters change the inputs or attention keys, not weights; they cannot be merged")
         with torch.no_grad():
             self._merged_layers = [layer for layer in self._touched.get((kind, slot), ()) if layer.merge(kind, slot + 1)]
         self.merged = (kind, slot)

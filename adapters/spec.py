@@ -12,6 +12,7 @@ from .kinds import AdapterKind
 class AdapterLimits:
     max_rank: int = 64
     max_virtual_tokens: int = 128
+    max_prefix_tokens: int = 128
     max_file_bytes: int = 256 << 20
 
 

@@ -121,11 +121,13 @@ def build(preset: dict):
     desc = BaseDescription.from_model(model, preset["base"], "bench")
     n = preset["batch"]
     wrapped = copy.deepcopy(model)
-    counts = {k: 2 * n if k == AdapterKind.LORA else n for k in AdapterKind}
+    # the kinds that act inside the wrapped model (prefix tuning acts in the engine's decode step)
+    model_kinds = (*KINDS, AdapterKind.PROMPT)
+    counts = {k: 2 * n if k == AdapterKind.LORA else n for k in model_kinds}
     slots = attach_slots(wrapped, SlotConfig(slots=counts, max_rank=preset["rank"],
                                              max_virtual_tokens=preset["virtual_tokens"]))
     g = torch.Generator().manual_seed(0)
-    for kind in AdapterKind:
+    for kind in model_kinds:
         for i in range(n):
             slots.write(kind, i, random_weights(kind, i, desc, preset["rank"], preset["virtual_tokens"], g))
     for i in range(n):

@@ -9,6 +9,8 @@ Sections (each can be selected with --only; a failing section is recorded, not f
 - idle: memory of registered, never-used adapters.
 - serving: HTTP through Ray Serve (a loopback server) / the in-process engine, same config and load, rounds
   alternated (loadtests/serving_overhead.py).
+- methods: DoRA and AdaLoRA next to LoRA, P-tuning next to prompt tuning, 32 distinct adapters each, one
+  engine, rounds alternated (loadtests/methods.py).
 
 A run of some sections (--only) into a directory that holds an earlier results.json of the same preset
 keeps that file's other sections (named under `kept_from_earlier`), so one section can be re-measured
@@ -31,10 +33,10 @@ from loadtests.measure import distribution, machine, timed_cell
 from loadtests.presets import KINDS, Preset
 from loadtests.workload import Request, ensure_base, make_adapters, make_requests, random_texts
 
-SECTIONS = ("throughput", "swap", "batching", "idle", "serving")
+SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods")
 # section -> its key in results.json
 RESULT_KEYS = {"throughput": "throughput", "swap": "swap", "batching": "batching", "idle": "idle_adapters",
-               "serving": "serving"}
+               "serving": "serving", "methods": "methods"}
 OFFERED_LOAD = 3.0  # batching section: Poisson rate / estimated capacity
 
 
@@ -272,8 +274,10 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                                             "ratios are measured within one run."}
     base_dir = ensure_base(work, preset.base_preset, preset.seed)
     results["decode_bytes"] = _decode_bytes(preset, base_dir)
-    # the serving section alone needs two adapters per kind, not the sweep's hundreds
-    paths = adapters_for(preset, base_dir, work, top=2 if set(sections) == {"serving"} else None)
+    # the serving section alone needs two adapters per kind, not the sweep's hundreds; the methods section
+    # writes (or finds cached) its own
+    others = set(sections) - {"methods"}
+    paths = adapters_for(preset, base_dir, work, top=2 if others == {"serving"} else None) if others else {}
     torch_dtype = getattr(torch, preset.dtype)
     capacity = None
     for section in sections:
@@ -293,6 +297,10 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                 from loadtests.serving_overhead import serving
 
                 results["serving"] = serving(preset, base_dir, work, paths, out)
+            elif section == "methods":
+                from loadtests.methods import methods
+
+                results["methods"] = methods(preset, base_dir, work, out)
         except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' numbers
             traceback.print_exc()
             results["skipped"].append({"what": section, "why": f"{type(e).__name__}: {e}"})

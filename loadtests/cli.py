@@ -3,6 +3,7 @@
     peftserve bench --preset cpu-small                      # in-process, results in loadtests/results/cpu-small
     peftserve bench --preset tiny --only swap,idle          # some sections (others kept from an earlier run)
     peftserve bench --preset cpu-small --threads 1 --only serving   # HTTP via Ray Serve / in-process engine
+    peftserve bench --preset cpu-small --threads 1 --only methods   # DoRA, AdaLoRA, P-tuning vs LoRA / prompt
     peftserve bench --preset cpu-small --http start         # start a loopback server, run the locust scenarios
     peftserve bench --preset cpu-small --http http://127.0.0.1:8000   # against a running server
 """
@@ -13,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-SECTIONS = ("throughput", "swap", "batching", "idle", "serving")
+SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods")
 
 
 class BenchArgumentError(ValueError):
@@ -110,5 +111,6 @@ def run(args) -> int:
         print(f"peftserve bench: skipped: {e}", file=sys.stderr)
         return 0
     print(f"results: {out}/results.json, results.md, throughput.png, swap_latency_cdf.png"
-          + (", serving_overhead.png" if "serving" in sections else ""))
+          + (", serving_overhead.png" if "serving" in sections else "")
+          + (", methods_throughput.png" if "methods" in sections else ""))
     return 0

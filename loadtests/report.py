@@ -11,6 +11,7 @@ from pathlib import Path
 
 # (key, description, comparison, threshold); values come from `target_values(results)`.
 # The throughput targets are stated at N = 32 distinct adapters; presets without 32 use their largest N.
+# "within": |measured - 1| <= threshold (the methods section's "same within ±10 %").
 TARGETS = [
     ("lora32_vs_base", "{n} distinct LoRA adapters / engine base throughput", ">=", 0.85),
     ("mixed32_vs_base", "{n} distinct adapters, four kinds mixed / engine base", ">=", 0.85),
@@ -26,7 +27,11 @@ TARGETS = [
     ("idle_adapter_bytes", "memory per registered, never-used adapter (retained heap), bytes", "<=", 10_000),
     ("serving_http_vs_engine", "HTTP via Ray Serve / in-process engine throughput (median of paired rounds)",
      ">=", 0.9),
+    ("ptuning_vs_prompt", "{m} distinct: P-tuning / prompt tuning throughput (same within ±10 %)", "within", 0.1),
+    ("adalora_vs_lora", "{m} distinct: AdaLoRA / LoRA throughput (same within ±10 %)", "within", 0.1),
+    ("dora_vs_lora", "{m} distinct: DoRA / LoRA throughput", ">=", 0.9),
 ]
+METHOD_TARGETS = ("ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora")
 
 
 def _cell(results: dict, peer: str, kind: str, distinct: int) -> dict | None:
@@ -56,6 +61,7 @@ def target_values(results: dict) -> dict[str, float | None]:
     # the targets' "static" is classic static batching (padded to the batch's longest), not the engine's
     # compacting static mode, which the batching table reports beside it
     cont, stat = batching.get("continuous"), batching.get("classic_static")
+    methods = {t["key"]: t["measured"] for t in (results.get("methods") or {}).get("targets", [])}
 
     def ms(tier):
         p99 = (swap.get(tier) or {}).get("p99")
@@ -75,6 +81,7 @@ def target_values(results: dict) -> dict[str, float | None]:
         "warm_swap_p99_ms": ms("warm"),
         "idle_adapter_bytes": (results.get("idle_adapters") or {}).get("bytes_each"),
         "serving_http_vs_engine": (results.get("serving") or {}).get("ratio_median"),
+        **{k: methods.get(k) for k in METHOD_TARGETS},
     }
 
 
@@ -82,11 +89,17 @@ def judge(results: dict) -> list[dict]:
     values = target_values(results)
     rows = []
     n = target_n(results)
+    m = (results.get("methods") or {}).get("distinct", 32)
     for key, what, op, threshold in TARGETS:
-        what = what.format(n=n)
+        what = what.format(n=n, m=m)
         v = values[key]
-        ok = None if v is None else (v >= threshold if op == ">=" else v <= threshold)
-        rows.append({"key": key, "target": f"{op} {threshold:g}", "what": what, "measured": v,
+        if op == "within":
+            ok = None if v is None else abs(v - 1.0) <= threshold
+            target = f"1 ± {threshold:g}"
+        else:
+            ok = None if v is None else (v >= threshold if op == ">=" else v <= threshold)
+            target = f"{op} {threshold:g}"
+        rows.append({"key": key, "target": target, "what": what, "measured": v,
                      "status": "not measured" if ok is None else ("PASS" if ok else "FAIL")})
     return rows
 
@@ -162,6 +175,10 @@ def markdown(results: dict) -> str:
         from loadtests.serving_overhead import markdown_lines
 
         lines += markdown_lines(results["serving"])
+    if results.get("methods"):
+        from loadtests.methods import markdown_lines as methods_lines
+
+        lines += methods_lines(results["methods"])
     for s in results.get("skipped", []):
         lines.append(f"- skipped: {s['what']}: {s['why']}")
     return "\n".join(lines) + "\n"
@@ -247,8 +264,8 @@ def plot_swap_cdf(results: dict, out: Path) -> Path:
 
 
 def write(results: dict, out_dir: Path) -> dict[str, Path]:
-    """results.json, results.md, throughput.png, swap_latency_cdf.png (serving_overhead.png is the serving
-    section's own) under out_dir."""
+    """results.json, results.md, throughput.png, swap_latency_cdf.png (serving_overhead.png and
+    methods_throughput.png are the serving and methods sections' own) under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results["targets"] = judge(results)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
@@ -261,10 +278,16 @@ def write(results: dict, out_dir: Path) -> dict[str, Path]:
         paths["swap_png"] = plot_swap_cdf(results, out_dir / "swap_latency_cdf.png")
     if results.get("serving", {}).get("plot"):
         paths["serving_png"] = Path(results["serving"]["plot"])
+    if results.get("methods", {}).get("plot"):
+        paths["methods_png"] = Path(results["methods"]["plot"])
     return paths
 
 
 def print_targets(results: dict) -> None:
-    print("\ntargets (issue 4 / issue 7; flags, not asserts):")
+    print("\ntargets (issues 4, 7 and 13; flags, not asserts):")
     for t in results["targets"]:
         print(f"  [{t['status']:>12}] {t['what']}: measured {_fmt(t['measured'])}, target {t['target']}")
+    m = results.get("methods")
+    if m:
+        print(f"  prefix tuning: {m['prefix_tuning']}; KV-cache bytes per prefix row: "
+              f"{m['kv_cache_bytes_per_prefix_row']}")

@@ -4,6 +4,15 @@ Adapters are created once per (base, kind, rank) and cached on disk: peft builds
 structure on a fresh copy of the base (`init_lora_weights=False`, i.e. random A and B), then every
 further adapter re-draws the same tensors from its own seed and is saved with `save_pretrained`
 (safetensors). BitFit has no peft method; its files come from the adapters package's own writer.
+
+The methods section adds three more peft methods, written the same way:
+- dora: the LoRA adapter (all linear, random A and B) with `use_dora=True`; each module's magnitude
+  vector is redrawn after A and B as ||W + s·B·A|| per output row times (1 + 0.05·randn): a well
+  conditioned adapter whose per-row scale stays near 1, as after training;
+- adalora: `AdaLoraConfig(init_r=target_r=rank)` on every T5 block linear, random A, B and E (no pruning:
+  every module keeps rank r, which is what the engine folds into plain LoRA);
+- ptuning: `PromptEncoderConfig` (MLP encoder, hidden 128) with the encoder redrawn; `save_pretrained`
+  writes the encoder's output as the soft prompt.
 """
 
 from __future__ import annotations
@@ -120,18 +129,23 @@ def make_adapters(base_dir: Path, out: Path, kind: str, count: int, rank: int = 
 def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path], None]:
     if kind == "bitfit":
         return _bitfit_writer(model)
-    from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+    from peft import IA3Config, LoraConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
-    if kind == "lora":
+    if kind in ("lora", "dora"):
         config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=rank, lora_alpha=2 * rank,
-                            target_modules="all-linear", init_lora_weights=False)
+                            target_modules="all-linear", init_lora_weights=False, use_dora=kind == "dora")
+    elif kind == "adalora":
+        config = None  # built below: "all-linear" where this peft's AdaLoRA accepts it
     elif kind == "ia3":
         config = IA3Config(task_type=TaskType.SEQ_2_SEQ_LM, init_ia3_weights=False)
     elif kind == "prompt":
         config = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_tokens)
+    elif kind == "ptuning":
+        config = PromptEncoderConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_tokens,
+                                     encoder_hidden_size=128)
     else:
         raise ValueError(f"unknown adapter kind {kind!r}")
-    peft_model = get_peft_model(model, config)
+    peft_model = _adalora_model(model, rank) if kind == "adalora" else get_peft_model(model, config)
     d_model = model.config.d_model
 
     def write(path: Path) -> None:
@@ -140,13 +154,48 @@ def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path],
                 if "lora_A" in name or "lora_B" in name:
                     # what peft's init_lora_weights=False does: nn.Linear's default init for A and B
                     torch.nn.init.kaiming_uniform_(p, a=5**0.5)
+                elif "lora_E" in name:  # AdaLoRA's singular values (peft initialises them to 0)
+                    p.copy_(torch.randn_like(p))
                 elif "ia3_l" in name:
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))  # trained (IA)3 vectors stay near 1
+                elif "prompt_encoder" in name and kind == "ptuning" and p.dim() == 2 and "embedding" not in name:
+                    p.copy_(torch.randn_like(p) * p.shape[1] ** -0.5)  # encoder MLP: unit gain per layer
                 elif "prompt_encoder" in name:
-                    p.copy_(torch.randn_like(p) * d_model**-0.5)
+                    p.copy_(torch.randn_like(p) * (d_model**-0.5 if p.dim() == 2 else 0.01))
+            if kind == "dora":
+                _redraw_dora_magnitudes(peft_model)
         peft_model.save_pretrained(path, safe_serialization=True)
 
     return write
+
+
+def _adalora_model(model, rank: int):
+    """AdaLoRA at rank r everywhere (init_r = target_r: nothing to prune) on every T5 block linear."""
+    from peft import AdaLoraConfig, TaskType, get_peft_model
+
+    from adapters.kinds import T5_TARGETS
+
+    def config(targets):
+        return AdaLoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, init_r=rank, target_r=rank, lora_alpha=2 * rank,
+                             total_step=10, target_modules=targets)
+
+    try:
+        return get_peft_model(model, config("all-linear"))
+    except (ValueError, TypeError):  # an AdaLoRA without the shorthand: the T5 block linears by name
+        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        return get_peft_model(model, config([t for t in T5_TARGETS if t in present]))
+
+
+def _redraw_dora_magnitudes(peft_model) -> None:
+    """m = ||W + s·B·A|| per output row x (1 + 0.05·randn): DoRA's per-row scale m / ||W + s·B·A|| near 1."""
+    for module in peft_model.modules():
+        magnitude = getattr(module, "lora_magnitude_vector", None)
+        if magnitude is None or "default" not in magnitude:
+            continue
+        w = module.base_layer.weight + module.scaling["default"] * (
+            module.lora_B["default"].weight @ module.lora_A["default"].weight)
+        norm = w.norm(dim=1)
+        magnitude["default"].weight.copy_(norm * (1 + 0.05 * torch.randn_like(norm)))
 
 
 def _bitfit_writer(model) -> Callable[[Path], None]:

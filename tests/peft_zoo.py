@@ -111,3 +111,11 @@ def ptuning(model, out, seed, num_virtual_tokens, encoder="MLP", **kw):
     cfg = PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=num_virtual_tokens,
                               encoder_hidden_size=32, encoder_reparameterization_type=encoder, **kw)
     return save_peft(model, cfg, out, seed, init=redraw("prompt_encoder", lambda p: 0.5 * torch.randn_like(p)))
+
+
+def prefix(model, out, seed, num_virtual_tokens, **kw):
+    """Prefix tuning; with prefix_projection the saved table is the projection MLP's output."""
+    from peft import PrefixTuningConfig
+
+    cfg = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=num_virtual_tokens, **kw)
+    return save_peft(model, cfg, out, seed, init=redraw("prompt_encoder", lambda p: 0.5 * torch.randn_like(p)))

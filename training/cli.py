@@ -12,6 +12,8 @@ EPILOG = """examples:
   peftserve train --method lora --train data/train.jsonl --eval data/dev.jsonl --output adapters/my-lora
   peftserve train --method ia3 --train cola/train.jsonl --max-train-samples 500 --layers last:2 \\
       --module-groups feed-forward --output out/cola-ia3 --register http://127.0.0.1:8000
+  peftserve train --method adalora --train data/train.jsonl --adalora-init-r 12 --lora-rank 4 --output out/ada
+  peftserve train --method ptuning --train data/train.jsonl --ptuning-encoder MLP --output out/ptuning
   peftserve train --method prompt --train rows.csv --input-field sentence --target-field label \\
       --template "Is this acceptable? {sentence}" --num-virtual-tokens 20 --output out/prompt
   peftserve train sweep --config training/sweeps/seed_paper.yaml --output sweeps/seed
@@ -31,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=["sweep"], default=None,
                         help="'sweep': run a grid of methods x data sizes from --config (omit to train one adapter)")
     g = parser.add_argument_group("what to train")
-    g.add_argument("--method", choices=["lora", "ia3", "bitfit", "prompt", "full"],
-                   help="adapter kind, or full fine-tuning (the baseline); required unless 'sweep'")
+    g.add_argument("--method", choices=["lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "full"],
+                   help="adapter kind, or full fine-tuning (the baseline); required unless 'sweep'. dora and "
+                        "adalora take the LoRA options; ptuning the prompt options")
     g.add_argument("--base", default=None, help="base model: hub id or local T5 directory (default: embedded base)")
     g.add_argument("--output", type=Path, help="output directory (the adapter; for sweep: the results directory)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
@@ -54,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (overrides --epochs)")
     t.add_argument("--epochs", type=float, default=None, help="passes over the training rows (default 3)")
     t.add_argument("--learning-rate", type=float, default=None,
-                   help="default per method: lora 1e-3, ia3 1e-2, bitfit 1e-2, prompt 0.3, full 3e-4")
+                   help="default per method: lora/dora 1e-3, adalora 1e-2, ia3 1e-2, bitfit 1e-2, prompt 0.3, "
+                        "ptuning 3e-2, full 3e-4")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 10 per run)")
@@ -65,22 +69,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     m = parser.add_argument_group("method options")
     m.add_argument("--target-modules", type=_csv, default=None,
-                   help="T5 linears, comma-separated (q,k,v,o,wi_0,wi_1,wo); defaults: lora q,v; "
+                   help="T5 linears, comma-separated (q,k,v,o,wi_0,wi_1,wo); defaults: lora/dora/adalora q,v; "
                         "ia3 k,v,wo; bitfit all")
     m.add_argument("--feedforward-modules", type=_csv, default=None,
                    help="(IA)3: targets scaled on their input side (default: the feed-forward ones)")
     m.add_argument("--layers", default="all", help="train only these blocks: all, first:N, last:N or 0,2,3")
     m.add_argument("--module-groups", type=_csv, default=[],
                    help="restrict to groups: attention, feed-forward, encoder, decoder (comma-separated)")
-    m.add_argument("--lora-rank", type=int, default=8)
+    m.add_argument("--lora-rank", type=int, default=8, help="LoRA/DoRA rank; AdaLoRA's target average rank")
     m.add_argument("--lora-alpha", type=float, default=16.0)
     m.add_argument("--lora-dropout", type=float, default=0.0)
-    m.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
+    m.add_argument("--adalora-init-r", type=int, default=None,
+                   help="AdaLoRA: rank of every adapted linear before pruning (default 12)")
+    m.add_argument("--adalora-target-r", type=int, default=None,
+                   help="AdaLoRA: average rank after pruning (default: --lora-rank); below --adalora-init-r")
+    m.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning / P-tuning: soft prompt length")
+    m.add_argument("--ptuning-encoder", type=str.upper, default=None, metavar="{MLP,LSTM}",
+                   help="P-tuning: the prompt encoder (default MLP)")
+    m.add_argument("--ptuning-hidden-size", type=int, default=None,
+                   help="P-tuning: the prompt encoder's hidden size (default 128)")
     m.add_argument("--prompt-init", choices=["random", "text"], default="random")
     m.add_argument("--prompt-init-text", default=None, help="prompt tuning: text whose embeddings start the prompt")
     m.add_argument("--prompt-submodules", type=int, choices=[1, 2], default=1,
-                   help="1 (default): encoder soft prompt only, exactly what is served; 2: peft's seq2seq "
-                        "default, which also trains a decoder prompt that generation never uses")
+                   help="prompt/ptuning: 1 (default): encoder soft prompt only, exactly what is served; 2: "
+                        "peft's seq2seq default, which also saves a decoder prompt that generation never uses")
     r = parser.add_argument_group("register / sweep")
     r.add_argument("--register", metavar="URL", default=None, help="register the finished adapter with this server")
     r.add_argument("--token", dest="register_token", default=None,

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from training.errors import OutputExistsError, TrainConfigError
 
-METHODS = ("lora", "ia3", "bitfit", "prompt", "full")
+METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "full")
+LORA_FAMILY = ("lora", "dora", "adalora")  # the LoRA flags (--lora-*, --target-modules) apply to all three
+PROMPT_METHODS = ("prompt", "ptuning")  # soft prompts: no per-layer weights
+PTUNING_ENCODERS = ("MLP", "LSTM")  # peft's PromptEncoderReparameterizationType
 TASKS = ("auto", "classification", "generation")
 MODULE_GROUPS = ("attention", "feed-forward", "encoder", "decoder")
 T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
@@ -20,10 +23,17 @@ T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 # Defaults per method: what the method's papers use, scaled for short runs.
 DEFAULT_TARGETS = {
     "lora": ["q", "v"],
+    "dora": ["q", "v"],
+    "adalora": ["q", "v"],
     "ia3": ["k", "v", "wo"],
     "bitfit": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
 }
-DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "bitfit": 1e-2, "prompt": 3e-1, "full": 3e-4}
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "adalora": 1e-2, "ia3": 1e-2, "bitfit": 1e-2, "prompt": 3e-1,
+              "ptuning": 3e-2, "full": 3e-4}
+# AdaLoRA: rank schedule as fractions of the run's optimizer steps (peft's tinit / tfinal / deltaT)
+ADALORA_DEFAULT_INIT_R = 12
+ADALORA_TINIT, ADALORA_TFINAL, ADALORA_DELTA_T = 0.1, 0.2, 1
+ADALORA_MIN_STEPS = 2  # one importance update before the final allocation
 
 
 @dataclass
@@ -67,6 +77,10 @@ class TrainConfig:
     prompt_init: str = "random"  # "random" or "text"
     prompt_init_text: str | None = None
     prompt_submodules: int = 1  # 1: encoder soft prompt only (as served); 2: peft's seq2seq default
+    adalora_init_r: int | None = None  # AdaLoRA's rank before pruning (None: ADALORA_DEFAULT_INIT_R)
+    adalora_target_r: int | None = None  # AdaLoRA's average rank after pruning (None: lora_rank)
+    ptuning_encoder: str | None = None  # P-tuning's prompt encoder, MLP or LSTM (None: MLP)
+    ptuning_hidden_size: int | None = None  # P-tuning's encoder hidden size (None: 128)
     # output
     overwrite: bool = False
     adapter_name: str | None = None  # default: the output dir's name
@@ -88,6 +102,22 @@ class TrainConfig:
     @property
     def targets(self) -> list[str]:
         return list(self.target_modules or DEFAULT_TARGETS.get(self.method, []))
+
+    @property
+    def init_r(self) -> int:
+        return self.adalora_init_r if self.adalora_init_r is not None else ADALORA_DEFAULT_INIT_R
+
+    @property
+    def target_r(self) -> int:
+        return self.adalora_target_r if self.adalora_target_r is not None else self.lora_rank
+
+    @property
+    def encoder(self) -> str:
+        return str(self.ptuning_encoder or "MLP").upper()
+
+    @property
+    def encoder_hidden_size(self) -> int:
+        return self.ptuning_hidden_size if self.ptuning_hidden_size is not None else 128
 
     @property
     def name(self) -> str:
@@ -147,11 +177,53 @@ class TrainConfig:
         bad_groups = [g for g in self.module_groups if g not in MODULE_GROUPS]
         if bad_groups:
             _bad(f"unknown module group(s) {bad_groups}; choose from {', '.join(MODULE_GROUPS)}")
-        if self.method == "prompt" and (self.layers != "all" or self.module_groups):
-            _bad("--layers/--module-groups do not apply to prompt tuning (it adds no per-layer weights)")
+        if self.method in PROMPT_METHODS and (self.layers != "all" or self.module_groups):
+            _bad(f"--layers/--module-groups do not apply to --method {self.method} (a soft prompt adds no "
+                 "per-layer weights)")
+        self._validate_new_methods()
         parse_layers(self.layers, num_layers=None)
         check_output_dir(self.output, self.overwrite)
         return self
+
+
+    def _validate_new_methods(self) -> None:
+        """DoRA / AdaLoRA / P-tuning options: each flag only with its method, ranks and sizes in range."""
+        if self.prompt_submodules != 1 and self.method not in PROMPT_METHODS:
+            _bad("--prompt-submodules applies to --method prompt or ptuning only")
+        if self.method == "ptuning" and self.prompt_init != "random":
+            _bad("--prompt-init text applies to --method prompt only (P-tuning's encoder starts from random "
+                 "virtual-token embeddings)")
+        for flag, value in (("--adalora-init-r", self.adalora_init_r), ("--adalora-target-r", self.adalora_target_r)):
+            if value is not None and self.method != "adalora":
+                _bad(f"{flag} applies to --method adalora only (got --method {self.method})")
+        for flag, value in (("--ptuning-encoder", self.ptuning_encoder),
+                            ("--ptuning-hidden-size", self.ptuning_hidden_size)):
+            if value is not None and self.method != "ptuning":
+                _bad(f"{flag} applies to --method ptuning only (got --method {self.method})")
+        if self.method == "adalora":
+            _check_range("--adalora-init-r", self.init_r, 1, 1024)
+            _check_range("--adalora-target-r", self.target_r, 1, 1024)
+            if self.target_r >= self.init_r:
+                source = "--adalora-target-r" if self.adalora_target_r is not None else "--lora-rank"
+                _bad(f"AdaLoRA prunes from --adalora-init-r {self.init_r} down to {source} {self.target_r}: the "
+                     f"target rank must be below the initial rank (raise --adalora-init-r or lower {source})")
+            if self.max_steps is not None and self.max_steps < ADALORA_MIN_STEPS:
+                _bad(f"--method adalora needs --max-steps >= {ADALORA_MIN_STEPS} (its rank schedule warms up, "
+                     f"prunes, then fixes the ranks), got {self.max_steps}")
+        if self.method == "ptuning":
+            if not isinstance(self.encoder, str) or self.encoder not in PTUNING_ENCODERS:
+                _bad(f"--ptuning-encoder must be {' or '.join(PTUNING_ENCODERS)}, got {self.ptuning_encoder!r}")
+            _check_range("--ptuning-hidden-size", self.encoder_hidden_size, 1, 65536)
+
+
+def adalora_schedule(total_steps: int) -> dict:
+    """peft's AdaLoraConfig schedule for a run of `total_steps` optimizer steps: warm up for the first 10%
+    (tinit), prune towards the target rank until the last 20% (tfinal), then keep the ranks fixed."""
+    if total_steps < ADALORA_MIN_STEPS:
+        _bad(f"--method adalora needs at least {ADALORA_MIN_STEPS} optimizer steps, this run plans {total_steps}; "
+             "raise --max-steps or --epochs")
+    return {"total_step": total_steps, "tinit": int(ADALORA_TINIT * total_steps),
+            "tfinal": int(ADALORA_TFINAL * total_steps), "deltaT": ADALORA_DELTA_T}
 
 
 def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:

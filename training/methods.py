@@ -1,6 +1,6 @@
 """Build the trainable model per method, and save what the server loads.
 
-LoRA, (IA)3 and prompt tuning go through peft; BitFit is the project's own (T5 linears have no bias, so
+LoRA, DoRA (LoRA with use_dora), AdaLoRA, (IA)3, prompt tuning and P-tuning go through peft; BitFit is the project's own (T5 linears have no bias, so
 each selected linear gets a zero-initialised trainable bias, saved in the adapters/ BitFit layout); full
 fine-tuning trains every weight and is the sweep's baseline. Selective training (seed paper §5): restrict
 to layers (first/last N, explicit list) and module groups (attention, feed-forward, encoder, decoder).
@@ -8,6 +8,7 @@ to layers (first/last N, explicit list) and module groups (attention, feed-forwa
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import TrainConfig, parse_layers
+from training.config import TrainConfig, adalora_schedule, parse_layers
 from training.errors import TrainConfigError
 
 # encoder.block.3.layer.1.DenseReluDense.wo -> stack, block, sub-module, linear
@@ -25,7 +26,11 @@ _T5_LINEAR = re.compile(r"^(?P<stack>encoder|decoder)\.block\.(?P<block>\d+)\.la
 
 @dataclass
 class Trainable:
-    """The model to optimise plus how to save it. `model` is a peft model for lora/ia3/prompt."""
+    """The model to optimise plus how to save it. `model` is a peft model for every method but bitfit/full.
+
+    The loop calls `after_optimizer_step(step)` once per step (after backward and the optimizer step, before
+    the next zero_grad), and `snapshot()` / `restore()` to keep and bring back the best evaluation's state.
+    """
 
     method: str
     model: torch.nn.Module
@@ -41,6 +46,42 @@ class Trainable:
         total = sum(p.numel() for p in self.model.parameters())
         base_total = total if self.method == "full" else total - trainable
         return trainable, base_total
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Per-method work once the gradients of `step` (1-based) are in and applied; nothing by default."""
+
+    def snapshot(self):
+        return [t.detach().clone() for t in self.parameters()]
+
+    def restore(self, state) -> None:
+        with torch.no_grad():
+            for t, saved in zip(self.parameters(), state, strict=True):
+                t.copy_(saved)
+
+
+@dataclass
+class AdaLoraTrainable(Trainable):
+    """AdaLoRA: peft's rank allocator scores each SVD triplet from the step's gradients and masks the least
+    important ones (`update_and_allocate`); the resulting rank_pattern travels with the weights it masked."""
+
+    def _config(self):
+        return self.model.peft_config[self.model.active_adapter]
+
+    def after_optimizer_step(self, step: int) -> None:
+        # peft: "called in every training step after loss.backward() and before zero_grad()"; the gradients
+        # are still there (the loop zeroes them just before the next backward)
+        self.model.base_model.update_and_allocate(step)
+
+    def snapshot(self):
+        pattern = self._config().rank_pattern
+        return super().snapshot(), copy.deepcopy(pattern)
+
+    def restore(self, state) -> None:
+        weights, pattern = state
+        super().restore(weights)
+        self._config().rank_pattern = pattern
+        if pattern:  # what is saved (tensors cut to rank_pattern) is exactly what was evaluated
+            self.model.base_model.rankallocator.mask_using_rank_pattern(self.model.base_model.model, pattern)
 
 
 def select_modules(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
@@ -75,8 +116,11 @@ def _peft_targets(cfg: TrainConfig, modules: list[str], every: list[str]) -> lis
     return sorted({p.rsplit(".", 1)[1] for p in modules}) if modules == every else modules
 
 
-def build(cfg: TrainConfig, base) -> Trainable:
-    """Wrap `base.model` (a LoadedBase's T5) for `cfg.method`; only the method's parameters train."""
+def build(cfg: TrainConfig, base, total_steps: int | None = None) -> Trainable:
+    """Wrap `base.model` (a LoadedBase's T5) for `cfg.method`; only the method's parameters train.
+
+    `total_steps` (the run's planned optimizer steps) sets AdaLoRA's rank schedule; other methods ignore it.
+    """
     model = base.model
     model.requires_grad_(False)
     if cfg.dropout is not None:
@@ -88,17 +132,26 @@ def build(cfg: TrainConfig, base) -> Trainable:
         return Trainable("full", model)
     if cfg.method == "prompt":
         return Trainable("prompt", _prompt_model(cfg, base), peft=True)
+    if cfg.method == "ptuning":
+        return Trainable("ptuning", _ptuning_model(cfg, base), peft=True)
     modules = select_modules(model, cfg)
     if cfg.method == "bitfit":
         add_biases(model, modules)
         return Trainable("bitfit", model, modules)
-    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+    from peft import AdaLoraConfig, IA3Config, LoraConfig, TaskType, get_peft_model
 
     every = select_modules(model, _all_layers(cfg))
     targets = _peft_targets(cfg, modules, every)
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "dora"):
         pcfg = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                          lora_dropout=cfg.lora_dropout, target_modules=targets)
+                          lora_dropout=cfg.lora_dropout, target_modules=targets, use_dora=cfg.method == "dora")
+    elif cfg.method == "adalora":
+        if total_steps is None:
+            raise TrainConfigError("AdaLoRA needs the run's total optimizer steps (build(..., total_steps=N))")
+        pcfg = AdaLoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, init_r=cfg.init_r, target_r=cfg.target_r,
+                             lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                             **adalora_schedule(total_steps))
+        return AdaLoraTrainable("adalora", get_peft_model(model, pcfg), modules, peft=True)
     else:
         ff_short = set(cfg.feedforward_modules or [t for t in cfg.targets if t in ("wo", "wi", "wi_0", "wi_1")])
         if "wi" in ff_short:
@@ -138,6 +191,22 @@ def _prompt_model(cfg: TrainConfig, base):
             pe = model.prompt_encoder["default"].embedding.weight
             pe.normal_(0.0, float(emb.std()))
     return model
+
+
+def _ptuning_model(cfg: TrainConfig, base):
+    from peft import PromptEncoderConfig, TaskType, get_peft_model
+
+    pcfg = PromptEncoderConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        # Why 1, as for prompt tuning: peft's seq2seq forward and generate prepend only the first
+        # num_virtual_tokens encoder outputs; with 2 the MLP's decoder rows never get a gradient, and the
+        # LSTM's are trained only as context for the encoder rows (docs/TRAINING.md).
+        num_transformer_submodules=cfg.prompt_submodules,
+        encoder_reparameterization_type=cfg.encoder,
+        encoder_hidden_size=cfg.encoder_hidden_size,
+    )
+    return get_peft_model(base.model, pcfg)
 
 
 # ---- BitFit: trainable biases on bias-free T5 linears ------------------------------------------------

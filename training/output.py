@@ -94,13 +94,19 @@ def model_card(r: dict) -> str:
     cfg = r["config"]
     method_line = {
         "lora": f"LoRA, rank {cfg['lora_rank']}, alpha {cfg['lora_alpha']}, targets {r['targets']}",
+        "dora": f"DoRA (weight-decomposed LoRA), rank {cfg['lora_rank']}, alpha {cfg['lora_alpha']}, "
+                f"targets {r['targets']}",
+        "adalora": f"AdaLoRA, rank {cfg.get('adalora_init_r') or 12} pruned to an average of "
+                   f"{cfg.get('adalora_target_r') or cfg['lora_rank']}, alpha {cfg['lora_alpha']}, targets {r['targets']}",
         "ia3": f"(IA)3, targets {r['targets']}",
         "bitfit": f"BitFit (trainable biases), targets {r['targets']}",
         "prompt": f"prompt tuning, {cfg['num_virtual_tokens']} virtual tokens (encoder)",
+        "ptuning": f"P-tuning, {cfg['num_virtual_tokens']} virtual tokens (encoder) from a "
+                   f"{(cfg.get('ptuning_encoder') or 'MLP').upper()} prompt encoder",
         "full": "full fine-tuning (baseline)",
     }[r["method"]]
     return f"""---
-library_name: {"peft" if r["method"] in ("lora", "ia3", "prompt") else "peftserve"}
+library_name: {"peftserve" if r["method"] in ("bitfit", "full") else "peft"}
 base_model: {r["base"]["name"]}
 tags: [peftserve, {r["method"]}, t5]
 ---
@@ -123,7 +129,7 @@ Data: `{cfg["train"]}` (input `{cfg["template"] or cfg["input_field"]}`, target 
 The learning curve is in `curve.csv`; the full configuration in `train_report.json`.
 
 Serve it: `peftserve register {r["name"]} <this directory> --url URL` against a running server,
-or load it with `peft.PeftModel.from_pretrained(base, <this directory>)` (LoRA, (IA)3, prompt).
+or load it with `peft.PeftModel.from_pretrained(base, <this directory>)` (LoRA, DoRA, AdaLoRA, (IA)3, prompt, P-tuning).
 """
 
 

@@ -17,7 +17,7 @@ import torch
 
 from training import data as D
 from training import methods, output
-from training.config import TrainConfig
+from training.config import PROMPT_METHODS, TrainConfig, adalora_schedule
 from training.metrics import TASK_METRICS, score
 
 
@@ -60,8 +60,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     D.check_labels(train_pairs, task)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.method == "adalora":  # its rank schedule needs a few steps; say so before loading the base
+        adalora_schedule(plan_steps(cfg, len(train_pairs))[0])
     base = load_base(cfg.base)
-    if cfg.method != "prompt" and cfg.method != "full":
+    if cfg.method not in PROMPT_METHODS and cfg.method != "full":
         methods.select_modules(base.model, cfg)  # raises on an empty/out-of-range selection
     return Prepared(cfg, base, train_pairs, eval_pairs, task, device)
 
@@ -123,10 +125,10 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None) -> TrainResult:
 def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
     torch.manual_seed(cfg.seed)
     tok = p.base.tokenizer
-    trainable = methods.build(cfg, p.base)
-    model = trainable.model.to(p.device)
     encoded = D.encode_pairs(tok, p.train, cfg.max_source_length, cfg.max_target_length)
     total, every = plan_steps(cfg, len(encoded))
+    trainable = methods.build(cfg, p.base, total_steps=total)
+    model = trainable.model.to(p.device)
     params = trainable.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, total // 20)
@@ -148,6 +150,7 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        trainable.after_optimizer_step(step)  # AdaLoRA: peft's update_and_allocate (gradients still present)
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         if step % every and step != total:
             bar.update(1)
@@ -163,7 +166,7 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
         # better: a higher metric, or the same metric at a clearly lower eval loss (still learning)
         if value > best or (value == best and ev_loss < best_loss * 0.99):
             best, best_loss, best_step, stale = value, ev_loss, step, 0
-            best_state = [t.detach().clone() for t in params]
+            best_state = trainable.snapshot()
         else:
             stale += 1
         if (cfg.stop_at_metric is not None and value >= cfg.stop_at_metric) or (cfg.patience and stale >= cfg.patience):
@@ -171,9 +174,7 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
     bar.close()
     train_seconds = time.perf_counter() - t0
     peak, peak_kind = memory.read()
-    with torch.no_grad():  # restore the best evaluation's weights: that is what gets saved and reported
-        for t, saved in zip(params, best_state, strict=True):
-            t.copy_(saved)
+    trainable.restore(best_state)  # the best evaluation's weights: what gets saved and reported
     model.to("cpu")
     n_trainable, n_base = trainable.counts()
     report = {

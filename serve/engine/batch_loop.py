@@ -233,6 +233,8 @@ class BatchLoop:
         hidden = encode(self.parts, embeds, mask)
         first = len(self._running)
         prefill_cross(self.parts, self.kv, list(range(first, first + len(seqs))), hidden, mask)
+        for row, pair in enumerate(rows.pairs, start=first):  # prefix tuning: the row's KV prefix, copied once
+            self.kv.set_prefix(row, *self.slots.prefix_of(pair))
         now = time.perf_counter()
         for s in seqs:
             s.t_admit = now

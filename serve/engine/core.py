@@ -81,13 +81,16 @@ class Engine:
                              head_weight_major=tune_head(model.lm_head.weight, config.max_batch_rows))
         self.base_desc = BaseDescription.from_model(model, base.name, base.fingerprint)
         self.limits = AdapterLimits(max_rank=config.max_rank, max_virtual_tokens=config.max_virtual_tokens,
+                                    max_prefix_tokens=config.max_prefix_tokens,
                                     max_file_bytes=config.max_adapter_file_bytes)
         slot_counts = {AdapterKind(k): n for k, n in config.device_slots.items() if n > 0}
         self.slots = attach_slots(model, SlotConfig(slots=slot_counts, max_rank=config.max_rank,
-                                                    max_virtual_tokens=config.max_virtual_tokens))
+                                                    max_virtual_tokens=config.max_virtual_tokens,
+                                                    max_prefix_tokens=config.max_prefix_tokens))
         virtual = config.max_virtual_tokens if config.device_slots.get("prompt", 0) else 0
         self.kv = KVCache(self.parts, config.max_batch_rows, config.max_new_tokens_cap,
-                          config.max_input_tokens + virtual)
+                          config.max_input_tokens + virtual,
+                          config.max_prefix_tokens if config.device_slots.get("prefix", 0) else 0)
         self._wake = threading.Event()  # wakes the loop thread
         self.cache = AdapterCache(load=self._load_weights, write=self.slots.write, slots=config.device_slots,
                                   host_bytes=config.host_bytes, device_bytes=config.device_bytes,
@@ -214,10 +217,11 @@ class Engine:
         cfg = self.config
         validate_request(request)
         params = validate_params(request.params, cfg)
-        virtual = 0
+        virtual = encoder_virtual = 0
         if request.adapter is not None:
             spec = self.adapter_spec(request.adapter)
-            virtual = spec.num_virtual_tokens or 0
+            virtual = spec.num_virtual_tokens or 0  # soft prompt or prefix: both hold KV-cache tokens
+            encoder_virtual = virtual if str(spec.kind) == "prompt" else 0  # only a prompt lengthens the encoder pass
         ids = self.tokenizer(request.inputs).input_ids
         if len(ids) > cfg.max_input_tokens:
             raise RequestValidationError("inputs", f"{len(ids)} tokens; this server accepts at most "
@@ -232,7 +236,7 @@ class Engine:
             seed = secrets.randbits(63)
         seq = Sequence(request=request, params=params, input_ids=ids, seed=seed,
                        deadline=time.perf_counter() + cfg.request_timeout_s, cost_tokens=cost,
-                       prefill_tokens=len(ids) + virtual)
+                       prefill_tokens=len(ids) + encoder_virtual)
         return seq
 
     def generate(self, requests: list[GenerationRequest], timeout: float | None = None
@@ -371,7 +375,10 @@ def _block_extras(t5, cfg: EngineConfig, nbytes: int) -> dict[str, int]:
         return per * nbytes
 
     virtual = cfg.max_virtual_tokens if slots.get("prompt", 0) else 0
-    kv = 2 * cfg.max_batch_rows * inner * (cfg.max_new_tokens_cap + cfg.max_input_tokens + virtual) * nbytes
+    prefix = cfg.max_prefix_tokens if slots.get("prefix", 0) else 0
+    # per decoder block: self + cross + prefix KV rows, and the prefix slots' keys/values
+    kv = 2 * cfg.max_batch_rows * inner * (cfg.max_new_tokens_cap + cfg.max_input_tokens + virtual + prefix) * nbytes
+    kv += 2 * (slots.get("prefix", 0) + 1) * prefix * inner * nbytes
     return {"extra_encoder_block": slot_bytes(attention + ffn),
             "extra_decoder_block": slot_bytes(attention * 2 + ffn) + kv}
 

@@ -92,6 +92,17 @@ def _heads(x: torch.Tensor, parts: T5Parts) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], parts.n_heads, parts.d_kv).transpose(1, 2)
 
 
+def _attend_prefixed(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, bp: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`_attend` over prefix keys kp and the row's own keys k as one softmax, without concatenating K/V."""
+    sp = torch.matmul(q, kp.transpose(-1, -2)) + bp
+    ss = torch.matmul(q, k.transpose(-1, -2)) + bias
+    weights = torch.softmax(torch.cat((sp, ss), dim=-1).float(), dim=-1).to(v.dtype)
+    p = kp.shape[-2]
+    out = torch.matmul(weights[..., :p], vp) + torch.matmul(weights[..., p:], v)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """T5 attention: no 1/sqrt(d) scaling; `bias` carries position bias and -inf masking. -> [B, S, H*D]"""
     scores = torch.matmul(q, k.transpose(-1, -2)) + bias
@@ -138,23 +149,44 @@ class KVCache:
 
     self_k/self_v: [rows, heads, max_new_tokens, d_kv]; cross_k/cross_v: [rows, heads, max_source, d_kv];
     cross_mask: [rows, max_source] additive (0 / -inf) on each layer's device.
+    prefix_k/prefix_v: [rows, heads, max_prefix, d_kv] (prefix tuning: keys/values before the row's own
+    self-attention keys); prefix_len[r] tokens of row r are real, in decoder layers [0, prefix_layers[r]).
     """
 
-    def __init__(self, parts: T5Parts, max_rows: int, max_target: int, max_source: int):
+    def __init__(self, parts: T5Parts, max_rows: int, max_target: int, max_source: int, max_prefix: int = 0):
         self.max_rows, self.max_target, self.max_source = max_rows, max_target, max_source
+        self.max_prefix = max_prefix
         h, d, dt = parts.n_heads, parts.d_kv, parts.dtype
         self.devices = parts.decoder_devices()
         self.self_k = [torch.zeros(max_rows, h, max_target, d, dtype=dt, device=dev) for dev in self.devices]
         self.self_v = [torch.zeros_like(t) for t in self.self_k]
         self.cross_k = [torch.zeros(max_rows, h, max_source, d, dtype=dt, device=dev) for dev in self.devices]
         self.cross_v = [torch.zeros_like(t) for t in self.cross_k]
+        self.prefix_k = [torch.zeros(max_rows, h, max_prefix, d, dtype=dt, device=dev)
+                         for dev in self.devices] if max_prefix else []
+        self.prefix_v = [torch.zeros_like(t) for t in self.prefix_k]
         first = self.devices[0]
         self.cross_bias = torch.full((max_rows, max_source), NEG_INF, dtype=dt, device=first)
         self.source_len = [0] * max_rows
+        self.prefix_len = [0] * max_rows
+        self.prefix_layers = [0] * max_rows
 
     def nbytes(self) -> int:
-        tensors = self.self_k + self.self_v + self.cross_k + self.cross_v
+        tensors = self.self_k + self.self_v + self.cross_k + self.cross_v + self.prefix_k + self.prefix_v
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def prefix_row_bytes(self) -> int:
+        """KV-cache bytes one row's prefix region takes (all layers, keys and values)."""
+        return sum(2 * t[0].numel() * t.element_size() for t in self.prefix_k)
+
+    def set_prefix(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor], n: int, layers: int) -> None:
+        """Copy a prefix ([heads, >= n, d_kv] per decoder layer, on its device) into `row`; n = 0 clears it."""
+        if n > self.max_prefix:
+            raise ValueError(f"a {n}-token prefix exceeds the cache's {self.max_prefix}")
+        for i in range(min(layers, len(self.prefix_k))):
+            self.prefix_k[i][row, :, :n] = keys[i][:, :n]
+            self.prefix_v[i][row, :, :n] = values[i][:, :n]
+        self.prefix_len[row], self.prefix_layers[row] = n, layers if n else 0
 
     def move_row(self, src: int, dst: int, target_len: int) -> None:
         """Copy row `src` into row `dst` (compaction after `dst` left). Copies only the filled prefix."""
@@ -164,6 +196,11 @@ class KVCache:
             self.self_v[i][dst, :, :target_len] = self.self_v[i][src, :, :target_len]
             self.cross_k[i][dst, :, :s] = self.cross_k[i][src, :, :s]
             self.cross_v[i][dst, :, :s] = self.cross_v[i][src, :, :s]
+        p = self.prefix_len[src]
+        for i in range(min(self.prefix_layers[src], len(self.prefix_k))):
+            self.prefix_k[i][dst, :, :p] = self.prefix_k[i][src, :, :p]
+            self.prefix_v[i][dst, :, :p] = self.prefix_v[i][src, :, :p]
+        self.prefix_len[dst], self.prefix_layers[dst] = p, self.prefix_layers[src]
         self.cross_bias[dst] = self.cross_bias[src]
         self.source_len[dst] = s
 
@@ -210,6 +247,7 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
     self_bias = self_bias.permute(0, 2, 1)[:, :, None, :].clone()  # [n, H, 1, T]
     self_bias.masked_fill_((mem[None, :] > pos[:, None])[:, None, None, :], NEG_INF)
     cross_bias = cache.cross_bias[:n, None, None, :s_len]  # [n, 1, 1, S]
+    prefix = _prefix_bias(parts, cache, rel_emb, pos, n)  # None when no running row has a prefix
     row_idx = torch.arange(n)
     on_dev: dict[torch.device, tuple] = {}
     for i, block in enumerate(blocks):
@@ -225,7 +263,14 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         k_all, v_all = cache.self_k[i], cache.self_v[i]
         k_all[ri, :, pi] = att.k(x)[:, 0].view(n, parts.n_heads, parts.d_kv)
         v_all[ri, :, pi] = att.v(x)[:, 0].view(n, parts.n_heads, parts.d_kv)
-        h = h + att.o(_attend(_heads(att.q(x), parts), k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb))
+        q = _heads(att.q(x), parts)
+        pb = None if prefix is None else prefix(i, dev, h.dtype)
+        if pb is None:
+            h = h + att.o(_attend(q, k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb))
+        else:
+            p_len = pb.shape[-1]
+            h = h + att.o(_attend_prefixed(q, cache.prefix_k[i][:n, :, :p_len], cache.prefix_v[i][:n, :, :p_len], pb,
+                                           k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb))
         ca = block.layer[1]
         x = ca.layer_norm(h)
         catt = ca.EncDecAttention
@@ -238,6 +283,41 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         h = h * parts.scale_output
     head = parts.model.lm_head
     return project_vocab(head.weight, h.to(head.weight.device)[:, 0], parts.head_weight_major).float()
+
+
+def _prefix_bias(parts: T5Parts, cache: KVCache, rel_emb, pos: torch.Tensor, n: int):
+    """Per-layer additive bias [n, H, 1, P] for the rows' prefix keys, or None when no row has one.
+
+    Prefix key j of a row with an m-token prefix sits at relative position j - m - p from the query at
+    decoder position p (transformers starts the decoder's cache_position at the prefix length); keys past
+    a row's m, and every key in layers at or past the row's prefix_layers, are masked."""
+    if not cache.prefix_k:
+        return None
+    lens = cache.prefix_len[:n]
+    p_len = max(lens)
+    if p_len == 0:
+        return None
+    m = torch.tensor(lens, device=pos.device)
+    j = torch.arange(p_len, device=pos.device)
+    bias = relative_bias(rel_emb, j[None, :] - m[:, None] - pos[:, None], False, parts)  # [n, P, H]
+    bias = bias.permute(0, 2, 1)[:, :, None, :].clone()
+    bias.masked_fill_((j[None, :] >= m[:, None])[:, None, None, :], NEG_INF)
+    layers = cache.prefix_layers[:n]
+    cut = sorted({k for k in layers if k < len(cache.prefix_k)})  # layers where some rows' prefixes end
+    masks = {}
+    for i in cut:
+        masks[i] = torch.tensor([k <= i for k in layers], device=pos.device)[:, None, None, None]
+    on: dict = {}
+
+    def for_layer(i: int, dev, dtype):
+        ended = [k for k in cut if k <= i]
+        key = (dev, dtype, ended[-1] if ended else None)
+        if key not in on:
+            b = bias if not ended else bias.masked_fill(masks[ended[-1]], NEG_INF)
+            on[key] = b.to(dev, dtype)
+        return on[key]
+
+    return for_layer
 
 
 def project_vocab(weight: torch.Tensor, h: torch.Tensor, weight_major: frozenset[int] = frozenset()) -> torch.Tensor:

@@ -101,7 +101,7 @@ def test_state_dict_and_description_unchanged_by_wrapping(wrapped, tiny_base, ti
 @pytest.mark.parametrize("pairs, match", [
     ([(AdapterKind.LORA, 6)], "out of range"),
     ([(AdapterKind.PROMPT, 7)], "out of range"),
-    ([("prefix", 0)], "expected"),
+    ([("adapter", 0)], "expected"),
     ([(AdapterKind.IA3, -1)], "negative"),
 ])
 def test_bad_rows_are_refused(wrapped, pairs, match):
