@@ -30,8 +30,9 @@ TARGETS = [
     ("ptuning_vs_prompt", "{m} distinct: P-tuning / prompt tuning throughput (same within ±10 %)", "within", 0.1),
     ("adalora_vs_lora", "{m} distinct: AdaLoRA / LoRA throughput (same within ±10 %)", "within", 0.1),
     ("dora_vs_lora", "{m} distinct: DoRA / LoRA throughput", ">=", 0.9),
+    ("prefix_vs_base", "{m} distinct: prefix tuning (20 tokens) / engine base throughput", ">=", 0.85),
 ]
-METHOD_TARGETS = ("ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora")
+METHOD_TARGETS = ("ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base")
 
 
 def _cell(results: dict, peer: str, kind: str, distinct: int) -> dict | None:
@@ -289,5 +290,5 @@ def print_targets(results: dict) -> None:
         print(f"  [{t['status']:>12}] {t['what']}: measured {_fmt(t['measured'])}, target {t['target']}")
     m = results.get("methods")
     if m:
-        print(f"  prefix tuning: {m['prefix_tuning']}; KV-cache bytes per prefix row: "
+        print(f"  prefix tuning ({m['prefix_tokens']} tokens): KV-cache bytes per prefix row "
               f"{m['kv_cache_bytes_per_prefix_row']}")

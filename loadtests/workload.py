@@ -126,10 +126,21 @@ def make_adapters(base_dir: Path, out: Path, kind: str, count: int, rank: int = 
     return paths
 
 
+PREFIX_TOKENS = 20
+
+
 def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path], None]:
     if kind == "bitfit":
         return _bitfit_writer(model)
-    from peft import IA3Config, LoraConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
+    from peft import (
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        TaskType,
+        get_peft_model,
+    )
 
     if kind in ("lora", "dora"):
         config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=rank, lora_alpha=2 * rank,
@@ -143,6 +154,8 @@ def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path],
     elif kind == "ptuning":
         config = PromptEncoderConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_tokens,
                                      encoder_hidden_size=128)
+    elif kind == "prefix":  # issue 13 states its target at 20 virtual tokens
+        config = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=PREFIX_TOKENS)
     else:
         raise ValueError(f"unknown adapter kind {kind!r}")
     peft_model = _adalora_model(model, rank) if kind == "adalora" else get_peft_model(model, config)
@@ -160,6 +173,8 @@ def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path],
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))  # trained (IA)3 vectors stay near 1
                 elif "prompt_encoder" in name and kind == "ptuning" and p.dim() == 2 and "embedding" not in name:
                     p.copy_(torch.randn_like(p) * p.shape[1] ** -0.5)  # encoder MLP: unit gain per layer
+                elif "prompt_encoder" in name and kind == "prefix":
+                    p.copy_(torch.randn_like(p))  # key/value scale, like the base's own keys
                 elif "prompt_encoder" in name:
                     p.copy_(torch.randn_like(p) * (d_model**-0.5 if p.dim() == 2 else 0.01))
             if kind == "dora":

@@ -330,6 +330,7 @@ class Engine:
                        "max_input_tokens": cfg.max_input_tokens, "max_new_tokens": cfg.max_new_tokens_cap,
                        "max_stop_sequences": cfg.max_stop_sequences, "max_queue": cfg.max_queue,
                        "max_rank": cfg.max_rank, "max_virtual_tokens": cfg.max_virtual_tokens,
+                       "max_prefix_tokens": cfg.max_prefix_tokens,
                        "request_timeout_s": cfg.request_timeout_s},
             "adapters": {"registered": sum(kinds.values()), "by_kind": kinds},
             "cache": {"device_slots": dict(cfg.device_slots), "device_entries": stats.device_entries,
@@ -337,6 +338,7 @@ class Engine:
                       "host_bytes": stats.host_bytes, "hits": stats.hits, "misses": stats.misses,
                       "evictions": stats.evictions},
             "kv_cache_bytes": self.kv.nbytes(),
+            "kv_cache_prefix_row_bytes": self.kv.prefix_row_bytes(),  # one row's prefix region, all layers
             "queue": {"waiting": self.loop.queued, "running": len(self.loop.running)},
             "counters": dict(self.counters),
         }

@@ -32,11 +32,11 @@ def test_every_method_ran_on_the_same_work_through_its_serving_path(methods_run)
     n = max(preset.distinct)  # tiny has no N = 32: its largest N
     rows = max(preset.batch_rows, n)
     assert (m["distinct"], m["rows"], m["repeats"]) == (n, rows, 2)
-    assert [c["kind"] for c in m["cells"]] == ["base", "lora", "dora", "adalora", "prompt", "ptuning"]
+    assert [c["kind"] for c in m["cells"]] == ["base", "lora", "dora", "adalora", "prompt", "ptuning", "prefix"]
     served = {c["kind"]: (c["served_as"]["kind"], c["served_as"]["method"]) for c in m["cells"]}
     assert served == {"base": ("base", "base"), "lora": ("lora", "lora"), "dora": ("lora", "dora"),
                       "adalora": ("lora", "adalora"), "prompt": ("prompt", "prompt"),
-                      "ptuning": ("prompt", "p_tuning")}
+                      "ptuning": ("prompt", "p_tuning"), "prefix": ("prefix", "prefix")}
     assert m["device_slots"]["lora"] >= 3 * n and m["device_slots"]["prompt"] >= 2 * n  # all resident
     for c in m["cells"]:
         assert c["peer"] == "engine" and c["distinct"] == n and c["rows"] == rows
@@ -44,8 +44,8 @@ def test_every_method_ran_on_the_same_work_through_its_serving_path(methods_run)
         assert len(c["tokens_per_s_runs"]) == 2 and c["tokens_per_s"] == max(c["tokens_per_s_runs"])
         assert c["tokens_per_run"] == rows * preset.new_tokens  # the bench base never stops early
         assert c["ratio_to_base"] > 0
-    assert m["prefix_tuning"] == "not served yet"
-    assert m["kv_cache_bytes_per_prefix_row"] == "not applicable until prefix tuning is served"
+    # one row's prefix region: keys and values, every decoder layer, max_prefix_tokens = 20 (tiny: 4 layers x 128)
+    assert m["prefix_tokens"] == 20 and m["kv_cache_bytes_per_prefix_row"] == 2 * 4 * 20 * 128 * 4
 
 
 def test_ratios_follow_from_the_cells(methods_run):
@@ -56,7 +56,7 @@ def test_ratios_follow_from_the_cells(methods_run):
         if kind != "base":
             assert m["ratios_to_base"][kind] == pytest.approx(c["ratio_to_base"])
     targets = {t["key"]: t for t in m["targets"]}
-    assert list(targets) == ["ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora"]
+    assert list(targets) == ["ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base"]
     for key, (a, b) in {"ptuning_vs_prompt": ("ptuning", "prompt"), "adalora_vs_lora": ("adalora", "lora"),
                         "dora_vs_lora": ("dora", "lora")}.items():
         t = targets[key]
@@ -71,6 +71,9 @@ def test_ratios_follow_from_the_cells(methods_run):
         assert t["met"] is (abs(t["measured"] - 1.0) <= 0.1)
     dora = targets["dora_vs_lora"]
     assert dora["target"] == 0.9 and dora["met"] is (dora["measured"] >= 0.9)
+    pre = targets["prefix_vs_base"]
+    assert pre["target"] == 0.85 and pre["met"] is (pre["measured"] >= 0.85)
+    assert pre["measured"] == pytest.approx(by["prefix"]["tokens_per_s"] / by["base"]["tokens_per_s"])
 
 
 def test_results_json_markdown_targets_and_plot(methods_run):
@@ -88,8 +91,7 @@ def test_results_json_markdown_targets_and_plot(methods_run):
     assert "## PEFT methods (issue 13)" in md
     assert "| DoRA | lora (dora) |" in md and "| P-tuning | prompt (p_tuning) |" in md
     assert "| DoRA / LoRA | >= 0.9 |" in md and "| AdaLoRA / LoRA | same within ±10 % |" in md
-    assert "Prefix tuning: not served yet" in md
-    assert "KV-cache bytes per prefix row: not applicable until prefix tuning is served" in md
+    assert "Prefix tuning: 20 virtual tokens. KV-cache bytes per prefix row" in md
     png = (out / "methods_throughput.png").read_bytes()
     assert saved["methods"]["plot"] == str(out / "methods_throughput.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
