@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters import AdapterKind, BaseDescription, SlotConfig, attach_slots, load_adapter
-from tests.peft_zoo import adalora, dora, ia3, lora, prompt, ptuning
+from tests.peft_zoo import adalora, dora, ia3, lora, prefix, prompt, ptuning
 
 SLOT_OF = {  # adapter name -> (kind, slot)
     "lora_qv_r4": (AdapterKind.LORA, 0), "lora_all_r8_rslora": (AdapterKind.LORA, 1),
@@ -57,6 +57,8 @@ def zoo(tiny_base, tmp_path_factory) -> dict[str, Path]:
         "ptune_mlp": ptuning(m, root / "ptune_mlp", 12, 6),
         "ptune_lstm_single": ptuning(m, root / "ptune_lstm_single", 13, 3, encoder="LSTM",
                                      num_transformer_submodules=1),
+        # served in the engine's decode step (tests/serve/test_engine_all_kinds.py); here: format checks
+        "prefix_6": prefix(m, root / "prefix_6", 14, 6),
     }
     g = torch.Generator().manual_seed(9)
     for name, targets, layers in (("bitfit_attn", ("q", "o"), None), ("bitfit_ffn", ("wo", "wi_1", "v"), [0, 2])):

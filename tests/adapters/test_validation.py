@@ -197,6 +197,10 @@ def test_peft_method_files_that_cannot_be_served(zoo, tiny_desc, tmp_path):
         (edit_tensors(clone(zoo, "adalora_pruned", tmp_path / "d"),
                       lambda t: {k: v for k, v in t.items() if not k.endswith("lora_E")}),
          AdapterMismatchError, "lacks lora_E"),
+        # a prefix made for another attention geometry, or another depth
+        (edit_config(clone(zoo, "prefix_6", tmp_path / "g"), num_attention_heads=8), AdapterMismatchError,
+         "heads"),
+        (edit_config(clone(zoo, "prefix_6", tmp_path / "h"), num_layers=6), AdapterMismatchError, "num_layers=6"),
         # P-tuning with a prompt encoder peft does not have
         (edit_config(clone(zoo, "ptune_mlp", tmp_path / "f"), encoder_reparameterization_type="GRU"),
          UnsupportedAdapterError, "prompt encoder 'GRU' is unknown"),
@@ -209,6 +213,16 @@ def test_peft_method_files_that_cannot_be_served(zoo, tiny_desc, tmp_path):
     for path, error, match in cases:
         with pytest.raises(error, match=match):
             inspect_adapter(path, tiny_desc)
+
+
+def test_prefix_longer_than_the_limit_is_refused(zoo, tiny_desc):
+    from adapters import AdapterLimits
+    from adapters.errors import AdapterLimitError
+
+    with pytest.raises(AdapterLimitError, match="6-token prefix is above this server's max_prefix_tokens=4"):
+        inspect_adapter(zoo["prefix_6"], tiny_desc, AdapterLimits(max_prefix_tokens=4))
+    spec = inspect_adapter(zoo["prefix_6"], tiny_desc).to_dict()
+    assert (spec["kind"], spec["method"], spec["num_virtual_tokens"]) == ("prefix", "prefix", 6)
 
 
 def test_peft_methods_report_what_they_are(zoo, tiny_desc):
