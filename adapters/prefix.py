@@ -80,8 +80,9 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
     if heads != base.num_heads or token_dim % heads or token_dim // heads != base.d_kv:
         raise AdapterMismatchError(
             f"adapter {files.path}: prefix key/values are {heads} heads x {token_dim // heads if heads else 0} but "
-            f"base {base.name!r} attends with {base.num_heads} heads x d_kv {base.d_kv}; the adapter was made "
-            "for another model")
+            f"base {base.name!r} attends with {base.num_heads} heads x d_kv {base.d_kv}: the adapter was made "
+            f"for another model, or trained with peft's default token_dim (d_model) on a T5 whose heads x d_kv "
+            f"differs; retrain with token_dim={base.num_heads * base.d_kv}, num_attention_heads={base.num_heads}")
     if base.num_decoder_layers > layers:
         raise AdapterMismatchError(
             f"adapter {files.path}: a prefix for num_layers={layers} layers cannot serve base {base.name!r} with "

@@ -155,7 +155,11 @@ def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path],
         config = PromptEncoderConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_tokens,
                                      encoder_hidden_size=128)
     elif kind == "prefix":  # issue 13 states its target at 20 virtual tokens
-        config = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=PREFIX_TOKENS)
+        # token_dim = heads x d_kv: peft's default (d_model) only fits T5 shapes where they agree, and
+        # flan-t5-small's do not (6 x 64 = 384, d_model 512)
+        c = model.config
+        config = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=PREFIX_TOKENS,
+                                    token_dim=c.num_heads * c.d_kv, num_attention_heads=c.num_heads)
     else:
         raise ValueError(f"unknown adapter kind {kind!r}")
     peft_model = _adalora_model(model, rank) if kind == "adalora" else get_peft_model(model, config)

@@ -13,14 +13,23 @@ import torch
 
 from training.config import TrainConfig
 
+ALL_LINEAR = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 # Each kind: learning rate and options that make it learn the 'loudness' task quickly and reliably.
 KIND_SETTINGS = {
-    "lora": dict(learning_rate=3e-3, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"], max_steps=150),
+    "lora": dict(learning_rate=3e-3, target_modules=ALL_LINEAR, max_steps=150),
+    "dora": dict(learning_rate=3e-3, target_modules=ALL_LINEAR, max_steps=150),
+    # 150 planned steps: tinit 15, so the stop at 1.0 (~step 20) comes after pruning has begun
+    "adalora": dict(learning_rate=1e-2, target_modules=ALL_LINEAR, max_steps=150),
     "ia3": dict(learning_rate=3e-2, max_steps=150),
     "bitfit": dict(learning_rate=3e-2, max_steps=150),
     "prompt": dict(learning_rate=3e-1, num_virtual_tokens=20, max_steps=150),
+    # P-tuning moves the soft prompt only through its encoder: ~100 steps here (a wider MLP is a little faster)
+    "ptuning": dict(learning_rate=1e-2, num_virtual_tokens=20, ptuning_hidden_size=512, max_steps=120,
+                    eval_every=20),
 }
-THRESHOLD = {"lora": 0.95, "ia3": 0.95, "bitfit": 0.95, "prompt": 0.8}
+THRESHOLD = {"lora": 0.95, "dora": 0.95, "adalora": 0.95, "ia3": 0.95, "bitfit": 0.95, "prompt": 0.8,
+             "ptuning": 0.8}
+KINDS = tuple(KIND_SETTINGS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,10 +6,13 @@ import json
 
 import pytest
 
-from tests.training.conftest import THRESHOLD
+from tests.training.conftest import KINDS, THRESHOLD
+
+# what the server names the method each kind trains (adapters.kinds.METHODS); served as spec.kind
+SERVED = {"dora": ("lora", "dora"), "adalora": ("lora", "adalora"), "ptuning": ("prompt", "p_tuning")}
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3", "bitfit", "prompt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_kind_learns_the_task_and_writes_a_servable_adapter(kind, trained, tiny_base):
     from adapters import AdapterLimits, BaseDescription, inspect_adapter, load_adapter
 
@@ -28,7 +31,10 @@ def test_kind_learns_the_task_and_writes_a_servable_adapter(kind, trained, tiny_
     # the server's own validation and loader accept it as-is
     base = BaseDescription.from_model(tiny_base.model, tiny_base.name, tiny_base.fingerprint)
     spec = inspect_adapter(result.output, base, AdapterLimits())
-    assert spec.kind.value == kind
+    assert (spec.kind.value, spec.method_name) == SERVED.get(kind, (kind, kind))
+    # the adapter directory holds what every kind writes: the adapter, report, curve and model card
+    assert sorted(p.name for p in result.output.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "curve.csv", "train_report.json"]
     weights = load_adapter(result.output, base, AdapterLimits())
     assert weights.nbytes > 0
     assert not list(result.output.parent.glob(f".{kind}.partial-*")), "staging directory left behind"
