@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=float, default=None, help="passes over the training rows (default 3)")
     t.add_argument("--learning-rate", type=float, default=None,
                    help="default per method: lora/dora 1e-3, adalora 1e-2, ia3 1e-2, bitfit 1e-2, prompt 0.3, "
-                        "ptuning 3e-2, full 3e-4")
+                        "ptuning 1e-2, full 3e-4")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 10 per run)")

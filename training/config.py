@@ -29,7 +29,7 @@ DEFAULT_TARGETS = {
     "bitfit": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
 }
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "adalora": 1e-2, "ia3": 1e-2, "bitfit": 1e-2, "prompt": 3e-1,
-              "ptuning": 3e-2, "full": 3e-4}
+              "ptuning": 1e-2, "full": 3e-4}
 # AdaLoRA: rank schedule as fractions of the run's optimizer steps (peft's tinit / tfinal / deltaT)
 ADALORA_DEFAULT_INIT_R = 12
 ADALORA_TINIT, ADALORA_TFINAL, ADALORA_DELTA_T = 0.1, 0.2, 1

@@ -1,9 +1,10 @@
 """Build the trainable model per method, and save what the server loads.
 
-LoRA, DoRA (LoRA with use_dora), AdaLoRA, (IA)3, prompt tuning and P-tuning go through peft; BitFit is the project's own (T5 linears have no bias, so
-each selected linear gets a zero-initialised trainable bias, saved in the adapters/ BitFit layout); full
-fine-tuning trains every weight and is the sweep's baseline. Selective training (seed paper §5): restrict
-to layers (first/last N, explicit list) and module groups (attention, feed-forward, encoder, decoder).
+LoRA, DoRA (LoRA with use_dora), AdaLoRA, (IA)3, prompt tuning and P-tuning go through peft; BitFit is the
+project's own (T5 linears have no bias, so each selected linear gets a zero-initialised trainable bias, saved
+in the adapters/ BitFit layout); full fine-tuning trains every weight and is the sweep's baseline. Selective
+training (seed paper §5): restrict to layers (first/last N, explicit list) and module groups (attention,
+feed-forward, encoder, decoder).
 """
 
 from __future__ import annotations

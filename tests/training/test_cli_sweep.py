@@ -24,7 +24,8 @@ def test_help_lists_both_forms(capsys):
         build_parser().parse_args(["train", "--help"])
     text = capsys.readouterr().out
     for needle in ("sweep", "--method", "--layers", "--module-groups", "--prompt-submodules", "--register",
-                   "--max-train-samples", "--template", "--overwrite"):
+                   "--max-train-samples", "--template", "--overwrite", "dora", "adalora", "ptuning",
+                   "--adalora-init-r", "--adalora-target-r", "--ptuning-encoder", "--ptuning-hidden-size"):
         assert needle in text
 
 
@@ -39,6 +40,41 @@ def test_bad_input_exits_1_with_a_message(argv, message, tmp_path, capsys):
     assert main(argv) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "lora", "--adalora-init-r", "16"], "--adalora-init-r applies to --method adalora only"),
+    (["--method", "dora", "--adalora-target-r", "4"], "--adalora-target-r applies to --method adalora only"),
+    (["--method", "adalora", "--lora-rank", "12"], "target rank must be below the initial rank"),
+    (["--method", "adalora", "--adalora-init-r", "4", "--adalora-target-r", "6"], "raise --adalora-init-r"),
+    (["--method", "adalora", "--adalora-init-r", "0"], "--adalora-init-r must be in"),
+    (["--method", "adalora", "--max-steps", "1"], "--method adalora needs --max-steps >= 2"),
+    (["--method", "ia3", "--ptuning-encoder", "mlp"], "--ptuning-encoder applies to --method ptuning only"),
+    (["--method", "prompt", "--ptuning-hidden-size", "64"], "--ptuning-hidden-size applies to --method ptuning"),
+    (["--method", "ptuning", "--ptuning-encoder", "gru"], "--ptuning-encoder must be MLP or LSTM, got 'GRU'"),
+    (["--method", "ptuning", "--ptuning-hidden-size", "0"], "--ptuning-hidden-size must be in"),
+    (["--method", "ptuning", "--layers", "last:1"], "do not apply to --method ptuning"),
+    (["--method", "ptuning", "--prompt-init", "text", "--prompt-init-text", "loud or calm"],
+     "--prompt-init text applies to --method prompt only"),
+    (["--method", "dora", "--prompt-submodules", "2"], "--prompt-submodules applies to --method prompt or ptuning"),
+    (["--method", "adalora", "--target-modules", "q,nope"], "unknown target module"),
+])
+def test_bad_new_method_flags_exit_1_with_one_line(flags, message, tmp_path, capsys):
+    """Checked before any data or base is read (the --train file does not even exist)."""
+    assert main(["train", *flags, "--train", "x.jsonl", "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_adalora_too_few_planned_steps_fails_before_the_base_loads(task_files, tmp_path, capsys):
+    # 1 row, batch 8, 1 epoch -> 1 planned step: AdaLoRA's schedule needs 2
+    assert main(["train", "--method", "adalora", "--train", str(task_files[0]), "--eval", str(task_files[1]),
+                 "--task", "generation", "--input-field", "text",
+                 "--target-field", "label", "--max-train-samples", "2", "--epochs", "1", "--base", "/nonexistent",
+                 "--output", str(tmp_path / "out")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (datasets' bars aside)
+    assert len(errors) == 1 and "adalora needs at least 2 optimizer steps, this run plans 1" in errors[0]
 
 
 def test_overwrite_replaces_and_register_failure_keeps_the_adapter(task_files, tiny_base_dir, tmp_path, capsys):
@@ -112,6 +148,34 @@ def test_tiny_sweep_end_to_end(tiny_base_dir, tmp_path):
     assert main(["train", "sweep", "--config", str(config), "--output", str(res), "--quiet"]) == 0
     assert time.perf_counter() - t0 < 60
     assert list(csv.DictReader(open(res / "results.csv"))) == rows
+
+
+def test_tiny_sweep_with_dora_adalora_ptuning(tiny_base_dir, tmp_path):
+    """The new methods run through the sweep: dora/adalora take the layer/module selections, ptuning not."""
+    spec = yaml.safe_load((ROOT / "training" / "sweeps" / "tiny.yaml").read_text())
+    spec.update(base=str(tiny_base_dir), data_sizes=[24])
+    spec["defaults"].update(max_steps=4, eval_every=4, max_eval_samples=8)
+    spec["methods"] = [m for m in spec["methods"] if m["method"] in ("full", "dora", "adalora", "ptuning")]
+    assert len(spec["methods"]) == 4, "tiny.yaml lists dora, adalora and ptuning"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    assert main(["train", "sweep", "--config", str(config), "--output", str(tmp_path / "res"), "--quiet",
+                 "--threads", "1"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "res" / "results.csv")))
+    assert {(r["method"], r["selection"]) for r in rows} == {
+        ("full", "all"), ("dora", "all"), ("dora", "last1-ff"), ("adalora", "all"), ("adalora", "last1-ff"),
+        ("ptuning", "all")}
+    for r in rows:
+        assert all(r[k] not in ("", None) for k in r), r
+    assert all(float(r["params_vs_full"]) < 0.2 for r in rows if r["method"] != "full")
+    ada = json.loads((tmp_path / "res" / "runs" / "loudness-adalora-last1-ff-24" / "adapter_config.json").read_text())
+    assert ada["peft_type"] == "ADALORA" and ada["total_step"] == 4
+    assert sorted(ada["target_modules"]) == ["decoder.block.3.layer.2.DenseReluDense.wi_0",
+                                             "decoder.block.3.layer.2.DenseReluDense.wi_1",
+                                             "decoder.block.3.layer.2.DenseReluDense.wo",
+                                             "encoder.block.3.layer.1.DenseReluDense.wi_0",
+                                             "encoder.block.3.layer.1.DenseReluDense.wi_1",
+                                             "encoder.block.3.layer.1.DenseReluDense.wo"]
 
 
 def test_seed_paper_sweep_config_plans_every_cell(shared_data, tmp_path):

@@ -1,9 +1,15 @@
-"""Trained adapters load in peft's own PeftModel.from_pretrained and give the server engine's logits."""
+"""Trained adapters load in peft's own PeftModel.from_pretrained and give the server engine's logits.
+
+Every peft method the trainer writes (LoRA, DoRA, AdaLoRA, (IA)3, prompt, P-tuning) is registered with the
+server's engine as saved, and peft's reading of the same directory must give the engine's greedy tokens.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.training.conftest import KINDS
 
 INPUTS = ["THE SOUP WAS GREAT.", "the hotel was awful.", "MY NEW BIKE WAS LOUSY.", "her song was lovely."]
 
@@ -14,7 +20,7 @@ def engine(trained, tiny_base_dir):
 
     eng = Engine.from_config(EngineConfig(base=str(tiny_base_dir), max_batch_rows=8, max_new_tokens_cap=16,
                                           max_input_tokens=64, request_timeout_s=120))
-    for kind in ("lora", "ia3", "bitfit", "prompt"):
+    for kind in KINDS:
         eng.register_adapter(kind, trained[kind].output)
     yield eng
     eng.close()
@@ -39,7 +45,7 @@ def teacher_forced_logprobs(model, tokenizer, text: str, token_ids: list[int]) -
     return lp[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist(), lp.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3", "prompt"])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "bitfit"])
 def test_peft_from_pretrained_gives_the_engines_logits(kind, trained, engine, tiny_base_dir):
     from peft import PeftModel
 

@@ -29,20 +29,23 @@ def losses(adapter_dir, tiny_base_dir, text: str, target: str) -> tuple[float, f
     return float(trained), float(served)
 
 
-def prompt_gradients(task_files, tiny_base_dir, tmp_path, submodules: int) -> torch.Tensor:
-    """Per-row gradient norm of the soft prompt after one training batch."""
+def prompt_gradients(task_files, tiny_base_dir, tmp_path, submodules: int, kind: str = "prompt",
+                     **options) -> torch.Tensor:
+    """Per-row gradient norm of the soft prompt (P-tuning: of the encoder's virtual-token embedding, its
+    input) after one training batch."""
     from serve.engine.base import load_base
     from training import data
     from training.methods import build
 
-    cfg = kind_config("prompt", task_files, tiny_base_dir, tmp_path / f"s{submodules}", prompt_submodules=submodules)
+    cfg = kind_config(kind, task_files, tiny_base_dir, tmp_path / f"s{submodules}", prompt_submodules=submodules,
+                      **options)
     base = load_base(str(tiny_base_dir))
     trainable = build(cfg, base)
     pairs = data.load_pairs(cfg.train, "text", "label", max_samples=8)
     batch = data.collate(data.encode_pairs(base.tokenizer, pairs, 64, 16), base.tokenizer.pad_token_id)
     trainable.model.train()
     trainable.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
-    (weight,) = trainable.parameters()
+    weight = trainable.model.prompt_encoder["default"].embedding.weight
     return weight.grad.norm(dim=-1)
 
 
@@ -61,5 +64,26 @@ def test_encoder_only_prompt_trains_exactly_what_is_served(trained, tiny_base_di
     out = trained["prompt"].output
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights["prompt_embeddings"].shape == (20, 128)  # one soft prompt: the encoder's
+    peft_loss, served_loss = losses(out, tiny_base_dir, "THE SOUP WAS GREAT.", "loud")
+    assert peft_loss == pytest.approx(served_loss, rel=1e-5)
+
+
+def test_ptuning_two_submodules_trains_or_saves_rows_generation_never_uses(task_files, tiny_base_dir, tmp_path):
+    """P-tuning takes peft's same seq2seq path (only the first num_virtual_tokens encoder outputs are
+    prepended). With 2: the MLP encodes each row alone, so the decoder rows get exactly zero gradient; the
+    bidirectional LSTM mixes rows, so the decoder rows train, but only as context for the encoder rows,
+    and their own outputs are saved and never used. With 1 (ours) every row trains and is served."""
+    for encoder in ("MLP", "LSTM"):
+        ours = prompt_gradients(task_files, tiny_base_dir, tmp_path / encoder, 1, "ptuning", ptuning_encoder=encoder)
+        assert ours.shape == (20,) and bool((ours > 0).all()), encoder
+        default = prompt_gradients(task_files, tiny_base_dir, tmp_path / encoder, 2, "ptuning",
+                                   ptuning_encoder=encoder)
+        assert default.shape == (40,) and bool((default[:20] > 0).all()), encoder
+        assert bool((default[20:] == 0).all()) == (encoder == "MLP"), encoder
+
+
+def test_encoder_only_ptuning_trains_exactly_what_is_served(trained, tiny_base_dir):
+    out = trained["ptuning"].output
+    assert load_file(str(out / "adapter_model.safetensors"))["prompt_embeddings"].shape == (20, 128)
     peft_loss, served_loss = losses(out, tiny_base_dir, "THE SOUP WAS GREAT.", "loud")
     assert peft_loss == pytest.approx(served_loss, rel=1e-5)

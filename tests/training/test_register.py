@@ -21,7 +21,7 @@ def server(tiny_base_dir, tmp_path_factory):
     local.stop()
 
 
-@pytest.mark.parametrize("kind", ["bitfit", "prompt"])
+@pytest.mark.parametrize("kind", ["bitfit", "prompt", "dora", "adalora", "ptuning"])
 def test_register_on_finish_makes_the_adapter_servable(kind, server, task_files, tiny_base_dir, tmp_path, capsys):
     out = tmp_path / f"reg-{kind}"
     rc = main(["train", "--method", kind, "--base", str(tiny_base_dir), "--train", str(task_files[0]),
@@ -35,7 +35,7 @@ def test_register_on_finish_makes_the_adapter_servable(kind, server, task_files,
     assert r.status_code == 200, r.text
     # a wrong token is refused with the server's reason, and the adapter stays on disk
     rc = main(["train", "--method", kind, "--base", str(tiny_base_dir), "--train", str(task_files[0]),
-               "--input-field", "text", "--target-field", "label", "--max-steps", "1", "--output",
+               "--input-field", "text", "--target-field", "label", "--max-steps", "2", "--output",
                str(tmp_path / "second"), "--quiet", "--register", server, "--token", "wrong"])
     assert rc == 1 and "refused" in capsys.readouterr().err
     assert (tmp_path / "second" / "adapter_config.json").exists()
