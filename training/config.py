@@ -12,9 +12,11 @@ from pathlib import Path
 
 from training.errors import OutputExistsError, TrainConfigError
 
-METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "full")
+METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "prefix", "full")
 LORA_FAMILY = ("lora", "dora", "adalora")  # the LoRA flags (--lora-*, --target-modules) apply to all three
-PROMPT_METHODS = ("prompt", "ptuning")  # soft prompts: no per-layer weights
+PROMPT_METHODS = ("prompt", "ptuning")  # soft prompts on the encoder input
+VIRTUAL_TOKEN_METHODS = (*PROMPT_METHODS, "prefix")  # --num-virtual-tokens; nothing selected per layer
+SELECTABLE = ("lora", "dora", "adalora", "ia3", "bitfit")  # methods whose linears --layers/--module-groups pick
 PTUNING_ENCODERS = ("MLP", "LSTM")  # peft's PromptEncoderReparameterizationType
 TASKS = ("auto", "classification", "generation")
 MODULE_GROUPS = ("attention", "feed-forward", "encoder", "decoder")
@@ -29,11 +31,13 @@ DEFAULT_TARGETS = {
     "bitfit": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
 }
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "adalora": 1e-2, "ia3": 1e-2, "bitfit": 1e-2, "prompt": 3e-1,
-              "ptuning": 1e-2, "full": 3e-4}
+              "ptuning": 1e-2, "prefix": 3e-2, "full": 3e-4}
 # AdaLoRA: rank schedule as fractions of the run's optimizer steps (peft's tinit / tfinal / deltaT)
 ADALORA_DEFAULT_INIT_R = 12
 ADALORA_TINIT, ADALORA_TFINAL, ADALORA_DELTA_T = 0.1, 0.2, 1
 ADALORA_MIN_STEPS = 2  # one importance update before the final allocation
+PREFIX_DEFAULT_HIDDEN = 128  # prefix tuning's projection MLP width (--prefix-hidden-size)
+PREFIX_PROJECTION_LR = 3e-3  # the default with --prefix-projection: the MLP is unstable at the plain 3e-2
 
 
 @dataclass
@@ -81,6 +85,8 @@ class TrainConfig:
     adalora_target_r: int | None = None  # AdaLoRA's average rank after pruning (None: lora_rank)
     ptuning_encoder: str | None = None  # P-tuning's prompt encoder, MLP or LSTM (None: MLP)
     ptuning_hidden_size: int | None = None  # P-tuning's encoder hidden size (None: 128)
+    prefix_projection: bool = False  # prefix tuning: train the prefix through an MLP (saved: its output)
+    prefix_hidden_size: int | None = None  # that MLP's hidden size (None: PREFIX_DEFAULT_HIDDEN)
     # output
     overwrite: bool = False
     adapter_name: str | None = None  # default: the output dir's name
@@ -97,7 +103,11 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+        if self.learning_rate is not None:
+            return self.learning_rate
+        if self.method == "prefix" and self.prefix_projection is True:
+            return PREFIX_PROJECTION_LR
+        return DEFAULT_LR[self.method]
 
     @property
     def targets(self) -> list[str]:
@@ -118,6 +128,10 @@ class TrainConfig:
     @property
     def encoder_hidden_size(self) -> int:
         return self.ptuning_hidden_size if self.ptuning_hidden_size is not None else 128
+
+    @property
+    def prefix_hidden(self) -> int:
+        return self.prefix_hidden_size if self.prefix_hidden_size is not None else PREFIX_DEFAULT_HIDDEN
 
     @property
     def name(self) -> str:
@@ -177,9 +191,9 @@ class TrainConfig:
         bad_groups = [g for g in self.module_groups if g not in MODULE_GROUPS]
         if bad_groups:
             _bad(f"unknown module group(s) {bad_groups}; choose from {', '.join(MODULE_GROUPS)}")
-        if self.method in PROMPT_METHODS and (self.layers != "all" or self.module_groups):
-            _bad(f"--layers/--module-groups do not apply to --method {self.method} (a soft prompt adds no "
-                 "per-layer weights)")
+        if self.method in VIRTUAL_TOKEN_METHODS and (self.layers != "all" or self.module_groups):
+            _bad(f"--layers/--module-groups do not apply to --method {self.method} (its virtual tokens are not "
+                 "selected per layer)")
         self._validate_new_methods()
         parse_layers(self.layers, num_layers=None)
         check_output_dir(self.output, self.overwrite)
@@ -187,11 +201,11 @@ class TrainConfig:
 
 
     def _validate_new_methods(self) -> None:
-        """DoRA / AdaLoRA / P-tuning options: each flag only with its method, ranks and sizes in range."""
+        """DoRA / AdaLoRA / P-tuning / prefix options: each flag only with its method, ranks and sizes in range."""
         if self.prompt_submodules != 1 and self.method not in PROMPT_METHODS:
             _bad("--prompt-submodules applies to --method prompt or ptuning only")
-        if self.method == "ptuning" and self.prompt_init != "random":
-            _bad("--prompt-init text applies to --method prompt only (P-tuning's encoder starts from random "
+        if self.method in ("ptuning", "prefix") and self.prompt_init != "random":
+            _bad(f"--prompt-init text applies to --method prompt only (--method {self.method} starts from random "
                  "virtual-token embeddings)")
         for flag, value in (("--adalora-init-r", self.adalora_init_r), ("--adalora-target-r", self.adalora_target_r)):
             if value is not None and self.method != "adalora":
@@ -200,6 +214,11 @@ class TrainConfig:
                             ("--ptuning-hidden-size", self.ptuning_hidden_size)):
             if value is not None and self.method != "ptuning":
                 _bad(f"{flag} applies to --method ptuning only (got --method {self.method})")
+        if self.prefix_projection is not False and self.method != "prefix":
+            _bad(f"--prefix-projection applies to --method prefix only (got --method {self.method})")
+        if self.prefix_hidden_size is not None and not (self.method == "prefix" and self.prefix_projection is True):
+            _bad("--prefix-hidden-size applies to --method prefix with --prefix-projection only (it is the "
+                 "projection MLP's width)")
         if self.method == "adalora":
             _check_range("--adalora-init-r", self.init_r, 1, 1024)
             _check_range("--adalora-target-r", self.target_r, 1, 1024)
@@ -214,6 +233,10 @@ class TrainConfig:
             if not isinstance(self.encoder, str) or self.encoder not in PTUNING_ENCODERS:
                 _bad(f"--ptuning-encoder must be {' or '.join(PTUNING_ENCODERS)}, got {self.ptuning_encoder!r}")
             _check_range("--ptuning-hidden-size", self.encoder_hidden_size, 1, 65536)
+        if self.method == "prefix":
+            if not isinstance(self.prefix_projection, bool):
+                _bad(f"--prefix-projection is a switch (true or false), got {self.prefix_projection!r}")
+            _check_range("--prefix-hidden-size", self.prefix_hidden, 1, 65536)
 
 
 def adalora_schedule(total_steps: int) -> dict:

@@ -1,6 +1,6 @@
 """Build the trainable model per method, and save what the server loads.
 
-LoRA, DoRA (LoRA with use_dora), AdaLoRA, (IA)3, prompt tuning and P-tuning go through peft; BitFit is the
+LoRA, DoRA (LoRA with use_dora), AdaLoRA, (IA)3, prompt tuning, P-tuning and prefix tuning go through peft; BitFit is the
 project's own (T5 linears have no bias, so each selected linear gets a zero-initialised trainable bias, saved
 in the adapters/ BitFit layout); full fine-tuning trains every weight and is the sweep's baseline. Selective
 training (seed paper §5): restrict to layers (first/last N, explicit list) and module groups (attention,
@@ -135,6 +135,8 @@ def build(cfg: TrainConfig, base, total_steps: int | None = None) -> Trainable:
         return Trainable("prompt", _prompt_model(cfg, base), peft=True)
     if cfg.method == "ptuning":
         return Trainable("ptuning", _ptuning_model(cfg, base), peft=True)
+    if cfg.method == "prefix":
+        return Trainable("prefix", _prefix_model(cfg, base), peft=True)
     modules = select_modules(model, cfg)
     if cfg.method == "bitfit":
         add_biases(model, modules)
@@ -206,6 +208,37 @@ def _ptuning_model(cfg: TrainConfig, base):
         num_transformer_submodules=cfg.prompt_submodules,
         encoder_reparameterization_type=cfg.encoder,
         encoder_hidden_size=cfg.encoder_hidden_size,
+    )
+    return get_peft_model(base.model, pcfg)
+
+
+def prefix_geometry(base) -> tuple[int, int]:
+    """(num_attention_heads, token_dim) of a prefix for `base` (a LoadedBase); raises on a base it cannot fit.
+
+    token_dim is heads x d_kv, never peft's default d_model: T5 shapes where they differ (flan-t5-small:
+    6 x 64 = 384, d_model 512) make peft's own forward fail to reshape the prefix. peft sizes the prefix by
+    the encoder's depth (num_layers); a deeper decoder makes its forward fail, and the server refuses it.
+    """
+    c = base.model.config
+    if c.num_decoder_layers > c.num_layers:
+        raise TrainConfigError(
+            f"--method prefix cannot train on base {base.name!r}: its decoder has {c.num_decoder_layers} layers "
+            f"but its encoder {c.num_layers}, and peft sizes the prefix by the encoder (its forward fails on "
+            "the deeper decoder, and the server refuses such a prefix); pick another method or base")
+    return c.num_heads, c.num_heads * c.d_kv
+
+
+def _prefix_model(cfg: TrainConfig, base):
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    heads, token_dim = prefix_geometry(base)
+    pcfg = PrefixTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,  # num_transformer_submodules 2: the encoder-decoder layout served
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        token_dim=token_dim,
+        num_attention_heads=heads,
+        prefix_projection=cfg.prefix_projection,
+        encoder_hidden_size=cfg.prefix_hidden if cfg.prefix_projection else None,
     )
     return get_peft_model(base.model, pcfg)
 

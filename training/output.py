@@ -103,6 +103,8 @@ def model_card(r: dict) -> str:
         "prompt": f"prompt tuning, {cfg['num_virtual_tokens']} virtual tokens (encoder)",
         "ptuning": f"P-tuning, {cfg['num_virtual_tokens']} virtual tokens (encoder) from a "
                    f"{(cfg.get('ptuning_encoder') or 'MLP').upper()} prompt encoder",
+        "prefix": f"prefix tuning, {cfg['num_virtual_tokens']} virtual key/value tokens per decoder layer"
+                  + (" (trained through a projection MLP)" if cfg.get("prefix_projection") else ""),
         "full": "full fine-tuning (baseline)",
     }[r["method"]]
     return f"""---
@@ -129,7 +131,8 @@ Data: `{cfg["train"]}` (input `{cfg["template"] or cfg["input_field"]}`, target 
 The learning curve is in `curve.csv`; the full configuration in `train_report.json`.
 
 Serve it: `peftserve register {r["name"]} <this directory> --url URL` against a running server,
-or load it with `peft.PeftModel.from_pretrained(base, <this directory>)` (LoRA, DoRA, AdaLoRA, (IA)3, prompt, P-tuning).
+or load it with `peft.PeftModel.from_pretrained(base, <this directory>)` (LoRA, DoRA, AdaLoRA, (IA)3, prompt, P-tuning, prefix: decode
+prefix tuning by repeated forwards, as peft's generate drops T5 prefixes).
 """
 
 

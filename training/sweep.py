@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from training.config import TrainConfig
+from training.config import SELECTABLE, TrainConfig
 from training.errors import TrainConfigError
 from training.recommend import recommend, recommendation_markdown
 
@@ -25,7 +25,6 @@ COLUMNS = ["task", "task_type", "method", "selection", "data_size", "metric_name
            "steps_to_converge", "train_seconds", "trainable_params", "trainable_percent", "peak_memory_mb",
            "grad_optim_mb", "metric_vs_full", "steps_vs_full", "time_vs_full", "params_vs_full", "memory_vs_full",
            "grad_optim_vs_full"]
-SELECTABLE = ("lora", "dora", "adalora", "ia3", "bitfit")  # methods with per-layer weights
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 Each replica process owns a `Metrics` (its own CollectorRegistry, so tests can build several in one
 process). Replicas ship `snapshot()`s to the app's MetricsHub (serve/app/builder.py), which renders one exposition
-with a `replica` label on every sample: one scrape shows all replicas (serve/metrics_hub.py).
+with a `replica` label on every sample: one scrape shows all replicas.
 
-Cardinality: labels are kinds (5 values), tiers, finish reasons, error class names, HTTP route templates
+Cardinality: request series are labelled by PEFT method (`kind` label: lora, dora, adalora, ia3, bitfit,
+prompt, p_tuning, prefix, base — adapters.kinds.METHODS), cache series by slot kind (5 values); then tiers, finish reasons, error class names, HTTP route templates
 and status codes. The `adapter` label exists only on two per-adapter series and only for names in
 `adapter_labels` (config allow-list); every other adapter is counted under adapter="_other".
 """

@@ -1,7 +1,6 @@
-"""Prefix tuning through the engine: each row's decoder self-attention gets its own prefix, in one continuous
-batch with other kinds and base rows. Oracle: peft's forward (its generate drops T5 prefixes), greedy by
-repeated full forwards; log-probabilities of the chosen tokens within 1e-4. Also on a base whose decoder is
-deeper than its encoder (peft then leaves the extra decoder layers without a prefix)."""
+"""Prefix tuning on T5 shapes whose decoder depth differs from the encoder's (the all-kinds batch test,
+tests/serve/test_engine_all_kinds.py, covers the usual shape). Oracle: peft's forward (its generate drops T5
+prefixes), greedy by repeated full forwards; log-probabilities of the chosen tokens within 1e-4."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
-from tests.peft_zoo import lora, prefix, prompt
+from tests.peft_zoo import prefix
 
 NEW_TOKENS = 8
 INPUTS = ["the quick brown fox", "summarize: engines batch rows", "hello there", "x y z"]
@@ -84,22 +83,6 @@ def check(reqs, results, zoo, base, tok):
         assert res.logprobs == pytest.approx(logprobs, abs=1e-4), req.adapter
     changed = [k for k, (t, _) in refs.items() if t != base_greedy(base, tok, k[1])]
     assert changed, "the prefixes should change some greedy outputs"
-
-
-@pytest.fixture(scope="module")
-def zoo(tiny_base, tmp_path_factory):
-    root, m = tmp_path_factory.mktemp("prefix-zoo"), tiny_base.model
-    return {"prefix3": prefix(m, root / "prefix3", 31, 3),
-            "prefix5_proj": prefix(m, root / "prefix5_proj", 32, 5, prefix_projection=True, encoder_hidden_size=32),
-            "lora": lora(m, root / "lora", 33, r=4), "prompt": prompt(m, root / "prompt", 34, 4)}
-
-
-def test_prefix_rows_mixed_continuous_equal_peft_forward(tiny_base, tiny_base_dir, zoo):
-    names = [None, "prefix3", "lora", "prefix5_proj", "prompt", "prefix3", "prefix5_proj", None, "prefix3"]
-    reqs, results, listed = run_mixed(tiny_base_dir, zoo, names)
-    assert listed["prefix3"]["kind"] == "prefix" and listed["prefix3"]["num_virtual_tokens"] == 3
-    assert listed["prefix5_proj"]["options"]["prefix_projection"] is True
-    check(reqs, results, zoo, tiny_base.model, tiny_base.tokenizer)
 
 
 def _uneven_base(tmp_path, enc: int, dec: int):

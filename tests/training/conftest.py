@@ -26,9 +26,11 @@ KIND_SETTINGS = {
     # P-tuning moves the soft prompt only through its encoder: ~100 steps here (a wider MLP is a little faster)
     "ptuning": dict(learning_rate=1e-2, num_virtual_tokens=20, ptuning_hidden_size=512, max_steps=120,
                     eval_every=20),
+    # prefix tuning (key/values of the decoder's self-attention): ~50 steps at 3e-2
+    "prefix": dict(learning_rate=3e-2, num_virtual_tokens=20, max_steps=150),
 }
 THRESHOLD = {"lora": 0.95, "dora": 0.95, "adalora": 0.95, "ia3": 0.95, "bitfit": 0.95, "prompt": 0.8,
-             "ptuning": 0.8}
+             "ptuning": 0.8, "prefix": 0.95}
 KINDS = tuple(KIND_SETTINGS)
 
 

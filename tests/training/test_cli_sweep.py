@@ -25,7 +25,8 @@ def test_help_lists_both_forms(capsys):
     text = capsys.readouterr().out
     for needle in ("sweep", "--method", "--layers", "--module-groups", "--prompt-submodules", "--register",
                    "--max-train-samples", "--template", "--overwrite", "dora", "adalora", "ptuning",
-                   "--adalora-init-r", "--adalora-target-r", "--ptuning-encoder", "--ptuning-hidden-size"):
+                   "--adalora-init-r", "--adalora-target-r", "--ptuning-encoder", "--ptuning-hidden-size",
+                   "prefix", "--prefix-projection", "--prefix-hidden-size"):
         assert needle in text
 
 
@@ -58,6 +59,17 @@ def test_bad_input_exits_1_with_a_message(argv, message, tmp_path, capsys):
      "--prompt-init text applies to --method prompt only"),
     (["--method", "dora", "--prompt-submodules", "2"], "--prompt-submodules applies to --method prompt or ptuning"),
     (["--method", "adalora", "--target-modules", "q,nope"], "unknown target module"),
+    (["--method", "lora", "--prefix-projection"], "--prefix-projection applies to --method prefix only"),
+    (["--method", "prefix", "--prefix-hidden-size", "64"],
+     "--prefix-hidden-size applies to --method prefix with --prefix-projection only"),
+    (["--method", "ptuning", "--prefix-hidden-size", "64"], "--prefix-hidden-size applies to --method prefix"),
+    (["--method", "prefix", "--prefix-projection", "--prefix-hidden-size", "0"], "--prefix-hidden-size must be in"),
+    (["--method", "prefix", "--num-virtual-tokens", "0"], "--num-virtual-tokens must be in"),
+    (["--method", "prefix", "--layers", "last:1"], "do not apply to --method prefix"),
+    (["--method", "prefix", "--module-groups", "decoder"], "do not apply to --method prefix"),
+    (["--method", "prefix", "--prompt-submodules", "2"], "--prompt-submodules applies to --method prompt or ptuning"),
+    (["--method", "prefix", "--prompt-init", "text", "--prompt-init-text", "loud or calm"],
+     "--prompt-init text applies to --method prompt only"),
 ])
 def test_bad_new_method_flags_exit_1_with_one_line(flags, message, tmp_path, capsys):
     """Checked before any data or base is read (the --train file does not even exist)."""
@@ -150,13 +162,14 @@ def test_tiny_sweep_end_to_end(tiny_base_dir, tmp_path):
     assert list(csv.DictReader(open(res / "results.csv"))) == rows
 
 
-def test_tiny_sweep_with_dora_adalora_ptuning(tiny_base_dir, tmp_path):
-    """The new methods run through the sweep: dora/adalora take the layer/module selections, ptuning not."""
+def test_tiny_sweep_with_dora_adalora_ptuning_prefix(tiny_base_dir, tmp_path):
+    """The new methods run through the sweep: dora/adalora take the layer/module selections, ptuning and
+    prefix not."""
     spec = yaml.safe_load((ROOT / "training" / "sweeps" / "tiny.yaml").read_text())
     spec.update(base=str(tiny_base_dir), data_sizes=[24])
     spec["defaults"].update(max_steps=4, eval_every=4, max_eval_samples=8)
-    spec["methods"] = [m for m in spec["methods"] if m["method"] in ("full", "dora", "adalora", "ptuning")]
-    assert len(spec["methods"]) == 4, "tiny.yaml lists dora, adalora and ptuning"
+    spec["methods"] = [m for m in spec["methods"] if m["method"] in ("full", "dora", "adalora", "ptuning", "prefix")]
+    assert len(spec["methods"]) == 5, "tiny.yaml lists dora, adalora, ptuning and prefix"
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(spec))
     assert main(["train", "sweep", "--config", str(config), "--output", str(tmp_path / "res"), "--quiet",
@@ -164,12 +177,14 @@ def test_tiny_sweep_with_dora_adalora_ptuning(tiny_base_dir, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "res" / "results.csv")))
     assert {(r["method"], r["selection"]) for r in rows} == {
         ("full", "all"), ("dora", "all"), ("dora", "last1-ff"), ("adalora", "all"), ("adalora", "last1-ff"),
-        ("ptuning", "all")}
+        ("ptuning", "all"), ("prefix", "all")}
     for r in rows:
         assert all(r[k] not in ("", None) for k in r), r
     assert all(float(r["params_vs_full"]) < 0.2 for r in rows if r["method"] != "full")
     ada = json.loads((tmp_path / "res" / "runs" / "loudness-adalora-last1-ff-24" / "adapter_config.json").read_text())
     assert ada["peft_type"] == "ADALORA" and ada["total_step"] == 4
+    prefix = json.loads((tmp_path / "res" / "runs" / "loudness-prefix-all-24" / "adapter_config.json").read_text())
+    assert prefix["peft_type"] == "PREFIX_TUNING" and prefix["token_dim"] == 4 * 32
     assert sorted(ada["target_modules"]) == ["decoder.block.3.layer.2.DenseReluDense.wi_0",
                                              "decoder.block.3.layer.2.DenseReluDense.wi_1",
                                              "decoder.block.3.layer.2.DenseReluDense.wo",

@@ -1,7 +1,7 @@
 """Trained adapters load in peft's own PeftModel.from_pretrained and give the server engine's logits.
 
-Every peft method the trainer writes (LoRA, DoRA, AdaLoRA, (IA)3, prompt, P-tuning) is registered with the
-server's engine as saved, and peft's reading of the same directory must give the engine's greedy tokens.
+Every peft method the trainer writes (LoRA, DoRA, AdaLoRA, (IA)3, prompt, P-tuning, prefix) is registered with
+the server's engine as saved, and peft's reading of the same directory must give the engine's greedy tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def test_peft_from_pretrained_gives_the_engines_logits(kind, trained, engine, ti
         peft_lp, greedy = teacher_forced_logprobs(model, base.tokenizer, text, result.token_ids)
         assert result.token_ids == greedy, (kind, text)
         assert result.logprobs == pytest.approx(peft_lp, abs=2e-4), (kind, text)
+        if kind == "prefix":  # peft's generate drops T5 prefixes (test_prefix.py); its forward is the oracle
+            continue
         # and peft's own generate agrees with the engine's text
         enc = base.tokenizer([text], return_tensors="pt")
         out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8)

@@ -15,13 +15,14 @@ def server(tiny_base_dir, tmp_path_factory):
     from serve.app import local
     from tests.serve.app_fixtures import app_args, build
 
-    args = app_args(tiny_base_dir, tmp_path_factory.mktemp("train-registry"), admin_token=ADMIN)
+    args = app_args(tiny_base_dir, tmp_path_factory.mktemp("train-registry"), admin_token=ADMIN,
+                    engine={"device_slots": {"lora": 4, "ia3": 2, "bitfit": 2, "prompt": 2, "prefix": 2}})
     url = local.start(build(args), port=local.free_port(), num_cpus=2)
     yield url
     local.stop()
 
 
-@pytest.mark.parametrize("kind", ["bitfit", "prompt", "dora", "adalora", "ptuning"])
+@pytest.mark.parametrize("kind", ["bitfit", "prompt", "dora", "adalora", "ptuning", "prefix"])
 def test_register_on_finish_makes_the_adapter_servable(kind, server, task_files, tiny_base_dir, tmp_path, capsys):
     out = tmp_path / f"reg-{kind}"
     rc = main(["train", "--method", kind, "--base", str(tiny_base_dir), "--train", str(task_files[0]),
