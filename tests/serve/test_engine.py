@@ -14,6 +14,7 @@ from serve.engine import Engine, EngineConfig, GenerationParams, GenerationReque
 from serve.engine.errors import AdapterExistsError, UnknownAdapterError
 from serve.engine.observer import RecordingObserver
 from tests.peft_zoo import redraw, save_peft
+from tests.serve.engine_helpers import staggered
 
 ALL_LINEAR = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 
@@ -78,15 +79,6 @@ def mixed_requests(sampled: bool) -> list[GenerationRequest]:
     return reqs
 
 
-async def staggered(engine, reqs):
-    """Half now, the rest while the first half is decoding: rows join and leave between steps."""
-    first = [asyncio.ensure_future(engine.submit(r)) for r in reqs[::2]]
-    await asyncio.sleep(0.03)
-    second = [asyncio.ensure_future(engine.submit(r)) for r in reqs[1::2]]
-    a, b = await asyncio.gather(*first), await asyncio.gather(*second)
-    out = [None] * len(reqs)
-    out[::2], out[1::2] = a, b
-    return out
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])

@@ -15,6 +15,7 @@ import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
 from tests.peft_zoo import adalora, dora, ia3, lora, prefix, prompt, ptuning
+from tests.serve.engine_helpers import staggered
 
 NEW_TOKENS = 6
 INPUTS = ["the quick brown fox", "summarize: engines batch rows", "hello there", "x y z"]
@@ -76,14 +77,6 @@ def reference(base_model, adapter_dir, tok, text: str):
     return dec[0, 1:].tolist(), logprobs
 
 
-async def staggered(engine, reqs):
-    first = [asyncio.ensure_future(engine.submit(r)) for r in reqs[::2]]
-    await asyncio.sleep(0.03)
-    second = [asyncio.ensure_future(engine.submit(r)) for r in reqs[1::2]]
-    a, b = await asyncio.gather(*first), await asyncio.gather(*second)
-    out = [None] * len(reqs)
-    out[::2], out[1::2] = a, b
-    return out
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-device", "split-groups"])

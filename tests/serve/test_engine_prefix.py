@@ -12,6 +12,7 @@ import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
 from tests.peft_zoo import prefix
+from tests.serve.engine_helpers import staggered
 
 NEW_TOKENS = 8
 INPUTS = ["the quick brown fox", "summarize: engines batch rows", "hello there", "x y z"]
@@ -42,14 +43,6 @@ def base_greedy(base_model, tok, text: str) -> list[int]:
         return base_model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, 1:].tolist()
 
 
-async def staggered(engine, reqs):
-    first = [asyncio.ensure_future(engine.submit(r)) for r in reqs[::2]]
-    await asyncio.sleep(0.03)
-    second = [asyncio.ensure_future(engine.submit(r)) for r in reqs[1::2]]
-    a, b = await asyncio.gather(*first), await asyncio.gather(*second)
-    out = [None] * len(reqs)
-    out[::2], out[1::2] = a, b
-    return out
 
 
 def run_mixed(base_dir, zoo, names):
