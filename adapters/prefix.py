@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .base import BaseDescription
 from .common import base_model_of, check_task_type
@@ -117,12 +116,11 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
     return PrefixWeights(spec=spec, keys=keys, values=values)
 
 
-class PrefixSlots(nn.Module):
+class PrefixSlots:
     """Stacked prefixes per decoder layer, on that layer's device: keys/values [slots+1, max_tokens, heads, d_kv]
     per layer; slot 0 is empty. A joining row's prefix is copied from here into its KV-cache row once."""
 
     def __init__(self, n: int, max_tokens: int, heads: int, d_kv: int, dtype, devices: list[torch.device]) -> None:
-        super().__init__()
         # plain tensors, one per decoder layer on its device (a split base spans devices); never saved
         self.k = [torch.zeros(n + 1, max_tokens, heads, d_kv, dtype=dtype, device=d) for d in devices]
         self.v = [torch.zeros_like(t) for t in self.k]

@@ -182,7 +182,7 @@ def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path],
                 elif "prompt_encoder" in name:
                     p.copy_(torch.randn_like(p) * (d_model**-0.5 if p.dim() == 2 else 0.01))
             if kind == "dora":
-                _redraw_dora_magnitudes(peft_model)
+                redraw_dora_magnitudes(peft_model)
         peft_model.save_pretrained(path, safe_serialization=True)
 
     return write
@@ -205,8 +205,9 @@ def _adalora_model(model, rank: int):
         return get_peft_model(model, config([t for t in T5_TARGETS if t in present]))
 
 
-def _redraw_dora_magnitudes(peft_model) -> None:
-    """m = ||W + s·B·A|| per output row x (1 + 0.05·randn): DoRA's per-row scale m / ||W + s·B·A|| near 1."""
+def redraw_dora_magnitudes(peft_model, spread: float = 0.05) -> None:
+    """m = ||W + s·B·A|| per output row x (1 + spread·randn): DoRA's per-row scale m / ||W + s·B·A|| near 1,
+    as in a trained adapter (peft's init takes the norm with the init B, before B is redrawn)."""
     for module in peft_model.modules():
         magnitude = getattr(module, "lora_magnitude_vector", None)
         if magnitude is None or "default" not in magnitude:
@@ -214,7 +215,7 @@ def _redraw_dora_magnitudes(peft_model) -> None:
         w = module.base_layer.weight + module.scaling["default"] * (
             module.lora_B["default"].weight @ module.lora_A["default"].weight)
         norm = w.norm(dim=1)
-        magnitude["default"].weight.copy_(norm * (1 + 0.05 * torch.randn_like(norm)))
+        magnitude["default"].weight.copy_(norm * (1 + spread * torch.randn_like(norm)))
 
 
 def _bitfit_writer(model) -> Callable[[Path], None]:

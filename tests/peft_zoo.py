@@ -65,15 +65,10 @@ def dora(model, out, seed, **kw):
     cfg = LoraConfig(task_type="SEQ_2_SEQ_LM", init_lora_weights=False, lora_alpha=16, use_dora=True, **kw)
 
     def init(pm) -> None:
+        from loadtests.workload import redraw_dora_magnitudes
+
         redraw("lora_B", lambda p: 0.1 * p)(pm)
-        for module in pm.modules():
-            magnitude = getattr(module, "lora_magnitude_vector", None)
-            if magnitude is None or "default" not in magnitude:
-                continue
-            w = module.base_layer.weight + module.scaling["default"] * (
-                module.lora_B["default"].weight @ module.lora_A["default"].weight)
-            norm = w.norm(dim=1)
-            magnitude["default"].weight.copy_(norm * (1 + 0.1 * torch.randn_like(norm)))
+        redraw_dora_magnitudes(pm, spread=0.1)
     return save_peft(model, cfg, out, seed, init=init)
 
 

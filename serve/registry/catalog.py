@@ -172,8 +172,7 @@ class SQLiteCatalog:
             if not replace:
                 row = db.execute(_LATEST + " AND a.name = ?", (entry.base, entry.name)).fetchone()
                 if row is not None:
-                    raise AdapterExists(f"adapter {entry.name!r} already exists (version {row['version']}); "
-                                        "pass replace=true to register a new version")
+                    raise AdapterExists.for_version(entry.name, row["version"])
             version = 1 + db.execute("SELECT COALESCE(MAX(version), 0) FROM adapters WHERE base = ? AND name = ?",
                                      (entry.base, entry.name)).fetchone()[0]
             db.execute(f"INSERT INTO adapters ({_COLUMNS}, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",

@@ -18,6 +18,11 @@ class InvalidAdapterName(RegistryError):
 class AdapterExists(RegistryError):
     status = 409
 
+    @classmethod
+    def for_version(cls, name: str, version: int) -> AdapterExists:
+        return cls(f"adapter {name!r} already exists (version {version}); pass replace=true to register a new "
+                   "version")
+
 
 class AdapterNotFound(RegistryError):
     status = 404

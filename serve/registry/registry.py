@@ -13,6 +13,7 @@ base with `for_base(fingerprint, name)`: listing, lookups, registration and dele
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -70,8 +71,7 @@ class AdapterRegistry:
 
     def for_base(self, fingerprint: str, name: str | None = None) -> AdapterRegistry:
         """A view of this registry bound to one base (shares the catalog and store connections)."""
-        bound = AdapterRegistry.__new__(AdapterRegistry)
-        bound.__dict__.update(self.__dict__)
+        bound = copy.copy(self)
         bound.base, bound.base_name = fingerprint, name or fingerprint
         return bound
 
@@ -83,7 +83,7 @@ class AdapterRegistry:
     # ---- paths of the local store (tests and operators look inside) -------------------------------
     @property
     def objects(self) -> Path:
-        return self.store.local_path("x").parent
+        return self.store.objects
 
     @property
     def tmp(self) -> Path:
@@ -189,8 +189,7 @@ class AdapterRegistry:
             return
         entry = self.catalog.get(self._scope(), name)
         if entry is not None:
-            raise AdapterExists(f"adapter {name!r} already exists (version {entry.version}); "
-                                "pass replace=true to register a new version")
+            raise AdapterExists.for_version(name, entry.version)
 
 
 def _relabel(message: str, staged: Path, label: str) -> str:
