@@ -93,7 +93,7 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
         modules=tuple(sorted(modules)), base_fingerprint=fp if isinstance(fp, str) else None)
 
 
-def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> BitFitWeights:
+def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor], base: BaseDescription | None = None) -> BitFitWeights:
     return BitFitWeights(spec=spec, biases={m: tensors[f"base_model.model.{m}.bias"] for m in spec.modules})
 
 

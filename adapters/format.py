@@ -18,6 +18,8 @@ from .errors import AdapterLimitError, AdapterNotFoundError, CorruptAdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTERHUB_WEIGHTS_FILE = "adapter.safetensors"  # AdapterHub's save_adapter(..., use_safetensors=True)
+ADAPTERHUB_PICKLE = "pytorch_adapter.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is a few KB
 MAX_HEADER_BYTES = 16 << 20  # safetensors' own reader caps its header at 100 MB; adapters need far less
@@ -51,9 +53,18 @@ def read_adapter_files(path: str | Path, max_file_bytes: int) -> AdapterFiles:
         raise AdapterNotFoundError(f"adapter directory {path} does not exist (or is not a directory); "
                                    f"pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = read_config(path)
-    weights = path / WEIGHTS_FILE
+    adapterhub = _is_adapterhub(config)
+    weights = path / (ADAPTERHUB_WEIGHTS_FILE if adapterhub else WEIGHTS_FILE)
     if not weights.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if adapterhub and ADAPTERHUB_PICKLE in pickles:
+            raise UnsafeAdapterFormatError(
+                f"adapter {path} holds AdapterHub weights only as {ADAPTERHUB_PICKLE}, a pickle, which peftserve never "
+                f"loads. Convert it once, offline: `peftserve adapters convert {path}` writes {ADAPTERHUB_WEIGHTS_FILE} "
+                "(it reads the pickle with torch.load(weights_only=True), which runs no code)")
+        if adapterhub:
+            raise AdapterNotFoundError(f"adapter {path} is in AdapterHub's layout but has no {ADAPTERHUB_WEIGHTS_FILE}; "
+                                       "save it with model.save_adapter(dir, name, use_safetensors=True)")
         if pickles:
             raise UnsafeAdapterFormatError(
                 f"adapter {path} has weights only in a pickle format ({', '.join(pickles)}), which peftserve "
@@ -67,6 +78,12 @@ def read_adapter_files(path: str | Path, max_file_bytes: int) -> AdapterFiles:
                                 f"max_file_bytes={max_file_bytes}; use a smaller rank/fewer targets or raise the limit")
     tensors = read_safetensors_header(weights)
     return AdapterFiles(path=path, config=config, weights=weights, tensors=tensors, size_bytes=size)
+
+
+def _is_adapterhub(config: dict) -> bool:
+    from .adapterhub.config import is_adapterhub_config
+
+    return is_adapterhub_config(config)
 
 
 def read_config(path: Path) -> dict:

@@ -79,7 +79,7 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
         modules=tuple(sorted(modules)), options={"feedforward_targets": list(targets_of(ff_modules))})
 
 
-def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> IA3Weights:
+def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor], base: BaseDescription | None = None) -> IA3Weights:
     vectors, feedforward = {}, {}
     for module in spec.modules:
         vectors[module] = tensors[f"base_model.model.{module}.ia3_l"].flatten().contiguous()

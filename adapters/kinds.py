@@ -11,6 +11,9 @@ class AdapterKind(str, Enum):
     BITFIT = "bitfit"
     PROMPT = "prompt"
     PREFIX = "prefix"
+    # AdapterHub's family acting together on one row: bottleneck adapters after sublayers, prefixes on
+    # every attention, gated LoRA/(IA)3 on linears, and their unions (UniPELT, MAM)
+    ADAPTERHUB = "adapterhub"
 
     def __str__(self) -> str:  # f-strings and JSON show "lora", not "AdapterKind.LORA"
         return self.value
@@ -30,7 +33,9 @@ PEFT_TYPES: dict[str, AdapterKind] = {
 }
 
 # Every method a spec may name (AdapterSpec.method_name): the label metrics and GET /adapters show.
-METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "p_tuning", "prefix")
+METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "p_tuning", "prefix",
+           # AdapterHub's (the adapterhub kind; its ungated LoRA and (IA)3 are served as lora / ia3)
+           "seq_bn", "double_seq_bn", "par_bn", "prefix_tuning", "gated_lora", "gated_ia3", "unipelt", "mam", "union")
 
 # Kinds that act inside the wrapped linears (prompt acts on the encoder input, prefix on the decoder's
 # self-attention keys and values, instead).

@@ -70,6 +70,7 @@ class BatchState:
 
     def __init__(self) -> None:
         self.rows = None  # RowAdapters | None (None: plain base)
+        self.token_mask = None  # [rows, tokens] 1 = real token, for encoder passes (gate means); None in decode
         self.version = 0
         self._index: dict[tuple[AdapterKind, torch.device], torch.Tensor] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+from .adapterhub.config import is_adapterhub_config
 from .base import BaseDescription
 from .errors import UnsupportedAdapterError
 from .format import AdapterFiles, load_tensors, read_adapter_files
@@ -14,11 +15,21 @@ from .spec import AdapterLimits, AdapterSpec
 
 def _kind_modules() -> dict[AdapterKind, ModuleType]:
     # Each kind module has the same small interface: inspect(files, base, limits, name) -> AdapterSpec,
-    # build(spec, files, tensors) -> <Kind>Weights.
+    # build(spec, files, tensors, base) -> <Kind>Weights.
     from . import bitfit, ia3, lora, prefix, prompt
 
     return {AdapterKind.LORA: lora, AdapterKind.IA3: ia3, AdapterKind.BITFIT: bitfit, AdapterKind.PROMPT: prompt,
             AdapterKind.PREFIX: prefix}
+
+
+def _format_module(files: AdapterFiles) -> ModuleType:
+    """AdapterHub's layout has its own reader (one file may become LoRA, (IA)3 or the adapterhub kind);
+    PEFT's is read per peft_type."""
+    if is_adapterhub_config(files.config):
+        from .adapterhub import load
+
+        return load
+    return _kind_modules()[kind_of(files)]
 
 
 def kind_of(files: AdapterFiles) -> AdapterKind:
@@ -26,15 +37,14 @@ def kind_of(files: AdapterFiles) -> AdapterKind:
     if peft_type not in PEFT_TYPES:
         raise UnsupportedAdapterError(
             f"adapter {files.path}: peft_type {peft_type!r} is not served; peftserve serves "
-            f"{', '.join(PEFT_TYPES)} (check adapter_config.json)")
+            f"{', '.join(PEFT_TYPES)} and AdapterHub's adapters (check adapter_config.json)")
     return PEFT_TYPES[peft_type]
 
 
 def _inspect(path, base: BaseDescription, limits: AdapterLimits | None, name: str | None):
     limits = limits or AdapterLimits()
     files = read_adapter_files(path, limits.max_file_bytes)
-    kind = kind_of(files)
-    module = _kind_modules()[kind]
+    module = _format_module(files)
     spec = module.inspect(files, base, limits, name or Path(path).name)
     return files, module, spec
 
@@ -47,6 +57,6 @@ def inspect_adapter(path: str | Path, base: BaseDescription, limits: AdapterLimi
 
 def load_adapter(path: str | Path, base: BaseDescription, limits: AdapterLimits | None = None,
                  name: str | None = None):
-    """Validate, then read the weights into fp32 host tensors: LoraWeights | IA3Weights | BitFitWeights | PromptWeights."""
+    """Validate, then read the weights into fp32 host tensors: one of `adapters.AdapterWeights`."""
     files, module, spec = _inspect(path, base, limits, name)
-    return module.build(spec, files, load_tensors(files))
+    return module.build(spec, files, load_tensors(files), base)

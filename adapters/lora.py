@@ -205,7 +205,7 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
     )
 
 
-def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> LoraWeights:
+def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor], base: BaseDescription | None = None) -> LoraWeights:
     """A and B are stored transposed in memory (A.T [in, r], B.T [r, out] contiguous; `a`/`b` are their
     [r, in] / [out, r] views): that is the slot layout, so the transposing copy happens here, on the
     loader thread, and the swap (`LoraSlots.stage`) is a plain contiguous copy."""

@@ -19,7 +19,7 @@ adapter was trained to compute, and what is served (docs/ADAPTERS.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,33 @@ from .kinds import AdapterKind
 from .spec import AdapterLimits, AdapterSpec
 
 KEY = "prompt_embeddings"
+
+
+@dataclass
+class RowPrefix:
+    """One row's decoder-side prefixes, as the KV cache copies them when the row joins: self-attention
+    keys/values per decoder layer [heads, >= length, d_kv] in layers [0, layers), and (AdapterHub) the
+    cross-attention's, plus gate weights ([2, d_model], [2] per layer) where gated.
+
+    `shifted` is the position convention: peft puts the decoder's queries and own keys after the prefix
+    (prefix key j at j - m - p from the query at step p); AdapterHub puts only the own keys after it
+    (prefix key j at j - p, own key s at m + s - p)."""
+
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    length: int = 0
+    layers: int = 0
+    shifted: bool = False
+    gate_weight: list | None = None
+    gate_bias: list | None = None
+    cross_keys: list = field(default_factory=list)
+    cross_values: list = field(default_factory=list)
+    cross_length: int = 0
+    cross_gate_weight: list | None = None
+    cross_gate_bias: list | None = None
+
+
+NO_PREFIX = RowPrefix()
 
 
 @dataclass
@@ -106,7 +133,7 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
         method="prefix")
 
 
-def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> PrefixWeights:
+def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor], base: BaseDescription | None = None) -> PrefixWeights:
     n, layers = files.config["num_virtual_tokens"], files.config["num_layers"]
     heads, token_dim = files.config["num_attention_heads"], files.config["token_dim"]
     table = tensors[KEY].view(n, 2 * layers, heads, token_dim // heads)

@@ -92,7 +92,7 @@ def inspect(files: AdapterFiles, base: BaseDescription, limits: AdapterLimits, n
         method="p_tuning" if ptuning else None)
 
 
-def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> PromptWeights:
+def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tensor], base: BaseDescription | None = None) -> PromptWeights:
     return PromptWeights(spec=spec, embeddings=tensors[KEY][: spec.num_virtual_tokens].contiguous())
 
 

@@ -16,6 +16,9 @@ import torch
 
 from . import prefix as prefix_kind
 from . import prompt as prompt_kind
+from .adapterhub.bottleneck import SublayerSlots
+from .adapterhub.linear import GatedLinearSlots
+from .adapterhub.prefix import AttentionPrefixSlots, EncoderPrefix
 from .base import BaseDescription, is_target_path
 from .bitfit import BitFitSlots
 from .errors import SlotError
@@ -32,6 +35,7 @@ class SlotConfig:
     max_rank: int = 16
     max_virtual_tokens: int = 32
     max_prefix_tokens: int = 32
+    max_bottleneck: int = 64  # adapterhub kind: bottleneck units per slot (down projection width)
     dtype: torch.dtype | None = None  # slot tensor dtype; None: each wrapped weight's own dtype
     # Keep each layer's gathered per-row weights until the rows change (memory for speed in decode).
     cache_gathered: bool = True
@@ -48,6 +52,18 @@ def _kind_slots(kind: AdapterKind, n: int, layer: torch.nn.Linear, config: SlotC
     if kind == AdapterKind.IA3:
         return IA3Slots(n, layer.in_features, layer.out_features, dtype, dev)
     return BitFitSlots(n, layer.out_features, dtype, dev)
+
+
+# Linears AdapterHub's T5 LoRA/(IA)3 can wrap: q/k/v of every attention, wi (wi_1 when gated), wo.
+ADAPTERHUB_LINEARS = ("q", "k", "v", "wi", "wi_1", "wo")
+
+
+def _sublayers(model):
+    """(path, module) of every T5 sublayer a bottleneck adapter may follow (attention, cross, FFN)."""
+    for stack in ("encoder", "decoder"):
+        for b, block in enumerate(getattr(model, stack).block):
+            for j, layer in enumerate(block.layer):
+                yield f"{stack}.block.{b}.layer.{j}", layer
 
 
 def encoder_embedding(model) -> torch.nn.Embedding:
@@ -67,12 +83,22 @@ def attach_slots(model, config: SlotConfig) -> AdapterSlots:
     batch = BatchState()
     layers: dict[str, AdaptedLinear] = {}
     targets = [(p, m) for p, m in model.named_modules() if is_target_path(p) and isinstance(m, torch.nn.Linear)]
+    n_hub = config.count(AdapterKind.ADAPTERHUB)
     for path, linear in targets:
         kinds = {k: _kind_slots(k, config.count(k), linear, config) for k in LINEAR_KINDS if config.count(k) > 0}
+        if n_hub and path.rsplit(".", 1)[-1] in ADAPTERHUB_LINEARS:
+            kinds[AdapterKind.ADAPTERHUB] = GatedLinearSlots(
+                n_hub, linear.in_features, linear.out_features, config.max_rank, config.dtype or linear.weight.dtype,
+                linear.weight.device, batch)
         wrapped = AdaptedLinear(linear, path, batch, kinds, config.cache_gathered)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, wrapped)
         layers[path] = wrapped
+    if n_hub:  # the residual hook the engine's decode functions call after each sublayer (`sublayer_residual`)
+        for path, sublayer in _sublayers(model):
+            norm = sublayer.layer_norm.weight
+            sublayer.peftserve_bottleneck = SublayerSlots(n_hub, model.config.d_model, config.max_bottleneck,
+                                                          config.dtype or norm.dtype, norm.device, batch, path)
     slots = AdapterSlots(model, config, layers, batch)
     model._peftserve_slots = slots
     return slots
@@ -105,6 +131,18 @@ class AdapterSlots:
             devices = [next(b.parameters()).device for b in blocks]
             self.prefixes = prefix_kind.PrefixSlots(n_prefix, config.max_prefix_tokens, c.num_heads, c.d_kv,
                                                     config.dtype or emb.weight.dtype, devices)
+        n_hub = config.count(AdapterKind.ADAPTERHUB)
+        self.hub_prefixes = None
+        self.sublayers: dict[str, SublayerSlots] = {}
+        if n_hub:
+            c = model.config
+            enc_devices = [next(b.parameters()).device for b in model.get_encoder().block]
+            dec_devices = [next(b.parameters()).device for b in model.get_decoder().block]
+            self.hub_prefixes = AttentionPrefixSlots(n_hub, config.max_prefix_tokens, c.num_heads, c.d_kv, c.d_model,
+                                                     config.dtype or emb.weight.dtype, enc_devices, dec_devices)
+            self.sublayers = {path: layer.peftserve_bottleneck for path, layer in _sublayers(model)}
+        self._hub_linear = [(path, layer.slots[AdapterKind.ADAPTERHUB.value]) for path, layer in layers.items()
+                            if AdapterKind.ADAPTERHUB.value in layer.slots]
 
     @property
     def embedding(self) -> torch.nn.Embedding:
@@ -132,6 +170,8 @@ class AdapterSlots:
             self.prompts.write(slot + 1, weights)
         elif kind == AdapterKind.PREFIX:
             self.prefixes.write(slot + 1, weights)
+        elif kind == AdapterKind.ADAPTERHUB:
+            self._write_adapterhub(slot + 1, weights)
         else:
             unknown = [m for m in weights.spec.modules if m not in self.layers]
             if unknown:
@@ -148,20 +188,48 @@ class AdapterSlots:
             self._touched[(kind, slot)] = [self.layers[m] for m in weights.spec.modules]
         self.batch.bump()
 
+    def _write_adapterhub(self, slot: int, weights) -> None:
+        """Every part of an AdapterHub adapter into `slot` of its places: linears, sublayers, attentions."""
+        unknown = [m for m in weights.spec.modules if m not in self.layers] + \
+            [p for p in weights.bottlenecks if p not in self.sublayers]
+        if unknown:
+            raise SlotError(f"adapter {weights.spec.name!r} acts on {unknown[0]}, which this model does not have; "
+                            "it was validated against a different base")
+        if (weights.spec.rank or 0) > self.config.max_rank:
+            raise SlotError(f"adapter {weights.spec.name!r} has rank {weights.spec.rank} > slot max_rank "
+                            f"{self.config.max_rank}")
+        dst, src = [], []
+        with torch.no_grad():
+            for path, kind_slots in self._hub_linear:
+                kind_slots.stage(slot, weights, path, dst, src)
+        copy_all(dst, src)
+        for path, sub in self.sublayers.items():
+            sub.write(slot, weights.form, weights.bottlenecks.get(path))
+        self.hub_prefixes.write(slot, weights)
+
     def clear(self, kind, slot: int) -> None:
         kind = self._check(kind, slot)
         if kind == AdapterKind.PROMPT:
             self.prompts.clear(slot + 1)
         elif kind == AdapterKind.PREFIX:
             self.prefixes.clear(slot + 1)
+        elif kind == AdapterKind.ADAPTERHUB:
+            for _, kind_slots in self._hub_linear:
+                kind_slots.clear(slot + 1)
+            for sub in self.sublayers.values():
+                sub.clear(slot + 1)
+            self.hub_prefixes.clear(slot + 1)
         else:
             for _, kind_slots in self._kind_slots[kind]:
                 kind_slots.clear(slot + 1)
             self._touched.pop((kind, slot), None)
         self.batch.bump()
 
-    def set_rows(self, rows: RowAdapters | None) -> None:
-        """Per-row adapters for the next forward(s); None = every row is the plain base."""
+    def set_rows(self, rows: RowAdapters | None, token_mask: torch.Tensor | None = None) -> None:
+        """Per-row adapters for the next forward(s); None = every row is the plain base. `token_mask`
+        [rows, tokens] (1 = real token) is the encoder batch's mask: gates average over real tokens only.
+        Decoder steps pass none (one token per row)."""
+        self.batch.token_mask = token_mask
         if rows is not None:
             for p in rows.pairs:
                 if p is not None:
@@ -173,6 +241,8 @@ class AdapterSlots:
         if rows is None:  # idle: free the gathered per-row tensors
             for layer in self.layers.values():
                 layer.drop_cache()
+            for sub in self.sublayers.values():
+                sub.drop_cache()
 
     def encoder_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: RowAdapters):
         """inputs_embeds with each prompt row's soft prompt first, and the matching attention mask."""
@@ -188,16 +258,25 @@ class AdapterSlots:
                 self._check(*p)
         return self.prompts.place(embeds, attention_mask, rows.slot_index(AdapterKind.PROMPT))
 
-    def prefix_of(self, pair) -> tuple[list, list, int, int]:
-        """(keys, values per decoder layer as [heads, tokens, d_kv] views, tokens, layers) of a row's prefix
-        adapter; no tokens for any other row."""
-        if pair is None or pair[0] != AdapterKind.PREFIX:
-            return [], [], 0, 0
+    def prefix_of(self, pair) -> prefix_kind.RowPrefix:
+        """A row's decoder-side prefixes (prefix tuning; AdapterHub's self and cross prefixes) as the KV cache
+        copies them when the row joins; no tokens for any other row."""
+        if pair is None or pair[0] not in (AdapterKind.PREFIX, AdapterKind.ADAPTERHUB):
+            return prefix_kind.NO_PREFIX
         self._check(*pair)
         slot = pair[1] + 1
+        if pair[0] == AdapterKind.ADAPTERHUB:
+            return self.hub_prefixes.row_prefix(slot)
         p = self.prefixes
-        return ([k[slot].transpose(0, 1) for k in p.k], [v[slot].transpose(0, 1) for v in p.v],
-                p.length[slot], p.layers[slot])
+        return prefix_kind.RowPrefix(keys=[k[slot].transpose(0, 1) for k in p.k],
+                                     values=[v[slot].transpose(0, 1) for v in p.v],
+                                     length=p.length[slot], layers=p.layers[slot])
+
+    def encoder_prefix(self, rows: RowAdapters) -> EncoderPrefix | None:
+        """The encoder batch's AdapterHub prefixes (keys/values per layer, gates), or None when no row has one."""
+        if self.hub_prefixes is None or not rows.uses(AdapterKind.ADAPTERHUB):
+            return None
+        return self.hub_prefixes.encoder_batch(rows.slot_index(AdapterKind.ADAPTERHUB))
 
     # ---- merging (a replica dedicated to one adapter; or (IA)3 when every row shares it) -------------
 
@@ -206,8 +285,9 @@ class AdapterSlots:
         kind = self._check(kind, slot)
         if self.merged is not None:
             raise SlotError(f"{self.merged[0]} slot {self.merged[1]} is already merged; unmerge() first")
-        if kind in (AdapterKind.PROMPT, AdapterKind.PREFIX):
-            raise SlotError(f"{kind} adapters change the inputs or attention keys, not weights; they cannot be merged")
+        if kind in (AdapterKind.PROMPT, AdapterKind.PREFIX, AdapterKind.ADAPTERHUB):
+            raise SlotError(f"{kind} adapters change inputs, attention keys or sublayer outputs, not only weights; "
+                            "they cannot be merged")
         with torch.no_grad():
             self._merged_layers = [layer for layer in self._touched.get((kind, slot), ()) if layer.merge(kind, slot + 1)]
         self.merged = (kind, slot)

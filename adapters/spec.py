@@ -13,6 +13,7 @@ class AdapterLimits:
     max_rank: int = 64
     max_virtual_tokens: int = 128
     max_prefix_tokens: int = 128
+    max_bottleneck: int = 1024  # bottleneck adapters: units of the down projection
     max_file_bytes: int = 256 << 20
 
 

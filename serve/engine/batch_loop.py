@@ -229,12 +229,12 @@ class BatchLoop:
         rows = self._pairs(seqs)
         emb_dev = self.slots.embedding.weight.device
         embeds, mask = self.slots.encoder_inputs(ids.to(emb_dev), mask.to(emb_dev), rows)
-        self.slots.set_rows(rows)
-        hidden = encode(self.parts, embeds, mask)
+        self.slots.set_rows(rows, token_mask=mask)  # gates average over each row's real tokens
+        hidden = encode(self.parts, embeds, mask, self.slots.encoder_prefix(rows))
         first = len(self._running)
         prefill_cross(self.parts, self.kv, list(range(first, first + len(seqs))), hidden, mask)
-        for row, pair in enumerate(rows.pairs, start=first):  # prefix tuning: the row's KV prefix, copied once
-            self.kv.set_prefix(row, *self.slots.prefix_of(pair))
+        for row, pair in enumerate(rows.pairs, start=first):  # prefix tuning: the row's KV prefixes, copied once
+            self.kv.set_prefix(row, self.slots.prefix_of(pair))
         now = time.perf_counter()
         for s in seqs:
             s.t_admit = now

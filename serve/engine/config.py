@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve.engine.errors import ConfigError
 
-KINDS = ("lora", "ia3", "bitfit", "prompt", "prefix")
+KINDS = ("lora", "ia3", "bitfit", "prompt", "prefix", "adapterhub")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -74,7 +74,7 @@ class EngineConfig(BaseModel):
 
     # --- adapter cache ---------------------------------------------------------------------------
     device_slots: dict[str, int] = Field(
-        default_factory=lambda: {"lora": 32, "ia3": 32, "bitfit": 32, "prompt": 32, "prefix": 16},
+        default_factory=lambda: {"lora": 32, "ia3": 32, "bitfit": 32, "prompt": 32, "prefix": 16, "adapterhub": 8},
         description="slot tensors allocated up front per kind (device tier count bound)")
     device_bytes: int | None = Field(None, description="bound on adapter bytes resident in device slots")
     host_bytes: int = Field(2 * 2**30, ge=0, description="bound on adapter bytes cached in host memory")
@@ -83,6 +83,8 @@ class EngineConfig(BaseModel):
     max_virtual_tokens: int = Field(32, ge=1, description="longest soft prompt accepted")
     max_prefix_tokens: int = Field(32, ge=1, description="longest prefix (prefix tuning) accepted; sizes the "
                                                          "KV cache's prefix region")
+    max_bottleneck: int = Field(256, ge=1, description="widest bottleneck adapter accepted (units of its down "
+                                                       "projection; sizes the adapterhub kind's sublayer slots)")
     max_adapter_file_bytes: int = Field(512 * 2**20, ge=1)
 
     @field_validator("device_bytes", "host_bytes", "max_adapter_file_bytes", mode="before")

@@ -82,15 +82,19 @@ class Engine:
         self.base_desc = BaseDescription.from_model(model, base.name, base.fingerprint)
         self.limits = AdapterLimits(max_rank=config.max_rank, max_virtual_tokens=config.max_virtual_tokens,
                                     max_prefix_tokens=config.max_prefix_tokens,
+                                    max_bottleneck=config.max_bottleneck,
                                     max_file_bytes=config.max_adapter_file_bytes)
         slot_counts = {AdapterKind(k): n for k, n in config.device_slots.items() if n > 0}
         self.slots = attach_slots(model, SlotConfig(slots=slot_counts, max_rank=config.max_rank,
                                                     max_virtual_tokens=config.max_virtual_tokens,
-                                                    max_prefix_tokens=config.max_prefix_tokens))
+                                                    max_prefix_tokens=config.max_prefix_tokens,
+                                                    max_bottleneck=config.max_bottleneck))
         virtual = config.max_virtual_tokens if config.device_slots.get("prompt", 0) else 0
+        hub = config.device_slots.get("adapterhub", 0) > 0
+        prefixed = hub or config.device_slots.get("prefix", 0) > 0
         self.kv = KVCache(self.parts, config.max_batch_rows, config.max_new_tokens_cap,
-                          config.max_input_tokens + virtual,
-                          config.max_prefix_tokens if config.device_slots.get("prefix", 0) else 0)
+                          config.max_input_tokens + virtual, config.max_prefix_tokens if prefixed else 0,
+                          adapterhub=hub)
         self._wake = threading.Event()  # wakes the loop thread
         self.cache = AdapterCache(load=self._load_weights, write=self.slots.write, slots=config.device_slots,
                                   host_bytes=config.host_bytes, device_bytes=config.device_bytes,
@@ -371,18 +375,23 @@ def _block_extras(t5, cfg: EngineConfig, nbytes: int) -> dict[str, int]:
     attention = [(d, inner)] * 3 + [(inner, d)]
     slots = cfg.device_slots
 
-    def slot_bytes(linears) -> int:
-        per = sum(slots["lora"] * cfg.max_rank * (i + o) + slots["ia3"] * max(i, o) + slots["bitfit"] * o
-                  for i, o in linears)
+    hub = slots.get("adapterhub", 0)
+
+    def slot_bytes(linears, sublayers: int) -> int:
+        per = sum((slots["lora"] + hub) * cfg.max_rank * (i + o) + (slots["ia3"] + hub) * max(i, o)
+                  + slots["bitfit"] * o for i, o in linears)
+        # adapterhub: a bottleneck adapter after each sublayer, and its prefixes (keys + values) per attention
+        per += hub * sublayers * (2 * d * cfg.max_bottleneck + 8 * d)
         return per * nbytes
 
     virtual = cfg.max_virtual_tokens if slots.get("prompt", 0) else 0
-    prefix = cfg.max_prefix_tokens if slots.get("prefix", 0) else 0
-    # per decoder block: self + cross + prefix KV rows, and the prefix slots' keys/values
-    kv = 2 * cfg.max_batch_rows * inner * (cfg.max_new_tokens_cap + cfg.max_input_tokens + virtual + prefix) * nbytes
-    kv += 2 * (slots.get("prefix", 0) + 1) * prefix * inner * nbytes
-    return {"extra_encoder_block": slot_bytes(attention + ffn),
-            "extra_decoder_block": slot_bytes(attention * 2 + ffn) + kv}
+    prefix = cfg.max_prefix_tokens if slots.get("prefix", 0) or hub else 0
+    # per decoder block: self + cross + prefix KV rows (AdapterHub: cross prefixes too), and the prefix slots
+    kv = 2 * cfg.max_batch_rows * inner * (cfg.max_new_tokens_cap + cfg.max_input_tokens + virtual
+                                           + prefix * (2 if hub else 1)) * nbytes
+    kv += 2 * (slots.get("prefix", 0) + 2 * hub + 1) * prefix * inner * nbytes
+    return {"extra_encoder_block": slot_bytes(attention + ffn, 2) + 2 * hub * prefix * inner * nbytes,
+            "extra_decoder_block": slot_bytes(attention * 2 + ffn, 3) + kv}
 
 
 def _cuda_budgets() -> dict[str, int]:

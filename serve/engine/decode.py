@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from adapters.adapterhub.gates import gate_or_one, row_gates
+
 NEG_INF = float("-inf")
 
 
@@ -113,31 +115,75 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
 
 # ---- encoder ---------------------------------------------------------------------------------------
 
+def sublayer_residual(layer: torch.nn.Module, r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A T5 sublayer's residual output r + h (r its input, h its output), or, where the model carries
+    per-row bottleneck adapters on it (`adapters` attaches `peftserve_bottleneck`), theirs."""
+    adapters = getattr(layer, "peftserve_bottleneck", None)
+    return r + h if adapters is None else adapters(r, h)
+
+
+def _feed_forward(ff: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """T5LayerFF (norm, (gated) FFN, residual), with the residual through `sublayer_residual`."""
+    return sublayer_residual(ff, h, ff.DenseReluDense(ff.layer_norm(h)))
+
+
+def _gated_prefix(k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, weight, bias, gated, token_mask=None):
+    """Prefix keys/values [B, H, P, D] scaled per row by AdapterHub's prefix gates (keys by gate 0, values by
+    gate 1) computed from the attention's query-side input x; rows without gates keep theirs."""
+    g = gate_or_one(row_gates(x, weight, bias, token_mask), gated[:, None])  # [B, 2]
+    return k * g[:, 0, None, None, None].to(k.dtype), v * g[:, 1, None, None, None].to(v.dtype)
+
+
+def _encoder_bias(parts: T5Parts, rel_emb, attention_mask: torch.Tensor, prefix) -> torch.Tensor:
+    """Additive bias [B, H, S, P + S]: T5's bidirectional position bias plus -inf on padding. With AdapterHub
+    encoder prefixes (P = the batch's longest), prefix key j sits at position j and the row's own token s at
+    m + s (m = the row's prefix length) against the query at i, as AdapterHub computes them; prefix keys past
+    a row's m are masked."""
+    seq = attention_mask.shape[1]
+    dev = rel_emb.weight.device
+    pos = torch.arange(seq, device=dev)
+    pad = torch.zeros(attention_mask.shape, dtype=rel_emb.weight.dtype, device=dev)
+    pad.masked_fill_(attention_mask.to(dev) == 0, NEG_INF)
+    if prefix is None:
+        bias = relative_bias(rel_emb, pos[None, :] - pos[:, None], True, parts).permute(2, 0, 1)[None]
+        return bias + pad[:, None, None, :]
+    m = torch.tensor(prefix.lengths, device=dev)
+    j = torch.arange(prefix.width, device=dev)
+    own = relative_bias(rel_emb, m[:, None, None] + pos[None, None, :] - pos[None, :, None], True, parts)
+    ahead = relative_bias(rel_emb, j[None, :] - pos[:, None], True, parts)[None].expand(len(m), -1, -1, -1)
+    ahead = ahead.masked_fill((j[None, :] >= m[:, None])[:, None, :, None], NEG_INF)
+    return torch.cat((ahead, own), dim=2).permute(0, 3, 1, 2) + torch.cat(
+        (torch.zeros(len(m), prefix.width, dtype=pad.dtype, device=dev), pad), dim=1)[:, None, None, :]
+
+
 @torch.inference_mode()
-def encode(parts: T5Parts, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def encode(parts: T5Parts, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> torch.Tensor:
     """Encoder stack over [B, S, d] embeddings with a [B, S] 0/1 mask -> last hidden state [B, S, d].
 
     Rows are independent: padding keys are masked, so a row's output does not depend on its batch-mates.
+    `prefix` (adapters' EncoderPrefix, or None): per-row AdapterHub prefixes before every layer's keys.
     """
     blocks = parts.encoder_blocks
-    seq = inputs_embeds.shape[1]
     rel_emb = blocks[0].layer[0].SelfAttention.relative_attention_bias
-    pos = torch.arange(seq, device=rel_emb.weight.device)
-    bias = relative_bias(rel_emb, pos[None, :] - pos[:, None], True, parts).permute(2, 0, 1)[None]
-    pad = torch.zeros(attention_mask.shape, dtype=bias.dtype, device=bias.device)
-    pad.masked_fill_(attention_mask.to(bias.device) == 0, NEG_INF)
-    bias = bias + pad[:, None, None, :]  # [B, H, S, S]
+    bias = _encoder_bias(parts, rel_emb, attention_mask, prefix)
     h = inputs_embeds
     bias_on: dict[torch.device, torch.Tensor] = {}
-    for block in blocks:
+    for i, block in enumerate(blocks):
         dev = _dev(block)
         h = h.to(dev)
         b = bias_on.setdefault(dev, bias.to(dev, h.dtype))
         sa = block.layer[0]
         x = sa.layer_norm(h)
         att = sa.SelfAttention
-        h = h + att.o(_attend(_heads(att.q(x), parts), _heads(att.k(x), parts), _heads(att.v(x), parts), b))
-        h = block.layer[-1](h)  # T5LayerFF: norm, (gated) FFN, residual
+        q, k, v = _heads(att.q(x), parts), _heads(att.k(x), parts), _heads(att.v(x), parts)
+        if prefix is not None:
+            kp, vp = prefix.keys[i].to(dev, k.dtype), prefix.values[i].to(dev, v.dtype)
+            if prefix.gated is not None:
+                kp, vp = _gated_prefix(kp, vp, x, prefix.gate_weight[i], prefix.gate_bias[i], prefix.gated.to(dev),
+                                       attention_mask.to(dev))
+            k, v = torch.cat((kp, k), dim=2), torch.cat((vp, v), dim=2)
+        h = sublayer_residual(sa, h, att.o(_attend(q, k, v, b)))
+        h = _feed_forward(block.layer[-1], h)
     norm = parts.model.encoder.final_layer_norm
     return norm(h.to(_dev(norm)))
 
@@ -151,9 +197,13 @@ class KVCache:
     cross_mask: [rows, max_source] additive (0 / -inf) on each layer's device.
     prefix_k/prefix_v: [rows, heads, max_prefix, d_kv] (prefix tuning: keys/values before the row's own
     self-attention keys); prefix_len[r] tokens of row r are real, in decoder layers [0, prefix_layers[r]).
+    With `adapterhub`, also the cross-attention's prefixes (cross_prefix_k/v, cross_prefix_len) and both
+    prefixes' gate weights per row ([rows, 2, d_model], [rows, 2]); prefix_shifted[r] marks AdapterHub's
+    position convention (`adapters.prefix.RowPrefix.shifted`).
     """
 
-    def __init__(self, parts: T5Parts, max_rows: int, max_target: int, max_source: int, max_prefix: int = 0):
+    def __init__(self, parts: T5Parts, max_rows: int, max_target: int, max_source: int, max_prefix: int = 0,
+                 adapterhub: bool = False):
         self.max_rows, self.max_target, self.max_source = max_rows, max_target, max_source
         self.max_prefix = max_prefix
         h, d, dt = parts.n_heads, parts.d_kv, parts.dtype
@@ -165,28 +215,57 @@ class KVCache:
         self.prefix_k = [torch.zeros(max_rows, h, max_prefix, d, dtype=dt, device=dev)
                          for dev in self.devices] if max_prefix else []
         self.prefix_v = [torch.zeros_like(t) for t in self.prefix_k]
+        hub = adapterhub and max_prefix > 0
+        d_model = parts.model.config.d_model
+        self.cross_prefix_k = [torch.zeros_like(t) for t in self.prefix_k] if hub else []
+        self.cross_prefix_v = [torch.zeros_like(t) for t in self.prefix_k] if hub else []
+        # gate weights (key gate, value gate) per row and layer: self prefix, then cross prefix
+        self.gate_w = [[torch.zeros(max_rows, 2, d_model, dtype=dt, device=dev) for dev in self.devices]
+                       for _ in range(2)] if hub else [[], []]
+        self.gate_b = [[torch.zeros(max_rows, 2, dtype=dt, device=dev) for dev in self.devices]
+                       for _ in range(2)] if hub else [[], []]
         first = self.devices[0]
         self.cross_bias = torch.full((max_rows, max_source), NEG_INF, dtype=dt, device=first)
         self.source_len = [0] * max_rows
         self.prefix_len = [0] * max_rows
         self.prefix_layers = [0] * max_rows
+        self.prefix_shifted = [False] * max_rows
+        self.cross_prefix_len = [0] * max_rows
+        self.gated = [[False] * max_rows, [False] * max_rows]  # self prefix, cross prefix
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return (self.self_k + self.self_v + self.cross_k + self.cross_v + self.prefix_k + self.prefix_v
+                + self.cross_prefix_k + self.cross_prefix_v + sum(self.gate_w, []) + sum(self.gate_b, []))
 
     def nbytes(self) -> int:
-        tensors = self.self_k + self.self_v + self.cross_k + self.cross_v + self.prefix_k + self.prefix_v
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def prefix_row_bytes(self) -> int:
         """KV-cache bytes one row's prefix region takes (all layers, keys and values)."""
-        return sum(2 * t[0].numel() * t.element_size() for t in self.prefix_k)
+        return sum(2 * t[0].numel() * t.element_size() for t in self.prefix_k + self.cross_prefix_k)
 
-    def set_prefix(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor], n: int, layers: int) -> None:
-        """Copy a prefix ([heads, >= n, d_kv] per decoder layer, on its device) into `row`; n = 0 clears it."""
-        if n > self.max_prefix:
-            raise ValueError(f"a {n}-token prefix exceeds the cache's {self.max_prefix}")
-        for i in range(min(layers, len(self.prefix_k))):
-            self.prefix_k[i][row, :, :n] = keys[i][:, :n]
-            self.prefix_v[i][row, :, :n] = values[i][:, :n]
-        self.prefix_len[row], self.prefix_layers[row] = n, layers if n else 0
+    def set_prefix(self, row: int, prefix) -> None:
+        """Copy a row's decoder-side prefixes (`adapters.prefix.RowPrefix`) into `row`; no tokens clears it."""
+        n, cn = prefix.length, prefix.cross_length
+        if max(n, cn) > self.max_prefix:
+            raise ValueError(f"a {max(n, cn)}-token prefix exceeds the cache's {self.max_prefix}")
+        if (cn or prefix.gate_weight is not None) and not self.cross_prefix_k:
+            raise ValueError("this KV cache has no room for AdapterHub prefixes (KVCache(adapterhub=True))")
+        for i in range(min(prefix.layers, len(self.prefix_k))):
+            self.prefix_k[i][row, :, :n] = prefix.keys[i][:, :n]
+            self.prefix_v[i][row, :, :n] = prefix.values[i][:, :n]
+        for i in range(len(self.cross_prefix_k) if cn else 0):
+            self.cross_prefix_k[i][row, :, :cn] = prefix.cross_keys[i][:, :cn]
+            self.cross_prefix_v[i][row, :, :cn] = prefix.cross_values[i][:, :cn]
+        for side, (w, b) in enumerate(((prefix.gate_weight, prefix.gate_bias),
+                                       (prefix.cross_gate_weight, prefix.cross_gate_bias))):
+            self.gated[side][row] = w is not None
+            for i in range(len(self.gate_w[side]) if w is not None else 0):
+                self.gate_w[side][i][row] = w[i]
+                self.gate_b[side][i][row] = b[i]
+        self.prefix_len[row], self.prefix_layers[row] = n, prefix.layers if n else 0
+        self.prefix_shifted[row] = prefix.shifted and n > 0
+        self.cross_prefix_len[row] = cn
 
     def move_row(self, src: int, dst: int, target_len: int) -> None:
         """Copy row `src` into row `dst` (compaction after `dst` left). Copies only the filled prefix."""
@@ -200,7 +279,17 @@ class KVCache:
         for i in range(min(self.prefix_layers[src], len(self.prefix_k))):
             self.prefix_k[i][dst, :, :p] = self.prefix_k[i][src, :, :p]
             self.prefix_v[i][dst, :, :p] = self.prefix_v[i][src, :, :p]
+        c = self.cross_prefix_len[src]
+        for i in range(len(self.cross_prefix_k) if c else 0):
+            self.cross_prefix_k[i][dst, :, :c] = self.cross_prefix_k[i][src, :, :c]
+            self.cross_prefix_v[i][dst, :, :c] = self.cross_prefix_v[i][src, :, :c]
+        for side in range(2):
+            self.gated[side][dst] = self.gated[side][src]
+            for i in range(len(self.gate_w[side]) if self.gated[side][src] else 0):
+                self.gate_w[side][i][dst] = self.gate_w[side][i][src]
+                self.gate_b[side][i][dst] = self.gate_b[side][i][src]
         self.prefix_len[dst], self.prefix_layers[dst] = p, self.prefix_layers[src]
+        self.prefix_shifted[dst], self.cross_prefix_len[dst] = self.prefix_shifted[src], c
         self.cross_bias[dst] = self.cross_bias[src]
         self.source_len[dst] = s
 
@@ -243,11 +332,17 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
     rel_emb = blocks[0].layer[0].SelfAttention.relative_attention_bias
     pos = positions.to(rel_emb.weight.device)
     mem = torch.arange(t_len, device=pos.device)
-    self_bias = relative_bias(rel_emb, mem[None, :] - pos[:, None], False, parts)  # [n, T, H]
+    own = mem[None, :] - pos[:, None]
+    if any(cache.prefix_shifted[:n]):  # AdapterHub prefixes: the row's own keys sit after its prefix
+        shift = [m if s else 0 for m, s in zip(cache.prefix_len[:n], cache.prefix_shifted[:n], strict=True)]
+        own = own + torch.tensor(shift, device=pos.device)[:, None]
+    self_bias = relative_bias(rel_emb, own, False, parts)  # [n, T, H]
     self_bias = self_bias.permute(0, 2, 1)[:, :, None, :].clone()  # [n, H, 1, T]
     self_bias.masked_fill_((mem[None, :] > pos[:, None])[:, None, None, :], NEG_INF)
     cross_bias = cache.cross_bias[:n, None, None, :s_len]  # [n, 1, 1, S]
     prefix = _prefix_bias(parts, cache, rel_emb, pos, n)  # None when no running row has a prefix
+    cross_prefix = _cross_prefix_bias(cache, n, cross_bias)
+    gated = [torch.tensor(g[:n]) if any(g[:n]) else None for g in cache.gated]
     row_idx = torch.arange(n)
     on_dev: dict[torch.device, tuple] = {}
     for i, block in enumerate(blocks):
@@ -255,8 +350,9 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         h = h.to(dev)
         if dev not in on_dev:
             on_dev[dev] = (self_bias.to(dev, h.dtype), cross_bias.to(dev, h.dtype), row_idx.to(dev),
-                           positions.to(dev))
-        sb, cb, ri, pi = on_dev[dev]
+                           positions.to(dev), [None if g is None else g.to(dev) for g in gated],
+                           None if cross_prefix is None else cross_prefix.to(dev, h.dtype))
+        sb, cb, ri, pi, gd, cpb = on_dev[dev]
         sa = block.layer[0]
         x = sa.layer_norm(h)
         att = sa.SelfAttention
@@ -266,17 +362,29 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         q = _heads(att.q(x), parts)
         pb = None if prefix is None else prefix(i, dev, h.dtype)
         if pb is None:
-            h = h + att.o(_attend(q, k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb))
+            out = _attend(q, k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb)
         else:
             p_len = pb.shape[-1]
-            h = h + att.o(_attend_prefixed(q, cache.prefix_k[i][:n, :, :p_len], cache.prefix_v[i][:n, :, :p_len], pb,
-                                           k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb))
+            kp, vp = cache.prefix_k[i][:n, :, :p_len], cache.prefix_v[i][:n, :, :p_len]
+            if gd[0] is not None:  # gates from this step's token, so the cached prefix stays ungated
+                kp, vp = _gated_prefix(kp, vp, x, cache.gate_w[0][i][:n], cache.gate_b[0][i][:n], gd[0])
+            out = _attend_prefixed(q, kp, vp, pb, k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb)
+        h = sublayer_residual(sa, h, att.o(out))
         ca = block.layer[1]
         x = ca.layer_norm(h)
         catt = ca.EncDecAttention
-        h = h + catt.o(_attend(_heads(catt.q(x), parts), cache.cross_k[i][:n, :, :s_len],
-                               cache.cross_v[i][:n, :, :s_len], cb))
-        h = block.layer[-1](h)
+        q = _heads(catt.q(x), parts)
+        k, v = cache.cross_k[i][:n, :, :s_len], cache.cross_v[i][:n, :, :s_len]
+        if cpb is None:
+            out = _attend(q, k, v, cb)
+        else:
+            c_len = cpb.shape[-1]
+            kp, vp = cache.cross_prefix_k[i][:n, :, :c_len], cache.cross_prefix_v[i][:n, :, :c_len]
+            if gd[1] is not None:
+                kp, vp = _gated_prefix(kp, vp, x, cache.gate_w[1][i][:n], cache.gate_b[1][i][:n], gd[1])
+            out = _attend_prefixed(q, kp, vp, cpb, k, v, cb)
+        h = sublayer_residual(ca, h, catt.o(out))
+        h = _feed_forward(block.layer[-1], h)
     norm = parts.model.decoder.final_layer_norm
     h = norm(h.to(_dev(norm)))
     if parts.scale_output is not None:
@@ -285,12 +393,25 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
     return project_vocab(head.weight, h.to(head.weight.device)[:, 0], parts.head_weight_major).float()
 
 
+def _cross_prefix_bias(cache: KVCache, n: int, like: torch.Tensor) -> torch.Tensor | None:
+    """[n, 1, 1, P] additive mask for the rows' cross-attention prefix keys (cross-attention has no position
+    bias), or None when no running row has one."""
+    lens = cache.cross_prefix_len[:n]
+    width = max(lens) if lens else 0
+    if width == 0:
+        return None
+    j = torch.arange(width, device=like.device)
+    bias = torch.zeros(n, 1, 1, width, dtype=like.dtype, device=like.device)
+    return bias.masked_fill_((j[None, :] >= torch.tensor(lens, device=like.device)[:, None])[:, None, None, :], NEG_INF)
+
+
 def _prefix_bias(parts: T5Parts, cache: KVCache, rel_emb, pos: torch.Tensor, n: int):
     """Per-layer additive bias [n, H, 1, P] for the rows' prefix keys, or None when no row has one.
 
-    Prefix key j of a row with an m-token prefix sits at relative position j - m - p from the query at
-    decoder position p (transformers starts the decoder's cache_position at the prefix length); keys past
-    a row's m, and every key in layers at or past the row's prefix_layers, are masked."""
+    peft: prefix key j of a row with an m-token prefix sits at relative position j - m - p from the query at
+    decoder position p (transformers starts the decoder's cache_position at the prefix length). AdapterHub
+    (`prefix_shifted`): at j - p (its queries keep their own positions; the own keys move instead). Keys
+    past a row's m, and every key in layers at or past the row's prefix_layers, are masked."""
     if not cache.prefix_k:
         return None
     lens = cache.prefix_len[:n]
@@ -298,8 +419,9 @@ def _prefix_bias(parts: T5Parts, cache: KVCache, rel_emb, pos: torch.Tensor, n: 
     if p_len == 0:
         return None
     m = torch.tensor(lens, device=pos.device)
+    offset = torch.tensor([0 if s else k for k, s in zip(lens, cache.prefix_shifted[:n], strict=True)], device=pos.device)
     j = torch.arange(p_len, device=pos.device)
-    bias = relative_bias(rel_emb, j[None, :] - m[:, None] - pos[:, None], False, parts)  # [n, P, H]
+    bias = relative_bias(rel_emb, j[None, :] - offset[:, None] - pos[:, None], False, parts)  # [n, P, H]
     bias = bias.permute(0, 2, 1)[:, :, None, :].clone()
     bias.masked_fill_((j[None, :] >= m[:, None])[:, None, None, :], NEG_INF)
     layers = cache.prefix_layers[:n]

@@ -77,6 +77,8 @@ def adapter_files(directory: Path, label: str | None = None) -> list[Path]:
         raise AdapterRejected(f"adapter source {where} has no {CONFIG_FILE}{hint}")
     if not any(p.name.endswith(WEIGHT_SUFFIX) for p in files):
         hint = f"; found {', '.join(pickles)} but pickled weights are never loaded" if pickles else ""
+        if "pytorch_adapter.bin" in pickles:  # AdapterHub's default writer
+            hint += f" (convert it once, offline: peftserve adapters convert {where})"
         raise AdapterRejected(f"adapter source {where} has no *{WEIGHT_SUFFIX} weights{hint}")
     return files
 

@@ -34,7 +34,7 @@ def test_prefix_rows_logits_equal_peft_forward(tiny_base, tmp_path):
     hidden = encode(parts, encoder_embedding(model)(enc.input_ids), enc.attention_mask)
     prefill_cross(parts, cache, [0, 1, 2, 3], hidden, enc.attention_mask)
     for r, name in enumerate(rows):
-        cache.set_prefix(r, *slots.prefix_of(None if name is None else (AdapterKind.PREFIX, list(adapters).index(name))))
+        cache.set_prefix(r, slots.prefix_of(None if name is None else (AdapterKind.PREFIX, list(adapters).index(name))))
     assert cache.prefix_len[:4] == [3, 0, 7, 3]
     # teacher-forced decoder inputs; row 3 starts two steps later (a different position in the same step)
     g = torch.Generator().manual_seed(1)
