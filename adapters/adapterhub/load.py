@@ -148,6 +148,14 @@ def _check_bottleneck(files, cfg: BottleneckConfig, parsed: _Parsed, base: BaseD
     where = f"adapter {files.path}"
     if not parsed.bottleneck:
         raise AdapterMismatchError(f"{where}: the config has a bottleneck adapter but the weights hold none")
+    expected = {f"{stack}.block.{b}.layer.{sub}" for stack, subs in SUBLAYER_LOCATIONS.items()
+                for b in range(base.num_layers if stack == "encoder" else base.num_decoder_layers)
+                for sub, location in subs.items()
+                if getattr(cfg, location) and layer_number(stack, b, base) not in cfg.leave_out}
+    missing = sorted(expected - set(parsed.bottleneck))
+    if missing:
+        raise AdapterMismatchError(f"{where}: the config (mh_adapter/output_adapter/cross_adapter, leave_out) puts "
+                                   f"a bottleneck adapter at {missing[0]}, but the weights hold none there; re-save it")
     d, largest = base.d_model, 0
     for place, params in parsed.bottleneck.items():
         stack, _, block, _, sub = place.split(".")
