@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import SlotError
 from ..kinds import AdapterKind
+from ..lora import group_rows
 from .gates import gate_or_one, row_gates
 from .weights import BottleneckForm, BottleneckWeights
 
@@ -117,11 +118,26 @@ class SublayerSlots(nn.Module):
                          ("ln_after", [self.has_ln[s][1] for s in index_host]),
                          ("gated", [self.gated[s] for s in index_host]), ("arbl", arbl)):
             flags[name] = torch.tensor(on, device=dev).view(-1, 1, 1) if any(on) else None
+        # rows sharing adapters: one weight per group, the rows packed into each group's GEMM (LoRA's rule)
+        plan = group_rows(index_host)
+        if plan is None:
+            proj, groups = index, None
+        else:
+            slots, places, real, size = plan
+            proj = torch.tensor(slots, dtype=torch.long, device=dev)
+            in_order = all(real) and list(places) == list(range(len(index_host)))
+            groups = (None if in_order else torch.tensor(places, dtype=torch.long, device=dev),
+                      None if in_order else torch.tensor([p for p, ok in zip(places, real, strict=True) if ok],
+                                                         dtype=torch.long, device=dev),
+                      None if all(real) else torch.tensor(real, device=dev), size)
+            act_rows = [(fn, None if only is None else torch.tensor(
+                [self.activation[s] == name for s in slots], device=dev).view(-1, 1, 1))
+                for (fn, only), name in zip(act_rows, acts, strict=True)]
         g = dict(
-            down=self.down[:, :, :k].index_select(0, index).to(dtype),
-            down_bias=self.down_bias[:, :k].index_select(0, index).to(dtype)[:, None, :],
-            up=self.up[:, :k].index_select(0, index).to(dtype),
-            up_bias=self.up_bias.index_select(0, index).to(dtype)[:, None, :],
+            down=self.down[:, :, :k].index_select(0, proj).to(dtype),
+            down_bias=self.down_bias[:, :k].index_select(0, proj).to(dtype)[:, None, :],
+            up=self.up[:, :k].index_select(0, proj).to(dtype),
+            up_bias=self.up_bias.index_select(0, proj).to(dtype)[:, None, :], groups=groups,
             scale=self.scale.index_select(0, index).to(dtype)[:, None, :],
             norms=self.norms.index_select(0, index).to(dtype)[:, :, None, :],
             coeffs=[c.view(-1, 1, 1) for c in coeffs.unbind(1)], acts=act_rows, flags=flags,
@@ -149,10 +165,7 @@ class SublayerSlots(nn.Module):
         x = h * c_xh + r * c_xr
         res = h * c_rh + r * c_rr
         x_in = x if flags["ln_before"] is None else _row_norm(x, g["norms"][:, 0], g["norms"][:, 1], flags["ln_before"])
-        z = torch.baddbmm(g["down_bias"], x_in, g["down"])
-        for fn, only in g["acts"]:
-            z = fn(z) if only is None else torch.where(only, fn(z), z)
-        a = torch.baddbmm(g["up_bias"], z, g["up"]).mul_(g["scale"])
+        a = _project(x_in, g).mul_(g["scale"])
         if g["gate"] is not None:
             w, b = g["gate"]
             a = a * gate_or_one(row_gates(x, w, b, self.batch.token_mask), flags["gated"][:, :, 0])[:, :, None]
@@ -165,6 +178,29 @@ class SublayerSlots(nn.Module):
             if flags["arbl"] is not None:
                 out = torch.where(flags["arbl"], _row_norm(a + res, w, b, ln_after), out)
         return out + r * c_yr
+
+
+def _project(x: torch.Tensor, g: dict) -> torch.Tensor:
+    """up(act(down(x))) per row: one batched GEMM pair over rows ([B, d, k] weights), or over groups of rows
+    that share an adapter (each group's rows side by side in one GEMM, then scattered back)."""
+    groups = g["groups"]
+    if groups is not None:
+        places, real_places, real, size = groups
+        b, t, d = x.shape
+        xg = x if places is None else x.index_select(0, places)
+        x = xg.reshape(-1, size * t, d)
+    z = torch.baddbmm(g["down_bias"], x, g["down"])
+    for fn, only in g["acts"]:
+        z = fn(z) if only is None else torch.where(only, fn(z), z)
+    a = torch.baddbmm(g["up_bias"], z, g["up"])
+    if groups is None:
+        return a
+    a = a.view(-1, t, d)
+    if places is None:
+        return a
+    if real is not None:
+        a = a[real]
+    return torch.zeros(b, t, d, dtype=a.dtype, device=a.device).index_copy_(0, real_places, a)
 
 
 def _row_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
