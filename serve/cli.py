@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "register": ("serve.app.client", "register an adapter with a running server"),
     "train": ("training.cli", "train an adapter (lora, ia3, bitfit, prompt) or a full fine-tune; sweeps"),
     "base": ("serve.engine.base", "build the embedded base model or inspect a base"),
+    "adapters": ("adapters.adapterhub.convert", "convert an AdapterHub pytorch_adapter.bin to safetensors"),
     "bench": ("loadtests.cli", "run throughput and swap-latency benchmarks"),
 }
 

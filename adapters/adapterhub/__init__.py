@@ -7,6 +7,7 @@ every attention, LoRA and (IA)3 in its layout, gates, and unions (UniPELT, MAM).
     prefix.py      AttentionPrefixSlots: per-row encoder/self/cross prefixes, with their gates
     linear.py      GatedLinearSlots: per-row LoRA/(IA)3 with gates inside the wrapped linears
     gates.py       the per-row gate: masked mean of sigmoid(x·w + b)
+    convert.py     `peftserve adapters convert`: pytorch_adapter.bin -> adapter.safetensors (offline, weights_only)
 """
 
 from .weights import AdapterHubWeights

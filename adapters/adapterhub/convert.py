@@ -20,8 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import AdapterNotFoundError, CorruptAdapterError, UnsupportedAdapterError
-from .format import ADAPTERHUB_PICKLE, ADAPTERHUB_WEIGHTS_FILE, CONFIG_FILE, MAX_CONFIG_BYTES
+from ..errors import AdapterNotFoundError, CorruptAdapterError, UnsupportedAdapterError
+from ..format import ADAPTERHUB_PICKLE, ADAPTERHUB_WEIGHTS_FILE, CONFIG_FILE, MAX_CONFIG_BYTES
 
 
 def convert_adapterhub_dir(src: Path, out: Path | None = None) -> Path:
