@@ -92,7 +92,7 @@ def test_mixed_batch_logits_match_adapterhub_generate(expected, logits_ref, base
         cache.set_prefix(r, slots.prefix_of(pair))
     slots.set_rows(rows)
     start = [0 if r % 2 == 0 else LATE for r in range(n)]
-    compared = 0
+    compared, worst = 0, 0.0
     for step in range(steps + LATE):
         positions = torch.tensor([min(max(step - s, 0), steps - 1) for s in start])
         tokens = torch.tensor([([0] + c["tokens"])[min(int(positions[r]), c["steps"] - 1)] for r, c in enumerate(cases)])
@@ -105,7 +105,8 @@ def test_mixed_batch_logits_match_adapterhub_generate(expected, logits_ref, base
             if c["logits"]:
                 diff = (logits[r] - logits_ref[c["case"]][t]).abs().max().item()
                 assert diff <= TOL, f"{c['case']} step {t}: logits differ by {diff}"
-                compared += 1
+                compared, worst = compared + 1, max(worst, diff)
+    print(f"{base_name}: {compared} logit vectors compared, max |diff| {worst:.2e}")
     assert compared >= len([c for c in cases if c["logits"]])
 
 
