@@ -31,8 +31,11 @@ TARGETS = [
     ("adalora_vs_lora", "{m} distinct: AdaLoRA / LoRA throughput (same within ±10 %)", "within", 0.1),
     ("dora_vs_lora", "{m} distinct: DoRA / LoRA throughput", ">=", 0.9),
     ("prefix_vs_base", "{m} distinct: prefix tuning (20 tokens) / engine base throughput", ">=", 0.85),
+    ("seq_bn_vs_base", "{m} distinct: AdapterHub seq_bn / engine base throughput", ">=", 0.9),
+    ("unipelt_vs_base", "{m} distinct: UniPELT / engine base throughput", ">=", 0.8),
 ]
-METHOD_TARGETS = ("ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base")
+METHOD_TARGETS = ("ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base", "seq_bn_vs_base",
+                  "unipelt_vs_base")
 
 
 def _cell(results: dict, peer: str, kind: str, distinct: int) -> dict | None:

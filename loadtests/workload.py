@@ -129,9 +129,17 @@ def make_adapters(base_dir: Path, out: Path, kind: str, count: int, rank: int = 
 PREFIX_TOKENS = 20
 
 
+# AdapterHub kinds the bench serves (issue 14): the configs AdapterHub's own SeqBnConfig / UniPELTConfig make
+ADAPTERHUB_KINDS = ("seq_bn", "unipelt")
+UNIPELT_PREFIX_TOKENS = 10  # UniPELTConfig's prefix_length
+UNIPELT_LORA_RANK = 8  # and its LoRA rank
+
+
 def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path], None]:
     if kind == "bitfit":
         return _bitfit_writer(model)
+    if kind in ADAPTERHUB_KINDS:
+        return _adapterhub_writer(kind, model)
     from peft import (
         IA3Config,
         LoraConfig,
@@ -184,6 +192,35 @@ def _writer(kind: str, model, rank: int, prompt_tokens: int) -> Callable[[Path],
             if kind == "dora":
                 redraw_dora_magnitudes(peft_model)
         peft_model.save_pretrained(path, safe_serialization=True)
+
+    return write
+
+
+def _adapterhub_writer(kind: str, model) -> Callable[[Path], None]:
+    """AdapterHub-format adapters written by the training side's own modules (no AdapterHub import: it pins
+    transformers 4.57): AdapterHub's default initialisation, with LoRA's B drawn too so no term is zero."""
+    import copy
+
+    from training.adapterhub import config as ah
+    from training.adapterhub import layout
+    from training.adapterhub.modules import attach
+
+    if kind == "seq_bn":
+        config = ah.bottleneck("seq_bn", None)
+    else:
+        config = ah.union({**copy.deepcopy(ah.PREFIX), "prefix_length": UNIPELT_PREFIX_TOKENS, "use_gating": True},
+                          ah.bottleneck("seq_bn", None, use_gating=True),
+                          {**copy.deepcopy(ah.LORA), "r": UNIPELT_LORA_RANK, "alpha": 2, "use_gating": True})
+
+    def write(path: Path) -> None:
+        adapted = copy.deepcopy(model).requires_grad_(False)
+        attach(adapted, config, path.name.removesuffix(".partial"))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if p.requires_grad and name.endswith("lora_B"):
+                    p.normal_(0.0, 0.02)
+        path.mkdir(parents=True, exist_ok=True)
+        layout.save(path, adapted, config, path.name.removesuffix(".partial"), "bench-base")
 
     return write
 

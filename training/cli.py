@@ -15,6 +15,8 @@ EPILOG = """examples:
   peftserve train --method adalora --train data/train.jsonl --adalora-init-r 12 --lora-rank 4 --output out/ada
   peftserve train --method ptuning --train data/train.jsonl --ptuning-encoder MLP --output out/ptuning
   peftserve train --method prefix --train data/train.jsonl --num-virtual-tokens 20 --output out/prefix
+  peftserve train --method adapter --adapter-arch par_bn --train data/train.jsonl --output out/par-bn
+  peftserve train --method unipelt --train data/train.jsonl --layers last:4 --output out/unipelt
   peftserve train --method prompt --train rows.csv --input-field sentence --target-field label \\
       --template "Is this acceptable? {sentence}" --num-virtual-tokens 20 --output out/prompt
   peftserve train sweep --config training/sweeps/seed_paper.yaml --output sweeps/seed
@@ -29,16 +31,18 @@ def _csv(value: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.config import ADAPTER_ARCHS, METHODS  # no heavy imports: config.py is plain Python
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("action", nargs="?", choices=["sweep"], default=None,
                         help="'sweep': run a grid of methods x data sizes from --config (omit to train one adapter)")
     g = parser.add_argument_group("what to train")
-    g.add_argument("--method", choices=["lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "prefix",
-                                        "full"],
+    g.add_argument("--method", choices=list(METHODS),
                    help="adapter kind, or full fine-tuning (the baseline); required unless 'sweep'. dora and "
                         "adalora take the LoRA options; ptuning the prompt options; prefix --num-virtual-tokens "
-                        "and --prefix-projection")
+                        "and --prefix-projection. adapter, ah_prefix, unipelt and mam are AdapterHub's (saved in "
+                        "its layout): adapter takes --adapter-arch and --reduction-factor")
     g.add_argument("--base", default=None, help="base model: hub id or local T5 directory (default: embedded base)")
     g.add_argument("--output", type=Path, help="output directory (the adapter; for sweep: the results directory)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
@@ -61,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=float, default=None, help="passes over the training rows (default 3)")
     t.add_argument("--learning-rate", type=float, default=None,
                    help="default per method: lora/dora 1e-3, adalora 1e-2, ia3 1e-2, bitfit 1e-2, prompt 0.3, "
-                        "ptuning 1e-2, prefix 3e-2 (3e-3 with --prefix-projection), full 3e-4")
+                        "ptuning 1e-2, prefix 3e-2 (3e-3 with --prefix-projection), adapter/ah_prefix/unipelt/mam "
+                        "1e-3, full 3e-4")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 10 per run)")
@@ -86,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="AdaLoRA: rank of every adapted linear before pruning (default 12)")
     m.add_argument("--adalora-target-r", type=int, default=None,
                    help="AdaLoRA: average rank after pruning (default: --lora-rank); below --adalora-init-r")
-    m.add_argument("--num-virtual-tokens", type=int, default=20,
-                   help="prompt tuning / P-tuning: soft prompt length; prefix tuning: prefix length")
+    m.add_argument("--num-virtual-tokens", type=int, default=None,
+                   help="prompt tuning / P-tuning: soft prompt length; prefix, ah_prefix, unipelt, mam: prefix "
+                        "length (default 20; AdapterHub's for its methods: ah_prefix 30, unipelt 10, mam 30)")
     m.add_argument("--ptuning-encoder", type=str.upper, default=None, metavar="{MLP,LSTM}",
                    help="P-tuning: the prompt encoder (default MLP)")
     m.add_argument("--ptuning-hidden-size", type=int, default=None,
@@ -95,7 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--prefix-projection", action="store_true",
                    help="prefix tuning: train the prefix through a two-layer MLP (saved: its output, the same size)")
     m.add_argument("--prefix-hidden-size", type=int, default=None,
-                   help="prefix tuning: the projection MLP's hidden size (default 128; needs --prefix-projection)")
+                   help="prefix tuning: the projection MLP's hidden size (default 128; needs --prefix-projection); "
+                        "ah_prefix/unipelt/mam: the prefix MLP's bottleneck_size (default 512, mam 800)")
+    m.add_argument("--adapter-arch", choices=list(ADAPTER_ARCHS), default=None,
+                   help="--method adapter: AdapterHub's SeqBnConfig (default), DoubleSeqBnConfig or ParBnConfig")
+    m.add_argument("--reduction-factor", type=float, default=None,
+                   help="adapter/unipelt/mam: bottleneck size = d_model / this (default AdapterHub's: seq_bn and "
+                        "double_seq_bn 16, par_bn 2)")
     m.add_argument("--prompt-init", choices=["random", "text"], default="random")
     m.add_argument("--prompt-init-text", default=None, help="prompt tuning: text whose embeddings start the prompt")
     m.add_argument("--prompt-submodules", type=int, choices=[1, 2], default=1,

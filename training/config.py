@@ -12,11 +12,15 @@ from pathlib import Path
 
 from training.errors import OutputExistsError, TrainConfigError
 
-METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "prefix", "full")
+# AdapterHub's bottleneck adapter, prefix tuning, UniPELT and MAM, built by training/adapterhub/ (own torch code)
+ADAPTERHUB_METHODS = ("adapter", "ah_prefix", "unipelt", "mam")
+METHODS = ("lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "prefix", *ADAPTERHUB_METHODS, "full")
 LORA_FAMILY = ("lora", "dora", "adalora")  # the LoRA flags (--lora-*, --target-modules) apply to all three
 PROMPT_METHODS = ("prompt", "ptuning")  # soft prompts on the encoder input
 VIRTUAL_TOKEN_METHODS = (*PROMPT_METHODS, "prefix")  # --num-virtual-tokens; nothing selected per layer
 SELECTABLE = ("lora", "dora", "adalora", "ia3", "bitfit")  # methods whose linears --layers/--module-groups pick
+ADAPTERHUB_PREFIX_METHODS = ("ah_prefix", "unipelt", "mam")  # the AdapterHub methods with a prefix
+ADAPTER_ARCHS = ("seq_bn", "double_seq_bn", "par_bn")  # --adapter-arch: AdapterHub's bottleneck configs
 PTUNING_ENCODERS = ("MLP", "LSTM")  # peft's PromptEncoderReparameterizationType
 TASKS = ("auto", "classification", "generation")
 MODULE_GROUPS = ("attention", "feed-forward", "encoder", "decoder")
@@ -31,7 +35,11 @@ DEFAULT_TARGETS = {
     "bitfit": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
 }
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "adalora": 1e-2, "ia3": 1e-2, "bitfit": 1e-2, "prompt": 3e-1,
-              "ptuning": 1e-2, "prefix": 3e-2, "full": 3e-4}
+              "ptuning": 1e-2, "prefix": 3e-2, "adapter": 1e-3, "ah_prefix": 1e-3, "unipelt": 1e-3, "mam": 1e-3,
+              "full": 3e-4}
+# --num-virtual-tokens when not given: AdapterHub's prefix_length for its methods (PrefixTuningConfig: 30,
+# UniPELTConfig: 10, MAMConfig: 30); 20 for the peft soft prompts and prefix
+DEFAULT_VIRTUAL_TOKENS = {"ah_prefix": 30, "unipelt": 10, "mam": 30}
 # AdaLoRA: rank schedule as fractions of the run's optimizer steps (peft's tinit / tfinal / deltaT)
 ADALORA_DEFAULT_INIT_R = 12
 ADALORA_TINIT, ADALORA_TFINAL, ADALORA_DELTA_T = 0.1, 0.2, 1
@@ -77,7 +85,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int | None = None  # None: DEFAULT_VIRTUAL_TOKENS[method], else 20 (set in __post_init__)
     prompt_init: str = "random"  # "random" or "text"
     prompt_init_text: str | None = None
     prompt_submodules: int = 1  # 1: encoder soft prompt only (as served); 2: peft's seq2seq default
@@ -86,7 +94,10 @@ class TrainConfig:
     ptuning_encoder: str | None = None  # P-tuning's prompt encoder, MLP or LSTM (None: MLP)
     ptuning_hidden_size: int | None = None  # P-tuning's encoder hidden size (None: 128)
     prefix_projection: bool = False  # prefix tuning: train the prefix through an MLP (saved: its output)
-    prefix_hidden_size: int | None = None  # that MLP's hidden size (None: PREFIX_DEFAULT_HIDDEN)
+    prefix_hidden_size: int | None = None  # that MLP's hidden size (None: PREFIX_DEFAULT_HIDDEN; AdapterHub's
+    #                                        bottleneck_size for ah_prefix/unipelt/mam, None: 512, mam 800)
+    adapter_arch: str | None = None  # --method adapter: one of ADAPTER_ARCHS (None: seq_bn)
+    reduction_factor: float | None = None  # bottleneck d_model / size (None: AdapterHub's per arch, 16/16/2)
     # output
     overwrite: bool = False
     adapter_name: str | None = None  # default: the output dir's name
@@ -100,6 +111,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str):  # "q,v" from the CLI or YAML
                 setattr(self, name, [x.strip() for x in value.split(",") if x.strip()])
+        if self.num_virtual_tokens is None:  # resolved here: the report and model card show the length used
+            self.num_virtual_tokens = DEFAULT_VIRTUAL_TOKENS.get(self.method, 20)
 
     @property
     def lr(self) -> float:
@@ -195,6 +208,7 @@ class TrainConfig:
             _bad(f"--layers/--module-groups do not apply to --method {self.method} (its virtual tokens are not "
                  "selected per layer)")
         self._validate_new_methods()
+        self._validate_adapterhub()
         parse_layers(self.layers, num_layers=None)
         check_output_dir(self.output, self.overwrite)
         return self
@@ -216,9 +230,10 @@ class TrainConfig:
                 _bad(f"{flag} applies to --method ptuning only (got --method {self.method})")
         if self.prefix_projection is not False and self.method != "prefix":
             _bad(f"--prefix-projection applies to --method prefix only (got --method {self.method})")
-        if self.prefix_hidden_size is not None and not (self.method == "prefix" and self.prefix_projection is True):
+        if self.prefix_hidden_size is not None and not (self.method == "prefix" and self.prefix_projection is True
+                                                        or self.method in ADAPTERHUB_PREFIX_METHODS):
             _bad("--prefix-hidden-size applies to --method prefix with --prefix-projection only (it is the "
-                 "projection MLP's width)")
+                 "projection MLP's width), or to ah_prefix/unipelt/mam (the prefix MLP's bottleneck_size)")
         if self.method == "adalora":
             _check_range("--adalora-init-r", self.init_r, 1, 1024)
             _check_range("--adalora-target-r", self.target_r, 1, 1024)
@@ -237,6 +252,31 @@ class TrainConfig:
             if not isinstance(self.prefix_projection, bool):
                 _bad(f"--prefix-projection is a switch (true or false), got {self.prefix_projection!r}")
             _check_range("--prefix-hidden-size", self.prefix_hidden, 1, 65536)
+
+    def _validate_adapterhub(self) -> None:
+        """adapter / ah_prefix / unipelt / mam options; the layer selection is checked against the base later."""
+        if self.adapter_arch is not None:
+            if self.method != "adapter":
+                _bad(f"--adapter-arch applies to --method adapter only (got --method {self.method})")
+            if self.adapter_arch not in ADAPTER_ARCHS:
+                _bad(f"--adapter-arch must be one of {', '.join(ADAPTER_ARCHS)}, got {self.adapter_arch!r}")
+        if self.reduction_factor is not None:
+            if self.method not in ("adapter", "unipelt", "mam"):
+                _bad(f"--reduction-factor applies to --method adapter, unipelt or mam only (got --method {self.method})")
+            _check_range("--reduction-factor", self.reduction_factor, 0, 1e6, low_open=True)
+        if self.method not in ADAPTERHUB_METHODS:
+            return
+        if self.target_modules or self.feedforward_modules:
+            _bad(f"--target-modules/--feedforward-modules do not apply to --method {self.method} (AdapterHub places "
+                 "its modules by config: bottleneck adapters per sublayer, LoRA on q and v)")
+        if self.method == "ah_prefix" and (self.layers != "all" or self.module_groups):
+            _bad("--layers/--module-groups do not apply to --method ah_prefix: AdapterHub's T5 shares layer 0's "
+                 "position bias only across layers whose keys carry the prefix, so the prefix spans every layer")
+        if "." in self.name:
+            _bad(f"adapter name {self.name!r} contains '.', which AdapterHub's weight names cannot hold; pass --name "
+                 "or choose an output directory name without dots")
+        if self.method in ADAPTERHUB_PREFIX_METHODS and self.prefix_hidden_size is not None:
+            _check_range("--prefix-hidden-size", self.prefix_hidden_size, 1, 65536)
 
 
 def adalora_schedule(total_steps: int) -> dict:
@@ -276,6 +316,29 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
     if num_layers is not None and max(indices) >= num_layers:
         _bad(f"--layers {spec}: layer {max(indices)} does not exist; the base has layers 0..{num_layers - 1}")
     return indices
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What --layers/--module-groups keep: block indices per stack (None: all), stacks, and sublayer kinds."""
+
+    layers: list[int] | None
+    stacks: frozenset[str]
+    kinds: frozenset[str]
+
+    def keeps(self, stack: str, block: int) -> bool:
+        return stack in self.stacks and (self.layers is None or block in self.layers)
+
+
+def resolve_selection(cfg: TrainConfig, num_layers: int, num_decoder_layers: int) -> Selection:
+    """The selection against a base with these depths; raises on a layer the base does not have."""
+    layers = parse_layers(cfg.layers, num_layers)
+    if layers is not None and max(layers, default=0) >= num_decoder_layers:
+        _bad(f"--layers {cfg.layers}: the decoder has only {num_decoder_layers} layers")
+    groups = set(cfg.module_groups)
+    stacks = {g for g in groups if g in ("encoder", "decoder")} or {"encoder", "decoder"}
+    kinds = {g for g in groups if g in ("attention", "feed-forward")} or {"attention", "feed-forward"}
+    return Selection(layers, frozenset(stacks), frozenset(kinds))
 
 
 def check_output_dir(output: Path, overwrite: bool) -> None:

@@ -1,10 +1,11 @@
 """Build the trainable model per method, and save what the server loads.
 
-LoRA, DoRA (LoRA with use_dora), AdaLoRA, (IA)3, prompt tuning, P-tuning and prefix tuning go through peft; BitFit is the
-project's own (T5 linears have no bias, so each selected linear gets a zero-initialised trainable bias, saved
-in the adapters/ BitFit layout); full fine-tuning trains every weight and is the sweep's baseline. Selective
-training (seed paper §5): restrict to layers (first/last N, explicit list) and module groups (attention,
-feed-forward, encoder, decoder).
+LoRA, DoRA (LoRA with use_dora), AdaLoRA, (IA)3, prompt tuning, P-tuning and prefix tuning go through peft;
+AdapterHub's bottleneck adapters, prefix tuning, UniPELT and MAM are the project's own modules
+(training/adapterhub/), saved in AdapterHub's layout; BitFit is the project's own (T5 linears have no bias,
+so each selected linear gets a zero-initialised trainable bias, saved in the adapters/ BitFit layout); full
+fine-tuning trains every weight and is the sweep's baseline. Selective training (seed paper §5): restrict to
+layers (first/last N, explicit list) and module groups (attention, feed-forward, encoder, decoder).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import TrainConfig, adalora_schedule, parse_layers
+from training.config import ADAPTERHUB_METHODS, TrainConfig, adalora_schedule, resolve_selection
 from training.errors import TrainConfigError
 
 # encoder.block.3.layer.1.DenseReluDense.wo -> stack, block, sub-module, linear
@@ -50,6 +51,10 @@ class Trainable:
 
     def after_optimizer_step(self, step: int) -> None:
         """Per-method work once the gradients of `step` (1-based) are in and applied; nothing by default."""
+
+    def report_details(self) -> dict:
+        """Method-specific entries for train_report.json; none by default."""
+        return {}
 
     def snapshot(self):
         return [t.detach().clone() for t in self.parameters()]
@@ -85,15 +90,21 @@ class AdaLoraTrainable(Trainable):
             self.model.base_model.rankallocator.mask_using_rank_pattern(self.model.base_model.model, pattern)
 
 
+@dataclass
+class AdapterHubTrainable(Trainable):
+    """adapter / ah_prefix / unipelt / mam: the project's AdapterHub modules attached to the base
+    (training/adapterhub/); `config` is the AdapterHub config they implement, saved with them as `name`."""
+
+    config: dict = field(default_factory=dict)
+    name: str = ""
+
+    def report_details(self) -> dict:
+        return {"adapterhub_config": self.config}
+
+
 def select_modules(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
     """Full module paths of the T5 linears the method adapts (targets ∩ layers ∩ groups)."""
-    num_layers = model.config.num_layers
-    layers = parse_layers(cfg.layers, num_layers)
-    if layers is not None and max(layers, default=0) >= model.config.num_decoder_layers:
-        raise TrainConfigError(f"--layers {cfg.layers}: the decoder has only {model.config.num_decoder_layers} layers")
-    groups = set(cfg.module_groups)
-    stacks = {g for g in groups if g in ("encoder", "decoder")} or {"encoder", "decoder"}
-    kinds = {g for g in groups if g in ("attention", "feed-forward")} or {"attention", "feed-forward"}
+    selection = resolve_selection(cfg, model.config.num_layers, model.config.num_decoder_layers)
     targets = set(cfg.targets)
     if "wi" in targets:  # gated-gelu T5 (FLAN) splits wi into wi_0/wi_1
         targets |= {"wi_0", "wi_1"}
@@ -103,12 +114,13 @@ def select_modules(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
         if not m or not isinstance(module, torch.nn.Linear) or m["name"] not in targets:
             continue
         kind = "feed-forward" if m["part"] == "DenseReluDense" else "attention"
-        if m["stack"] in stacks and kind in kinds and (layers is None or int(m["block"]) in layers):
+        if kind in selection.kinds and selection.keeps(m["stack"], int(m["block"])):
             chosen.append(path)
     if not chosen:
         raise TrainConfigError(
             f"no T5 linear matches --target-modules {cfg.targets} with --layers {cfg.layers} and "
-            f"--module-groups {sorted(groups) or 'all'} (e.g. feed-forward has wi_0/wi_1/wo, attention q/k/v/o)")
+            f"--module-groups {sorted(cfg.module_groups) or 'all'} (e.g. feed-forward has wi_0/wi_1/wo, attention "
+            "q/k/v/o)")
     return chosen
 
 
@@ -137,6 +149,8 @@ def build(cfg: TrainConfig, base, total_steps: int | None = None) -> Trainable:
         return Trainable("ptuning", _ptuning_model(cfg, base), peft=True)
     if cfg.method == "prefix":
         return Trainable("prefix", _prefix_model(cfg, base), peft=True)
+    if cfg.method in ADAPTERHUB_METHODS:
+        return _adapterhub_trainable(cfg, model)
     modules = select_modules(model, cfg)
     if cfg.method == "bitfit":
         add_biases(model, modules)
@@ -243,6 +257,21 @@ def _prefix_model(cfg: TrainConfig, base):
     return get_peft_model(base.model, pcfg)
 
 
+def adapterhub_config(cfg: TrainConfig, model: torch.nn.Module) -> dict:
+    """The AdapterHub config `cfg` trains on `model` (selection applied); raises on one that adapts nothing."""
+    from training.adapterhub.config import selected_config
+
+    return selected_config(cfg, model.config.num_layers, model.config.num_decoder_layers)
+
+
+def _adapterhub_trainable(cfg: TrainConfig, model: torch.nn.Module) -> AdapterHubTrainable:
+    from training.adapterhub.modules import attach
+
+    config = adapterhub_config(cfg, model)
+    attach(model, config, cfg.name)
+    return AdapterHubTrainable(cfg.method, model, config=config, name=cfg.name)
+
+
 # ---- BitFit: trainable biases on bias-free T5 linears ------------------------------------------------
 
 def add_biases(model: torch.nn.Module, modules: list[str]) -> None:
@@ -273,6 +302,10 @@ def save(trainable: Trainable, out: Path, base) -> None:
         layers = sorted({int(_T5_LINEAR.match(p)["block"]) for p in trainable.modules})
         save_bitfit(out, bitfit_biases(trainable.model, trainable.modules), base_model_name_or_path=base.name,
                     layers_to_transform=layers, base_fingerprint=base.fingerprint)
+    elif isinstance(trainable, AdapterHubTrainable):
+        from training.adapterhub.layout import save as save_adapterhub
+
+        save_adapterhub(out, trainable.model, trainable.config, trainable.name, base.name)
     elif trainable.method == "full":
         trainable.model.save_pretrained(out, safe_serialization=True)
         base.tokenizer.save_pretrained(out)

@@ -106,9 +106,9 @@ def model_card(r: dict) -> str:
         "prefix": f"prefix tuning, {cfg['num_virtual_tokens']} virtual key/value tokens per decoder layer"
                   + (" (trained through a projection MLP)" if cfg.get("prefix_projection") else ""),
         "full": "full fine-tuning (baseline)",
-    }[r["method"]]
+    }.get(r["method"]) or _adapterhub_line(r)
     return f"""---
-library_name: {"peftserve" if r["method"] in ("bitfit", "full") else "peft"}
+library_name: {_library(r["method"])}
 base_model: {r["base"]["name"]}
 tags: [peftserve, {r["method"]}, t5]
 ---
@@ -131,9 +131,31 @@ Data: `{cfg["train"]}` (input `{cfg["template"] or cfg["input_field"]}`, target 
 The learning curve is in `curve.csv`; the full configuration in `train_report.json`.
 
 Serve it: `peftserve register {r["name"]} <this directory> --url URL` against a running server,
-or load it with `peft.PeftModel.from_pretrained(base, <this directory>)` (LoRA, DoRA, AdaLoRA, (IA)3, prompt, P-tuning, prefix: decode
-prefix tuning by repeated forwards, as peft's generate drops T5 prefixes).
+or {_load_hint(r["method"])}.
 """
+
+
+ADAPTERHUB_NAMES = {"adapter": "bottleneck (AdapterHub)", "ah_prefix": "prefix-tuning (AdapterHub)",
+                    "unipelt": "UniPELT (AdapterHub)", "mam": "MAM (AdapterHub)"}
+
+
+def _adapterhub_line(r: dict) -> str:
+    from training.adapterhub.config import describe
+
+    return f"{ADAPTERHUB_NAMES[r['method']]}: {describe(r['adapterhub_config'])},"
+
+
+def _library(method: str) -> str:
+    return "peftserve" if method in ("bitfit", "full") else "adapters" if method in ADAPTERHUB_NAMES else "peft"
+
+
+def _load_hint(method: str) -> str:
+    if method in ADAPTERHUB_NAMES:
+        return ("load it with AdapterHub: `adapters.init(model); model.load_adapter(<this directory>, "
+                "use_safetensors=True)` (its adapter.safetensors holds the shared prefix pool once)")
+    return ("load it with `peft.PeftModel.from_pretrained(base, <this directory>)` (LoRA, DoRA, AdaLoRA, (IA)3, "
+            "prompt, P-tuning, prefix: decode prefix tuning by repeated forwards, as peft's generate drops T5 "
+            "prefixes)")
 
 
 def environment() -> dict:

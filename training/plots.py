@@ -1,4 +1,5 @@
-"""Sweep plots (PNG): metric vs data size per task, and every cost normalised to full fine-tuning."""
+"""Sweep plots (PNG): metric vs data size per task, every cost normalised to full fine-tuning, and each
+comparison of a combined method against its parts alone."""
 
 from __future__ import annotations
 
@@ -59,3 +60,31 @@ def plot_sweep(rows: list[dict], output: Path) -> list[Path]:
     plt.close(fig)
     written.append(output / "normalized_to_full.png")
     return written
+
+
+def plot_comparison(c: dict, output: Path) -> Path:
+    """compare_<method>.png: per task, metric vs data size for the method, each part alone (thin) and the best
+    part at each size (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in c["rows"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        sub = sorted((r for r in c["rows"] if r["task"] == task), key=lambda r: r["data_size"] or 0)
+        sizes = [r["data_size"] or 0 for r in sub]
+        ax.plot(sizes, [r["metric"] for r in sub], marker="o", lw=2.5, label=c["method"])
+        for part in c["parts"]:
+            ax.plot(sizes, [r["parts"][part] for r in sub], marker=".", lw=1, label=part)
+        ax.plot(sizes, [r["best_part_metric"] for r in sub], ls="--", color="black", lw=1, label="best part")
+        ax.set(title=task, xlabel="training rows", ylabel=sub[0]["metric_name"] or "metric")
+        if len(set(sizes)) > 1:
+            ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = output / f"compare_{c['method']}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -3,8 +3,10 @@
 Writes, under the output directory: runs/<run id>/ (each run's adapter + report), results.csv, results.md
 (the seed paper's table shape: metric, steps to converge, time, trainable params, peak memory, each also
 normalised to full fine-tuning of the same task and data size), plots (PNG) and the method recommendation
-per task type and data size computed from the results (recommend.py). Finished runs are reused when a
-sweep is re-run on the same directory (resume after an interruption); --overwrite starts afresh.
+per task type and data size computed from the results (recommend.py), and per `compare:` entry a table,
+comparison.json and a plot: a combined method against its parts alone (e.g. UniPELT against LoRA, prefix
+tuning and a bottleneck adapter). Finished runs are reused when a sweep is re-run on the same directory
+(resume after an interruption); --overwrite starts afresh.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class SweepResult:
     rows: list[dict]
     table_md: Path
     recommendations: list[dict]
+    comparisons: list[dict]
 
 
 def load_sweep(path: Path) -> dict:
@@ -53,6 +56,12 @@ def load_sweep(path: Path) -> dict:
             extra = set(entry) - known - {"name", "type", "method", "generated", "rows"}
             if extra:
                 raise TrainConfigError(f"sweep config {path}: unknown keys {sorted(extra)} in {where}")
+    labels = {m.get("name", m.get("method")) for m in spec["methods"]}
+    for entry in spec.get("compare") or []:
+        named = [entry.get("method"), *(entry.get("parts") or [])]
+        if set(entry) - {"method", "parts"} or not entry.get("parts") or not set(named) <= labels:
+            raise TrainConfigError(f"sweep config {path}: every 'compare' entry needs 'method' and 'parts', the "
+                                   f"labels of methods in the sweep ({', '.join(sorted(map(str, labels)))}); got {entry}")
     from training.tasks import TASKS
 
     for task in spec["tasks"]:
@@ -124,7 +133,7 @@ def run_sweep(config: Path, output: Path | None = None, overwrite: bool = False,
             report = train(cfg).report
         rows.append(row_from_report(labels, report))
     normalise(rows)
-    return write_results(output, rows)
+    return write_results(output, rows, spec.get("compare") or [])
 
 
 def row_from_report(labels: dict, r: dict) -> dict:
@@ -148,7 +157,27 @@ def normalise(rows: list[dict]) -> None:
             r[key] = (num / den) if (num is not None and den) else None
 
 
-def write_results(output: Path, rows: list[dict]) -> SweepResult:
+def compare(rows: list[dict], method: str, parts: list[str]) -> list[dict]:
+    """Per task and data size: `method`'s metric, each part's alone, the best part and method / best
+    (above 1: the combination beats every part). Rows over all layers only; cells a run is missing for: None."""
+    metric = {(r["task"], r["data_size"], r["method"]): r["metric"] for r in rows if r["selection"] == "all"}
+    names = {r["task"]: r.get("metric_name") for r in rows}
+    out = []
+    for task, size in dict.fromkeys((r["task"], r["data_size"]) for r in rows):
+        if (task, size, method) not in metric:
+            continue
+        alone = {p: metric.get((task, size, p)) for p in parts}
+        ran = {p: v for p, v in alone.items() if v is not None}
+        best = max(ran, key=ran.get) if ran else None
+        value = metric[(task, size, method)]
+        out.append({"task": task, "data_size": size, "metric_name": names.get(task), "method": method,
+                    "metric": value, "parts": alone,
+                    "best_part": best, "best_part_metric": ran.get(best),
+                    "vs_best": value / ran[best] if best is not None and ran[best] else None})
+    return out
+
+
+def write_results(output: Path, rows: list[dict], comparisons: list[dict] = ()) -> SweepResult:
     output.mkdir(parents=True, exist_ok=True)
     with open(output / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -157,12 +186,18 @@ def write_results(output: Path, rows: list[dict]) -> SweepResult:
             w.writerow({k: r.get(k) for k in COLUMNS})
     recs = recommend(rows)
     (output / "recommendation.json").write_text(json.dumps(recs, indent=2) + "\n")
+    compared = [{**c, "rows": compare(rows, c["method"], c["parts"])} for c in comparisons]
+    if compared:
+        (output / "comparison.json").write_text(json.dumps(compared, indent=2) + "\n")
     md = output / "results.md"
-    md.write_text(results_markdown(rows) + "\n" + recommendation_markdown(recs))
-    from training.plots import plot_sweep
+    md.write_text(results_markdown(rows) + "\n" + "".join(map(comparison_markdown, compared))
+                  + recommendation_markdown(recs))
+    from training.plots import plot_comparison, plot_sweep
 
     plot_sweep(rows, output)
-    return SweepResult(output, rows, md, recs)
+    for c in compared:
+        plot_comparison(c, output)
+    return SweepResult(output, rows, md, recs, compared)
 
 
 def _fmt(v, digits=3) -> str:
@@ -195,3 +230,18 @@ def results_markdown(rows: list[dict]) -> str:
                 r["memory_vs_full"], r["grad_optim_mb"], r["grad_optim_vs_full"])) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def comparison_markdown(c: dict) -> str:
+    """One table: per task and data size, the method, each part alone, the best part and method / best."""
+    method, parts = c["method"], c["parts"]
+    out = [f"## {method} vs its parts alone", "",
+           f"{method} against {', '.join(parts)}, each trained alone on the same task and data size (all layers). "
+           f"×best = {method}'s metric / the best part's: above 1, the combination beats every part.", "",
+           "| task | train rows | " + " | ".join((method, *parts)) + " | best part | ×best |",
+           "| --- | ---: | " + " | ".join("---:" for _ in range(len(parts) + 1)) + " | --- | ---: |"]
+    for r in c["rows"]:
+        cells = (r["task"], r["data_size"] or "all", r["metric"], *(r["parts"][p] for p in parts), r["best_part"],
+                 r["vs_best"])
+        out.append("| " + " | ".join(_fmt(x) for x in cells) + " |")
+    return "\n".join(out) + "\n\n"

@@ -17,7 +17,7 @@ import torch
 
 from training import data as D
 from training import methods, output
-from training.config import SELECTABLE, TrainConfig, adalora_schedule
+from training.config import ADAPTERHUB_METHODS, SELECTABLE, TrainConfig, adalora_schedule
 from training.metrics import TASK_METRICS, score
 
 
@@ -67,6 +67,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         methods.select_modules(base.model, cfg)  # raises on an empty/out-of-range selection
     elif cfg.method == "prefix":
         methods.prefix_geometry(base)  # raises on a decoder deeper than the encoder
+    elif cfg.method in ADAPTERHUB_METHODS:
+        methods.adapterhub_config(cfg, base.model)  # raises on a selection that adapts nothing
     return Prepared(cfg, base, train_pairs, eval_pairs, task, device)
 
 
@@ -230,6 +232,7 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
                  if p.task == "classification" else None},
         "base": {"name": p.base.name, "fingerprint": p.base.fingerprint},
         "device": str(p.device), "environment": output.environment(), "config": cfg.to_dict(),
+        **trainable.report_details(),
     }
     with output.staged_output(cfg.output, cfg.overwrite) as tmp:
         methods.save(trainable, tmp, p.base)

@@ -32,11 +32,13 @@ def test_every_method_ran_on_the_same_work_through_its_serving_path(methods_run)
     n = max(preset.distinct)  # tiny has no N = 32: its largest N
     rows = max(preset.batch_rows, n)
     assert (m["distinct"], m["rows"], m["repeats"]) == (n, rows, 2)
-    assert [c["kind"] for c in m["cells"]] == ["base", "lora", "dora", "adalora", "prompt", "ptuning", "prefix"]
+    assert [c["kind"] for c in m["cells"]] == ["base", "lora", "dora", "adalora", "prompt", "ptuning", "prefix",
+                                               "seq_bn", "unipelt"]
     served = {c["kind"]: (c["served_as"]["kind"], c["served_as"]["method"]) for c in m["cells"]}
     assert served == {"base": ("base", "base"), "lora": ("lora", "lora"), "dora": ("lora", "dora"),
                       "adalora": ("lora", "adalora"), "prompt": ("prompt", "prompt"),
-                      "ptuning": ("prompt", "p_tuning"), "prefix": ("prefix", "prefix")}
+                      "ptuning": ("prompt", "p_tuning"), "prefix": ("prefix", "prefix"),
+                      "seq_bn": ("adapterhub", "seq_bn"), "unipelt": ("adapterhub", "unipelt")}
     assert m["device_slots"]["lora"] >= 3 * n and m["device_slots"]["prompt"] >= 2 * n  # all resident
     for c in m["cells"]:
         assert c["peer"] == "engine" and c["distinct"] == n and c["rows"] == rows
@@ -44,8 +46,9 @@ def test_every_method_ran_on_the_same_work_through_its_serving_path(methods_run)
         assert len(c["tokens_per_s_runs"]) == 2 and c["tokens_per_s"] == max(c["tokens_per_s_runs"])
         assert c["tokens_per_run"] == rows * preset.new_tokens  # the bench base never stops early
         assert c["ratio_to_base"] > 0
-    # one row's prefix region: keys and values, every decoder layer, max_prefix_tokens = 20 (tiny: 4 layers x 128)
-    assert m["prefix_tokens"] == 20 and m["kv_cache_bytes_per_prefix_row"] == 2 * 4 * 20 * 128 * 4
+    # one row's prefix regions: keys and values, every decoder layer, max_prefix_tokens = 20 (tiny: 4 layers x
+    # 128), for the self-attention and (the adapterhub kind has slots here) the cross-attention
+    assert m["prefix_tokens"] == 20 and m["kv_cache_bytes_per_prefix_row"] == 2 * (2 * 4 * 20 * 128 * 4)
 
 
 def test_ratios_follow_from_the_cells(methods_run):
@@ -56,7 +59,8 @@ def test_ratios_follow_from_the_cells(methods_run):
         if kind != "base":
             assert m["ratios_to_base"][kind] == pytest.approx(c["ratio_to_base"])
     targets = {t["key"]: t for t in m["targets"]}
-    assert list(targets) == ["ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base"]
+    assert list(targets) == ["ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base",
+                             "seq_bn_vs_base", "unipelt_vs_base"]
     for key, (a, b) in {"ptuning_vs_prompt": ("ptuning", "prompt"), "adalora_vs_lora": ("adalora", "lora"),
                         "dora_vs_lora": ("dora", "lora")}.items():
         t = targets[key]
@@ -74,6 +78,10 @@ def test_ratios_follow_from_the_cells(methods_run):
     pre = targets["prefix_vs_base"]
     assert pre["target"] == 0.85 and pre["met"] is (pre["measured"] >= 0.85)
     assert pre["measured"] == pytest.approx(by["prefix"]["tokens_per_s"] / by["base"]["tokens_per_s"])
+    for key, kind, target in (("seq_bn_vs_base", "seq_bn", 0.9), ("unipelt_vs_base", "unipelt", 0.8)):
+        t = targets[key]
+        assert t["target"] == target and t["met"] is (t["measured"] >= target)
+        assert t["measured"] == pytest.approx(by[kind]["tokens_per_s"] / by["base"]["tokens_per_s"])
 
 
 def test_results_json_markdown_targets_and_plot(methods_run):
@@ -88,7 +96,8 @@ def test_results_json_markdown_targets_and_plot(methods_run):
         assert judged[t["key"]]["status"] == ("PASS" if t["met"] else "FAIL")
     assert judged["ptuning_vs_prompt"]["target"] == "1 ± 0.1" and judged["dora_vs_lora"]["target"] == ">= 0.9"
     md = (out / "results.md").read_text()
-    assert "## PEFT methods (issue 13)" in md
+    assert "## PEFT and AdapterHub methods (issues 13, 14)" in md
+    assert "| UniPELT | adapterhub (unipelt) |" in md and "| UniPELT / base | >= 0.8 |" in md
     assert "| DoRA | lora (dora) |" in md and "| P-tuning | prompt (p_tuning) |" in md
     assert "| DoRA / LoRA | >= 0.9 |" in md and "| AdaLoRA / LoRA | same within ±10 % |" in md
     assert "Prefix tuning: 20 virtual tokens. KV-cache bytes per prefix row" in md
