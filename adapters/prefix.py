@@ -40,30 +40,30 @@ KEY = "prompt_embeddings"
 
 
 @dataclass
-class RowPrefix:
-    """One row's decoder-side prefixes, as the KV cache copies them when the row joins: self-attention
-    keys/values per decoder layer [heads, >= length, d_kv] in layers [0, layers), and (AdapterHub) the
-    cross-attention's, plus gate weights ([2, d_model], [2] per layer) where gated.
+class DecoderPrefixes:
+    """The decoder-side prefixes of a batch of joining rows, stacked, as the KV cache copies them once when
+    the rows join (`KVCache.set_prefixes`): per decoder layer, self-attention keys/values [rows, heads, P,
+    d_kv] (P = the longest; zeros past a row's length and in layers at or past its `layers`), AdapterHub's
+    cross-attention prefixes likewise, and gate weights ([rows, 2, d_model], [rows, 2]) where any row is gated.
 
-    `shifted` is the position convention: peft puts the decoder's queries and own keys after the prefix
-    (prefix key j at j - m - p from the query at step p); AdapterHub puts only the own keys after it
+    `shifted` is the position convention per row: peft puts the decoder's queries and own keys after the
+    prefix (prefix key j at j - m - p from the query at step p); AdapterHub puts only the own keys after it
     (prefix key j at j - p, own key s at m + s - p)."""
 
+    lengths: list[int]
+    layers: list[int]
+    shifted: list[bool]
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
-    length: int = 0
-    layers: int = 0
-    shifted: bool = False
+    gated: list[bool] = field(default_factory=list)
     gate_weight: list | None = None
     gate_bias: list | None = None
+    cross_lengths: list[int] = field(default_factory=list)
     cross_keys: list = field(default_factory=list)
     cross_values: list = field(default_factory=list)
-    cross_length: int = 0
+    cross_gated: list[bool] = field(default_factory=list)
     cross_gate_weight: list | None = None
     cross_gate_bias: list | None = None
-
-
-NO_PREFIX = RowPrefix()
 
 
 @dataclass

@@ -104,6 +104,29 @@ def attach_slots(model, config: SlotConfig) -> AdapterSlots:
     return slots
 
 
+def _gathered(per_layer: list[torch.Tensor], index_host) -> list[torch.Tensor]:
+    """Per layer, the rows' slots ([slots+1, ...] -> [rows, ...]) on that layer's device."""
+    out = []
+    for t in per_layer:
+        out.append(t.index_select(0, torch.tensor(index_host, dtype=torch.long, device=t.device)))
+    return out
+
+
+def _stacked(stores, width: int) -> list[torch.Tensor]:
+    """Per layer, [rows, heads, width, d_kv] prefix keys (or values) from slot tensors [slots+1, tokens, heads,
+    d_kv]: each store gathers its rows (slot 0, zeros, for rows of another store), and the stores add."""
+    layers = len(stores[0][0])
+    out = []
+    for i in range(layers):
+        total = None
+        for tensors, index_host in stores:
+            t = tensors[i][:, :width]
+            g = t.index_select(0, torch.tensor(index_host, dtype=torch.long, device=t.device))
+            total = g if total is None else total + g
+        out.append(total.transpose(1, 2))
+    return out
+
+
 class AdapterSlots:
     """Handle on a wrapped model: write/clear slots, set per-row adapters, build encoder inputs, merge."""
 
@@ -258,19 +281,50 @@ class AdapterSlots:
                 self._check(*p)
         return self.prompts.place(embeds, attention_mask, rows.slot_index(AdapterKind.PROMPT))
 
-    def prefix_of(self, pair) -> prefix_kind.RowPrefix:
-        """A row's decoder-side prefixes (prefix tuning; AdapterHub's self and cross prefixes) as the KV cache
-        copies them when the row joins; no tokens for any other row."""
-        if pair is None or pair[0] not in (AdapterKind.PREFIX, AdapterKind.ADAPTERHUB):
-            return prefix_kind.NO_PREFIX
-        self._check(*pair)
-        slot = pair[1] + 1
-        if pair[0] == AdapterKind.ADAPTERHUB:
-            return self.hub_prefixes.row_prefix(slot)
-        p = self.prefixes
-        return prefix_kind.RowPrefix(keys=[k[slot].transpose(0, 1) for k in p.k],
-                                     values=[v[slot].transpose(0, 1) for v in p.v],
-                                     length=p.length[slot], layers=p.layers[slot])
+    def decoder_prefixes(self, rows: RowAdapters) -> prefix_kind.DecoderPrefixes | None:
+        """The joining rows' decoder-side prefixes (peft prefix tuning; AdapterHub's self and cross prefixes),
+        stacked for the KV cache to copy once; None when no row has one."""
+        peft = self.prefixes if self.prefixes is not None and rows.uses(AdapterKind.PREFIX) else None
+        hub = self.hub_prefixes if self.hub_prefixes is not None and rows.uses(AdapterKind.ADAPTERHUB) else None
+        if peft is None and hub is None:
+            return None
+        for p in rows.pairs:
+            if p is not None:
+                self._check(*p)
+        pi, hi = rows.slot_index(AdapterKind.PREFIX), rows.slot_index(AdapterKind.ADAPTERHUB)
+        own = hub.places["self_prefix"] if hub else None
+        cross = hub.places["cross_prefix"] if hub else None
+        lengths, layers, shifted = [], [], []
+        for p, h in zip(pi, hi, strict=True):
+            if peft is not None and p:
+                lengths.append(peft.length[p])
+                layers.append(peft.layers[p])
+                shifted.append(False)
+            else:
+                m = own.length[h] if own is not None else 0
+                lengths.append(m)
+                layers.append(len(own.k) if m else 0)
+                shifted.append(m > 0)
+        out = prefix_kind.DecoderPrefixes(lengths, layers, shifted)
+        width = max(lengths)
+        if width:
+            stores = [(peft.k, peft.v, pi)] if peft is not None else []
+            stores += [(own.k, own.v, hi)] if own is not None else []
+            out.keys = _stacked([(k, idx) for k, _, idx in stores], width)
+            out.values = _stacked([(v, idx) for _, v, idx in stores], width)
+        if own is not None:
+            out.gated = [own.gated[h] for h in hi]
+            if any(out.gated):
+                out.gate_weight, out.gate_bias = _gathered(own.gate_w, hi), _gathered(own.gate_b, hi)
+            out.cross_lengths = [cross.length[h] for h in hi]
+            cross_width = max(out.cross_lengths)
+            if cross_width:
+                out.cross_keys = _stacked([(cross.k, hi)], cross_width)
+                out.cross_values = _stacked([(cross.v, hi)], cross_width)
+            out.cross_gated = [cross.gated[h] for h in hi]
+            if any(out.cross_gated):
+                out.cross_gate_weight, out.cross_gate_bias = _gathered(cross.gate_w, hi), _gathered(cross.gate_b, hi)
+        return out
 
     def encoder_prefix(self, rows: RowAdapters) -> EncoderPrefix | None:
         """The encoder batch's AdapterHub prefixes (keys/values per layer, gates), or None when no row has one."""

@@ -103,8 +103,15 @@ class SublayerSlots(nn.Module):
         dev = self.down.device
         index = torch.tensor(index_host, dtype=torch.long, device=dev)
         k = max(self.size[s] for s in index_host)
-        coeffs = torch.tensor([self.coefficients[s][:4] + (self.coefficients[s][5],) for s in index_host],
-                              dtype=dtype, device=dev)
+        rows_coeffs = [self.coefficients[s][:4] + (self.coefficients[s][5],) for s in index_host]
+        active = {c for c, s in zip(rows_coeffs, index_host, strict=True) if self.size[s]}
+        # One form for every adapter row (the usual batch): plain floats, and base rows may take that form too
+        # when it gives them r + h (their a is zero): c_rh = 1 and c_rr + c_yr = 1.
+        uniform = next(iter(active)) if len(active) == 1 else None
+        if uniform is not None and not (uniform[2] == 1.0 and uniform[3] + uniform[4] == 1.0):
+            uniform = None
+        coeffs = (list(uniform) if uniform is not None else
+                  [c.view(-1, 1, 1) for c in torch.tensor(rows_coeffs, dtype=dtype, device=dev).unbind(1)])
         arbl = [self.coefficients[s][4] for s in index_host]
         acts: dict[str, list[int]] = {}
         for row, s in enumerate(index_host):
@@ -140,9 +147,12 @@ class SublayerSlots(nn.Module):
             up_bias=self.up_bias.index_select(0, proj).to(dtype)[:, None, :], groups=groups,
             scale=self.scale.index_select(0, index).to(dtype)[:, None, :],
             norms=self.norms.index_select(0, index).to(dtype)[:, :, None, :],
-            coeffs=[c.view(-1, 1, 1) for c in coeffs.unbind(1)], acts=act_rows, flags=flags,
+            coeffs=coeffs, acts=act_rows, flags=flags,
             gate=(self.gate_weight.index_select(0, index).to(dtype), self.gate_bias.index_select(0, index).to(dtype))
-            if flags["gated"] is not None else None)
+            if flags["gated"] is not None else None,
+            # rows that must keep gate 1: those with an ungated adapter here (base rows add a zero `a` anyway)
+            gate_rows=flags["gated"][:, :, 0] if any(self.size[s] and not self.gated[s] for s in index_host)
+            and flags["gated"] is not None else None)
         self._key, self._cache = key, g
         return g
 
@@ -162,13 +172,13 @@ class SublayerSlots(nn.Module):
         g = self._gathered(index_host, h.dtype)
         c_xh, c_xr, c_rh, c_rr, c_yr = g["coeffs"]
         flags = g["flags"]
-        x = h * c_xh + r * c_xr
-        res = h * c_rh + r * c_rr
+        x = _mix(h, c_xh, r, c_xr)
+        res = _mix(h, c_rh, r, c_rr)
         x_in = x if flags["ln_before"] is None else _row_norm(x, g["norms"][:, 0], g["norms"][:, 1], flags["ln_before"])
         a = _project(x_in, g).mul_(g["scale"])
         if g["gate"] is not None:
             w, b = g["gate"]
-            a = a * gate_or_one(row_gates(x, w, b, self.batch.token_mask), flags["gated"][:, :, 0])[:, :, None]
+            a = a * gate_or_one(row_gates(x, w, b, self.batch.token_mask), g["gate_rows"])[:, :, None]
         ln_after = flags["ln_after"]
         if ln_after is None:
             out = a + res
@@ -177,7 +187,18 @@ class SublayerSlots(nn.Module):
             out = _row_norm(a, w, b, ln_after) + res
             if flags["arbl"] is not None:
                 out = torch.where(flags["arbl"], _row_norm(a + res, w, b, ln_after), out)
-        return out + r * c_yr
+        return out + _mix(r, c_yr)
+
+
+def _mix(a: torch.Tensor, ca, b: torch.Tensor | None = None, cb=0.0) -> torch.Tensor:
+    """ca·a + cb·b with per-row [B, 1, 1] coefficients, or plain floats (0 and 1 cost nothing)."""
+    if isinstance(ca, float) and isinstance(cb, float):
+        terms = [t if c == 1.0 else t * c for t, c in ((a, ca), (b, cb)) if c != 0.0]
+        if not terms:
+            return torch.zeros_like(a)
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    out = a * ca
+    return out if b is None else out + b * cb
 
 
 def _project(x: torch.Tensor, g: dict) -> torch.Tensor:

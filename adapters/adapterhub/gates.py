@@ -16,17 +16,20 @@ import torch
 def row_gates(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """x [B, T, d], weight [B, k, d], bias [B, k] -> [B, k]: per row, the mean over its tokens of
     sigmoid(x·w + b). `token_mask` [B, T] (1 = real) restricts the mean to real tokens."""
-    b, t = x.shape[0], x.shape[-2]
+    b = x.shape[0]
     x3 = x.reshape(b, -1, x.shape[-1])
+    if x3.shape[1] == 1:  # a decoder step: one dot product per row and output (no batched GEMM of 1 x d by d x k)
+        return torch.sigmoid(torch.linalg.vecdot(x3, weight.to(x.dtype)) + bias.to(x.dtype))
     g = torch.sigmoid(torch.baddbmm(bias.to(x.dtype)[:, None, :], x3, weight.to(x.dtype).transpose(1, 2)))  # [B, T, k]
-    if t == 1:
-        return g[:, 0]
     if token_mask is None or token_mask.shape[-1] != x3.shape[1]:
         return g.mean(dim=1)
     m = token_mask.to(g.dtype, copy=False)[:, :, None]
     return (g * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def gate_or_one(gates: torch.Tensor, gated: torch.Tensor) -> torch.Tensor:
-    """Rows whose adapter has no gate here keep 1 (the submodule's own, ungated output)."""
+def gate_or_one(gates: torch.Tensor, gated: torch.Tensor | None) -> torch.Tensor:
+    """Rows whose adapter has no gate here keep 1 (the submodule's own, ungated output). `gated` None: every
+    row is gated."""
+    if gated is None:
+        return gates
     return torch.where(gated, gates, torch.ones((), dtype=gates.dtype, device=gates.device))

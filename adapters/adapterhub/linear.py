@@ -18,6 +18,13 @@ from ..lora import LoraSlots
 from .gates import gate_or_one, row_gates
 
 
+def _mask(flags: list[bool], device):
+    """Rows a gate applies to: None = all of them, False = none, else a [B] bool tensor."""
+    if all(flags):
+        return None
+    return torch.tensor(flags, device=device) if any(flags) else False
+
+
 class GatedLinearSlots(KindSlots):
     kind = AdapterKind.ADAPTERHUB
 
@@ -65,8 +72,8 @@ class GatedLinearSlots(KindSlots):
         gate = None
         if any(self.gated[s] for s in index_host):
             dev = index.device
-            lora_rows = torch.tensor([self.gated[s] and self.lora.touches(s) for s in index_host], device=dev)
-            ia3_rows = torch.tensor([self.gated[s] and self.ia3.touches(s) for s in index_host], device=dev)
+            lora_rows = _mask([self.gated[s] and self.lora.touches(s) for s in index_host], dev)
+            ia3_rows = _mask([self.gated[s] and self.ia3.touches(s) for s in index_host], dev)
             gate = (self.gate_weight.index_select(0, index).to(dtype), self.gate_bias.index_select(0, index).to(dtype),
                     lora_rows, ia3_rows)
         return lora_g, ia3_g, gate
@@ -81,8 +88,8 @@ class GatedLinearSlots(KindSlots):
             w, b, lora_rows, ia3_rows = gate
             shape = (-1, *([1] * (x.dim() - 1)))
             scores = row_gates(x, w, b, self.batch.token_mask)[:, 0]  # [B]
-            lora_scale = gate_or_one(scores, lora_rows).view(shape)
-            ia3_scale = gate_or_one(scores, ia3_rows).view(shape)
+            lora_scale = None if lora_rows is False else gate_or_one(scores, lora_rows).view(shape)
+            ia3_scale = None if ia3_rows is False else gate_or_one(scores, ia3_rows).view(shape)
         if lora_g is not None:
             y = self.lora.post(y, x if lora_scale is None else x * lora_scale, lora_g)
         if ia3_g is not None:

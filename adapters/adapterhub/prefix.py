@@ -13,7 +13,7 @@ What AdapterHub 1.3 computes on T5, and what is served:
 
 Slots keep, per location and layer, [slots+1, max_tokens, heads, d_kv] keys and values on that layer's
 device. The encoder's are gathered per batch (`encoder_batch`); the decoder's (self and cross) are copied
-into the row's KV-cache rows once, when it joins (`row_prefix`), with their gate weights.
+into the joining rows' KV-cache rows once, with their gate weights (`AdapterSlots.decoder_prefixes`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlotError
-from ..prefix import RowPrefix
 from .weights import AdapterHubWeights
 
 
@@ -120,19 +119,3 @@ class AttentionPrefixSlots:
                 gb.append(place.gate_b[i].index_select(0, index))
         return EncoderPrefix(lengths, keys, values, gw if any(gated) else None, gb if any(gated) else None,
                              torch.tensor(gated) if any(gated) else None)
-
-    def row_prefix(self, slot: int) -> RowPrefix:
-        """The decoder-side prefixes of one slot, as the KV cache copies them when a row joins."""
-        own, cross = self.places["self_prefix"], self.places["cross_prefix"]
-
-        def views(place, tensors):
-            return [t[slot].transpose(0, 1) for t in tensors] if place.length[slot] else []
-
-        return RowPrefix(
-            keys=views(own, own.k), values=views(own, own.v), length=own.length[slot],
-            layers=len(own.k) if own.length[slot] else 0, shifted=True,
-            gate_weight=[t[slot] for t in own.gate_w] if own.gated[slot] else None,
-            gate_bias=[t[slot] for t in own.gate_b] if own.gated[slot] else None,
-            cross_keys=views(cross, cross.k), cross_values=views(cross, cross.v), cross_length=cross.length[slot],
-            cross_gate_weight=[t[slot] for t in cross.gate_w] if cross.gated[slot] else None,
-            cross_gate_bias=[t[slot] for t in cross.gate_b] if cross.gated[slot] else None)

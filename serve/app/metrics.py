@@ -5,7 +5,8 @@ process). Replicas ship `snapshot()`s to the app's MetricsHub (serve/app/builder
 with a `replica` label on every sample: one scrape shows all replicas.
 
 Cardinality: request series are labelled by PEFT method (`kind` label: lora, dora, adalora, ia3, bitfit,
-prompt, p_tuning, prefix, base — adapters.kinds.METHODS), cache series by slot kind (5 values); then tiers, finish reasons, error class names, HTTP route templates
+prompt, p_tuning, prefix, AdapterHub's seq_bn ... unipelt, mam, base — adapters.kinds.METHODS), cache series by
+slot kind (6 values); then tiers, finish reasons, error class names, HTTP route templates
 and status codes. The `adapter` label exists only on two per-adapter series and only for names in
 `adapter_labels` (config allow-list); every other adapter is counted under adapter="_other".
 """

@@ -233,8 +233,8 @@ class BatchLoop:
         hidden = encode(self.parts, embeds, mask, self.slots.encoder_prefix(rows))
         first = len(self._running)
         prefill_cross(self.parts, self.kv, list(range(first, first + len(seqs))), hidden, mask)
-        for row, pair in enumerate(rows.pairs, start=first):  # prefix tuning: the row's KV prefixes, copied once
-            self.kv.set_prefix(row, self.slots.prefix_of(pair))
+        # prefix tuning: the joining rows' KV prefixes, copied once
+        self.kv.set_prefixes(first, len(seqs), self.slots.decoder_prefixes(rows))
         now = time.perf_counter()
         for s in seqs:
             s.t_admit = now

@@ -95,13 +95,23 @@ def _heads(x: torch.Tensor, parts: T5Parts) -> torch.Tensor:
 
 
 def _attend_prefixed(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, bp: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`_attend` over prefix keys kp and the row's own keys k as one softmax, without concatenating K/V."""
-    sp = torch.matmul(q, kp.transpose(-1, -2)) + bp
+                     v: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """`_attend` over prefix keys kp and the row's own keys k as one softmax, without concatenating K/V.
+
+    `gates` [B, 2] (AdapterHub's prefix gates: keys by gate 0, values by gate 1) scale the prefix's scores
+    and its value mix instead of the keys and values themselves: q·(g K) = g (q·K) and w·(g V) = g (w·V), on
+    tensors P (scores) and d_kv (outputs) wide rather than P x d_kv."""
+    sp = torch.matmul(q, kp.transpose(-1, -2))
+    if gates is not None:
+        sp = sp * gates[:, 0, None, None, None].to(sp.dtype)
+    sp = sp + bp
     ss = torch.matmul(q, k.transpose(-1, -2)) + bias
     weights = torch.softmax(torch.cat((sp, ss), dim=-1).float(), dim=-1).to(v.dtype)
     p = kp.shape[-2]
-    out = torch.matmul(weights[..., :p], vp) + torch.matmul(weights[..., p:], v)
+    mixed = torch.matmul(weights[..., :p], vp)
+    if gates is not None:
+        mixed = mixed * gates[:, 1, None, None, None].to(mixed.dtype)
+    out = mixed + torch.matmul(weights[..., p:], v)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -127,11 +137,16 @@ def _feed_forward(ff: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return sublayer_residual(ff, h, ff.DenseReluDense(ff.layer_norm(h)))
 
 
-def _gated_prefix(k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, weight, bias, gated, token_mask=None):
-    """Prefix keys/values [B, H, P, D] scaled per row by AdapterHub's prefix gates (keys by gate 0, values by
-    gate 1) computed from the attention's query-side input x; rows without gates keep theirs."""
-    g = gate_or_one(row_gates(x, weight, bias, token_mask), gated[:, None])  # [B, 2]
-    return k * g[:, 0, None, None, None].to(k.dtype), v * g[:, 1, None, None, None].to(v.dtype)
+def _prefix_gates(x: torch.Tensor, weight, bias, gated, token_mask=None) -> torch.Tensor:
+    """AdapterHub's prefix gates per row [B, 2] (keys, values) from the attention's query-side input x;
+    rows without gates keep 1 (`gated` True: every row that has a prefix is gated)."""
+    g = row_gates(x, weight, bias, token_mask)
+    return g if gated is True else gate_or_one(g, gated[:, None])
+
+
+def _gated_prefix(k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor):
+    """Prefix keys/values [B, H, P, D] scaled by per-row gates [B, 2] (the encoder's concatenated attention)."""
+    return k * gates[:, 0, None, None, None].to(k.dtype), v * gates[:, 1, None, None, None].to(v.dtype)
 
 
 def _encoder_bias(parts: T5Parts, rel_emb, attention_mask: torch.Tensor, prefix) -> torch.Tensor:
@@ -179,8 +194,8 @@ def encode(parts: T5Parts, inputs_embeds: torch.Tensor, attention_mask: torch.Te
         if prefix is not None:
             kp, vp = prefix.keys[i].to(dev, k.dtype), prefix.values[i].to(dev, v.dtype)
             if prefix.gated is not None:
-                kp, vp = _gated_prefix(kp, vp, x, prefix.gate_weight[i], prefix.gate_bias[i], prefix.gated.to(dev),
-                                       attention_mask.to(dev))
+                kp, vp = _gated_prefix(kp, vp, _prefix_gates(x, prefix.gate_weight[i], prefix.gate_bias[i],
+                                                             prefix.gated.to(dev), attention_mask.to(dev)))
             k, v = torch.cat((kp, k), dim=2), torch.cat((vp, v), dim=2)
         h = sublayer_residual(sa, h, att.o(_attend(q, k, v, b)))
         h = _feed_forward(block.layer[-1], h)
@@ -199,7 +214,7 @@ class KVCache:
     self-attention keys); prefix_len[r] tokens of row r are real, in decoder layers [0, prefix_layers[r]).
     With `adapterhub`, also the cross-attention's prefixes (cross_prefix_k/v, cross_prefix_len) and both
     prefixes' gate weights per row ([rows, 2, d_model], [rows, 2]); prefix_shifted[r] marks AdapterHub's
-    position convention (`adapters.prefix.RowPrefix.shifted`).
+    position convention (`adapters.prefix.DecoderPrefixes.shifted`).
     """
 
     def __init__(self, parts: T5Parts, max_rows: int, max_target: int, max_source: int, max_prefix: int = 0,
@@ -244,28 +259,35 @@ class KVCache:
         """KV-cache bytes one row's prefix region takes (all layers, keys and values)."""
         return sum(2 * t[0].numel() * t.element_size() for t in self.prefix_k + self.cross_prefix_k)
 
-    def set_prefix(self, row: int, prefix) -> None:
-        """Copy a row's decoder-side prefixes (`adapters.prefix.RowPrefix`) into `row`; no tokens clears it."""
-        n, cn = prefix.length, prefix.cross_length
-        if max(n, cn) > self.max_prefix:
-            raise ValueError(f"a {max(n, cn)}-token prefix exceeds the cache's {self.max_prefix}")
-        if (cn or prefix.gate_weight is not None) and not self.cross_prefix_k:
+    def set_prefixes(self, first: int, count: int, prefixes) -> None:
+        """Copy joining rows' decoder-side prefixes (`adapters.prefix.DecoderPrefixes`, stacked; None = none)
+        into cache rows [first, first + count): one copy per layer and tensor, whatever the row count."""
+        rows = slice(first, first + count)
+        if prefixes is None:
+            self.prefix_len[rows] = self.prefix_layers[rows] = self.cross_prefix_len[rows] = [0] * count
+            self.prefix_shifted[rows] = self.gated[0][rows] = self.gated[1][rows] = [False] * count
+            return
+        widest = max(max(prefixes.lengths), max(prefixes.cross_lengths, default=0))
+        if widest > self.max_prefix:
+            raise ValueError(f"a {widest}-token prefix exceeds the cache's {self.max_prefix}")
+        hub = any(prefixes.shifted) or any(prefixes.cross_lengths)
+        if hub and not self.cross_prefix_k:
             raise ValueError("this KV cache has no room for AdapterHub prefixes (KVCache(adapterhub=True))")
-        for i in range(min(prefix.layers, len(self.prefix_k))):
-            self.prefix_k[i][row, :, :n] = prefix.keys[i][:, :n]
-            self.prefix_v[i][row, :, :n] = prefix.values[i][:, :n]
-        for i in range(len(self.cross_prefix_k) if cn else 0):
-            self.cross_prefix_k[i][row, :, :cn] = prefix.cross_keys[i][:, :cn]
-            self.cross_prefix_v[i][row, :, :cn] = prefix.cross_values[i][:, :cn]
-        for side, (w, b) in enumerate(((prefix.gate_weight, prefix.gate_bias),
-                                       (prefix.cross_gate_weight, prefix.cross_gate_bias))):
-            self.gated[side][row] = w is not None
+        for dst, src in ((self.prefix_k, prefixes.keys), (self.prefix_v, prefixes.values),
+                         (self.cross_prefix_k, prefixes.cross_keys), (self.cross_prefix_v, prefixes.cross_values)):
+            for i, t in enumerate(src[:len(dst)]):
+                dst[i][rows, :, :t.shape[2]] = t
+        for side, (w, b) in enumerate(((prefixes.gate_weight, prefixes.gate_bias),
+                                       (prefixes.cross_gate_weight, prefixes.cross_gate_bias))):
+            flags = (prefixes.gated, prefixes.cross_gated)[side] or [False] * count
+            self.gated[side][rows] = flags
             for i in range(len(self.gate_w[side]) if w is not None else 0):
-                self.gate_w[side][i][row] = w[i]
-                self.gate_b[side][i][row] = b[i]
-        self.prefix_len[row], self.prefix_layers[row] = n, prefix.layers if n else 0
-        self.prefix_shifted[row] = prefix.shifted and n > 0
-        self.cross_prefix_len[row] = cn
+                self.gate_w[side][i][rows] = w[i]
+                self.gate_b[side][i][rows] = b[i]
+        self.prefix_len[rows] = prefixes.lengths
+        self.prefix_layers[rows] = [k if n else 0 for k, n in zip(prefixes.layers, prefixes.lengths, strict=True)]
+        self.prefix_shifted[rows] = prefixes.shifted
+        self.cross_prefix_len[rows] = prefixes.cross_lengths or [0] * count
 
     def move_row(self, src: int, dst: int, target_len: int) -> None:
         """Copy row `src` into row `dst` (compaction after `dst` left). Copies only the filled prefix."""
@@ -342,7 +364,8 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
     cross_bias = cache.cross_bias[:n, None, None, :s_len]  # [n, 1, 1, S]
     prefix = _prefix_bias(parts, cache, rel_emb, pos, n)  # None when no running row has a prefix
     cross_prefix = _cross_prefix_bias(cache, n, cross_bias)
-    gated = [torch.tensor(g[:n]) if any(g[:n]) else None for g in cache.gated]
+    gated = [_gate_rows(g[:n], lens[:n]) for g, lens in zip(cache.gated, (cache.prefix_len, cache.cross_prefix_len),
+                                                             strict=True)]
     row_idx = torch.arange(n)
     on_dev: dict[torch.device, tuple] = {}
     for i, block in enumerate(blocks):
@@ -350,7 +373,7 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         h = h.to(dev)
         if dev not in on_dev:
             on_dev[dev] = (self_bias.to(dev, h.dtype), cross_bias.to(dev, h.dtype), row_idx.to(dev),
-                           positions.to(dev), [None if g is None else g.to(dev) for g in gated],
+                           positions.to(dev), [g if g is None or g is True else g.to(dev) for g in gated],
                            None if cross_prefix is None else cross_prefix.to(dev, h.dtype))
         sb, cb, ri, pi, gd, cpb = on_dev[dev]
         sa = block.layer[0]
@@ -366,9 +389,9 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         else:
             p_len = pb.shape[-1]
             kp, vp = cache.prefix_k[i][:n, :, :p_len], cache.prefix_v[i][:n, :, :p_len]
-            if gd[0] is not None:  # gates from this step's token, so the cached prefix stays ungated
-                kp, vp = _gated_prefix(kp, vp, x, cache.gate_w[0][i][:n], cache.gate_b[0][i][:n], gd[0])
-            out = _attend_prefixed(q, kp, vp, pb, k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb)
+            # gates from this step's token (the cached prefix itself stays ungated)
+            g = None if gd[0] is None else _prefix_gates(x, cache.gate_w[0][i][:n], cache.gate_b[0][i][:n], gd[0])
+            out = _attend_prefixed(q, kp, vp, pb, k_all[:n, :, :t_len], v_all[:n, :, :t_len], sb, g)
         h = sublayer_residual(sa, h, att.o(out))
         ca = block.layer[1]
         x = ca.layer_norm(h)
@@ -380,9 +403,8 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         else:
             c_len = cpb.shape[-1]
             kp, vp = cache.cross_prefix_k[i][:n, :, :c_len], cache.cross_prefix_v[i][:n, :, :c_len]
-            if gd[1] is not None:
-                kp, vp = _gated_prefix(kp, vp, x, cache.gate_w[1][i][:n], cache.gate_b[1][i][:n], gd[1])
-            out = _attend_prefixed(q, kp, vp, cpb, k, v, cb)
+            g = None if gd[1] is None else _prefix_gates(x, cache.gate_w[1][i][:n], cache.gate_b[1][i][:n], gd[1])
+            out = _attend_prefixed(q, kp, vp, cpb, k, v, cb, g)
         h = sublayer_residual(ca, h, catt.o(out))
         h = _feed_forward(block.layer[-1], h)
     norm = parts.model.decoder.final_layer_norm
@@ -391,6 +413,16 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
         h = h * parts.scale_output
     head = parts.model.lm_head
     return project_vocab(head.weight, h.to(head.weight.device)[:, 0], parts.head_weight_major).float()
+
+
+def _gate_rows(gated: list[bool], lengths: list[int]):
+    """Which rows' prefixes a layer's gates scale: None = no row is gated; True = every row (rows without a
+    prefix have nothing to scale); else a [n] bool tensor (rows with an ungated prefix keep theirs)."""
+    if not any(gated):
+        return None
+    if all(g or not m for g, m in zip(gated, lengths, strict=True)):
+        return True
+    return torch.tensor(gated)
 
 
 def _cross_prefix_bias(cache: KVCache, n: int, like: torch.Tensor) -> torch.Tensor | None:

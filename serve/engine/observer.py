@@ -5,7 +5,7 @@ contract: add new hooks, never rename. Every hook is called from the engine's lo
 adapter-loader thread, must be cheap and must not raise (exceptions are swallowed and logged once).
 
 Label guidance: request hooks get the PEFT method as `kind` (adapters.kinds.METHODS or "base"), cache and
-swap hooks the slot kind ("lora", "ia3", "bitfit", "prompt", "prefix"); both are low-cardinality; `adapter` may take
+swap hooks the slot kind ("lora", "ia3", "bitfit", "prompt", "prefix", "adapterhub"); both are low-cardinality; `adapter` may take
 thousands of values (use it for logs/exemplars, not as a metric label unless bounded).
 Tiers: "disk" (registered, not loaded), "host" (CPU memory), "device" (slot tensors).
 Swap tiers: "disk_to_host" (read + validate safetensors), "host_to_device" (copy into a slot).

@@ -88,8 +88,7 @@ def test_mixed_batch_logits_match_adapterhub_generate(expected, logits_ref, base
     slots.set_rows(rows, token_mask=mask2)
     hidden = encode(parts, embeds, mask2, slots.encoder_prefix(rows))
     prefill_cross(parts, cache, list(range(n)), hidden, mask2)
-    for r, pair in enumerate(rows.pairs):
-        cache.set_prefix(r, slots.prefix_of(pair))
+    cache.set_prefixes(0, n, slots.decoder_prefixes(rows))
     slots.set_rows(rows)
     start = [0 if r % 2 == 0 else LATE for r in range(n)]
     compared, worst = 0, 0.0

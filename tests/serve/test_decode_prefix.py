@@ -8,7 +8,15 @@ import copy
 
 import torch
 
-from adapters import AdapterKind, BaseDescription, SlotConfig, attach_slots, encoder_embedding, load_adapter
+from adapters import (
+    AdapterKind,
+    BaseDescription,
+    RowAdapters,
+    SlotConfig,
+    attach_slots,
+    encoder_embedding,
+    load_adapter,
+)
 from serve.engine.decode import KVCache, T5Parts, decode_step, encode, prefill_cross
 from tests.peft_zoo import prefix
 
@@ -33,8 +41,8 @@ def test_prefix_rows_logits_equal_peft_forward(tiny_base, tmp_path):
     cache = KVCache(parts, max_rows=4, max_target=8, max_source=enc.input_ids.shape[1], max_prefix=8)
     hidden = encode(parts, encoder_embedding(model)(enc.input_ids), enc.attention_mask)
     prefill_cross(parts, cache, [0, 1, 2, 3], hidden, enc.attention_mask)
-    for r, name in enumerate(rows):
-        cache.set_prefix(r, slots.prefix_of(None if name is None else (AdapterKind.PREFIX, list(adapters).index(name))))
+    cache.set_prefixes(0, 4, slots.decoder_prefixes(RowAdapters.from_pairs(
+        [None if name is None else (AdapterKind.PREFIX, list(adapters).index(name)) for name in rows])))
     assert cache.prefix_len[:4] == [3, 0, 7, 3]
     # teacher-forced decoder inputs; row 3 starts two steps later (a different position in the same step)
     g = torch.Generator().manual_seed(1)

@@ -57,10 +57,8 @@ def oracle(ah_trained, tiny_base_dir, tiny_base, tmp_path_factory) -> dict:
     """AdapterHub's own results for every trained adapter (one oracle process)."""
     from tests.adapterhub.oracle_venv import oracle_python
 
-    try:
-        python = oracle_python()
-    except (subprocess.CalledProcessError, OSError) as e:
-        pytest.skip(f"the AdapterHub oracle venv could not be built here ({e})")
+    # the oracle is a real component of this test: a machine that cannot build its venv fails, never skips
+    python = oracle_python()
     work = tmp_path_factory.mktemp("oracle")
     job = work / "job.json"
     job.write_text(json.dumps({"base": str(tiny_base_dir), "max_new_tokens": NEW_TOKENS,
