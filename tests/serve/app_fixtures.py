@@ -43,7 +43,7 @@ def make_zoo(tiny_base, root: Path) -> dict[str, Path]:
 def app_args(base_dir: Path, registry_dir: Path, **extra) -> dict:
     engine = {"base": str(base_dir), "max_batch_rows": 8, "max_new_tokens_cap": 32, "default_max_new_tokens": 8,
               "max_queue": 64, "request_timeout_s": 60, "host_bytes": "64MiB",
-              "device_slots": {"lora": 4, "ia3": 2, "bitfit": 2, "prompt": 2}}
+              "device_slots": {"lora": 4, "ia3": 2, "bitfit": 2, "prompt": 2, "adapterhub": 2}}
     engine.update(extra.pop("engine", {}))
     return {"engine": engine, "registry_dir": str(registry_dir), "demo_adapters": False,
             "metrics_push_interval_s": 0.5, **extra}

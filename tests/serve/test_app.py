@@ -300,6 +300,35 @@ def test_refused_registration_names_what_the_user_sent(http, zoo, tmp_path):
     assert r.status_code == 400 and "upload" in r.json()["error"] and "store/tmp" not in r.json()["error"], r.text
 
 
+def test_an_adapterhub_unipelt_registers_and_shares_a_burst_with_other_kinds(server, http, tiny_base_dir, tmp_path):
+    """Issue 14 over HTTP: an AdapterHub-format UniPELT (gated LoRA + prefixes + seq_bn, written by the training
+    side's own modules) registers as the adapterhub kind and, in a burst with a LoRA and base rows, gives
+    exactly its solo result."""
+    from loadtests.workload import make_adapters
+
+    (path,) = make_adapters(tiny_base_dir, tmp_path, "unipelt", 1)
+    r = register(http, "uni-a", path)
+    assert r.status_code == 201, r.text
+    assert r.json()["kind"] == "adapterhub"
+    spec = http.get("/adapters/uni-a").json()["spec"]
+    assert spec["method"] == "unipelt" and spec["num_virtual_tokens"] == 10, spec
+    names = [None, "lora-a", "uni-a"]
+    solo = {n: gen(http, adapter=n, max_new_tokens=12).json()["generated_text"] for n in names}
+    assert solo["uni-a"] != solo[None]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+            rs = await asyncio.gather(*(c.post("/generate", json={"inputs": "translate: hello world",
+                                                                  "parameters": {"adapter_id": n,
+                                                                                 "max_new_tokens": 12}})
+                                        for n in names * 3))
+        return [(n, r.json()["generated_text"]) for n, r in zip(names * 3, rs, strict=True)]
+
+    for name, text in asyncio.run(burst()):
+        assert text == solo[name], name
+    assert http.delete("/adapters/uni-a", headers=AUTH).status_code in (200, 204)
+
+
 def test_another_bases_adapter_is_not_listed_and_its_404_names_that_base(server, http, zoo):
     """Issue 12: one registry holds adapters of several bases; a server lists and serves its own base's only."""
     from serve.registry import AdapterRegistry
