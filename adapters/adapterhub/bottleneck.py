@@ -100,9 +100,12 @@ class SublayerSlots(nn.Module):
         key = (self.batch.version, dtype)
         if key == self._key:
             return self._cache
+        k = max(self.size[s] for s in index_host)
+        if k == 0:
+            self._key, self._cache = key, None
+            return None
         dev = self.down.device
         index = torch.tensor(index_host, dtype=torch.long, device=dev)
-        k = max(self.size[s] for s in index_host)
         rows_coeffs = [self.coefficients[s][:4] + (self.coefficients[s][5],) for s in index_host]
         active = {c for c, s in zip(rows_coeffs, index_host, strict=True) if self.size[s]}
         # One form for every adapter row (the usual batch): plain floats, and base rows may take that form too
@@ -165,11 +168,11 @@ class SublayerSlots(nn.Module):
         if rows is None or AdapterKind.ADAPTERHUB not in rows.kinds:
             return r + h
         index_host = rows.slot_index(AdapterKind.ADAPTERHUB)
-        if not any(self.size[s] for s in index_host):
-            return r + h
         if len(index_host) != h.shape[0]:
             raise SlotError(f"{self.path}: batch has {h.shape[0]} rows but set_rows described {len(index_host)}")
-        g = self._gathered(index_host, h.dtype)
+        g = self._gathered(index_host, h.dtype)  # once per batch version: decode steps reuse it
+        if g is None:  # no row has an adapter on this sublayer
+            return r + h
         c_xh, c_xr, c_rh, c_rr, c_yr = g["coeffs"]
         flags = g["flags"]
         x = _mix(h, c_xh, r, c_xr)

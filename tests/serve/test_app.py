@@ -50,6 +50,17 @@ def register(http, name, source, replace=False, headers=AUTH):
     return http.post("/adapters", json={"name": name, "source": str(source), "replace": replace}, headers=headers)
 
 
+def burst(server, names, max_new_tokens=12) -> list[tuple[str | None, str]]:
+    """Every (adapter) request of `names` at once, as concurrent clients send them: (name, text) each."""
+    async def send():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
+            return await asyncio.gather(*(c.post("/generate", json={
+                "inputs": "translate: hello world",
+                "parameters": {"adapter_id": n, "max_new_tokens": max_new_tokens}}) for n in names))
+
+    return [(n, r.json()["generated_text"]) for n, r in zip(names, asyncio.run(send()), strict=True)]
+
+
 def generation(http) -> int:
     return http.get("/adapters").json()["generation"]
 
@@ -79,15 +90,7 @@ def test_mixed_adapters_share_the_batch_and_match_solo_results(server, http):
     solo = {n: gen(http, adapter=n, max_new_tokens=12).json()["generated_text"] for n in names}
     assert len(set(solo.values())) >= 3, "adapters of different kinds should change greedy output"
 
-    async def burst():
-        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
-            rs = await asyncio.gather(*(c.post("/generate", json={"inputs": "translate: hello world",
-                                                                  "parameters": {"adapter_id": n,
-                                                                                 "max_new_tokens": 12}})
-                                        for n in names * 3))
-        return [(n, r.json()["generated_text"]) for n, r in zip(names * 3, rs, strict=True)]
-
-    for name, text in asyncio.run(burst()):
+    for name, text in burst(server, names * 3):
         assert text == solo[name], name
 
 
@@ -316,15 +319,7 @@ def test_an_adapterhub_unipelt_registers_and_shares_a_burst_with_other_kinds(ser
     solo = {n: gen(http, adapter=n, max_new_tokens=12).json()["generated_text"] for n in names}
     assert solo["uni-a"] != solo[None]
 
-    async def burst():
-        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as c:
-            rs = await asyncio.gather(*(c.post("/generate", json={"inputs": "translate: hello world",
-                                                                  "parameters": {"adapter_id": n,
-                                                                                 "max_new_tokens": 12}})
-                                        for n in names * 3))
-        return [(n, r.json()["generated_text"]) for n, r in zip(names * 3, rs, strict=True)]
-
-    for name, text in asyncio.run(burst()):
+    for name, text in burst(server, names * 3):
         assert text == solo[name], name
     assert http.delete("/adapters/uni-a", headers=AUTH).status_code in (200, 204)
 
