@@ -54,6 +54,7 @@ class KindSlots(nn.Module):
         return x
 
     def post(self, y: torch.Tensor, x: torch.Tensor, g) -> torch.Tensor:
+        """`x` is the input of the base matmul (after every kind's `pre`)."""
         return y
 
     def merge_into(self, slot: int, weight: torch.Tensor) -> torch.Tensor | None:
@@ -138,7 +139,10 @@ class AdaptedLinear(nn.Module):
         for kind, slots in self.kinds:
             if not rows.uses(kind):  # one Python check per kind, not per row
                 continue
-            g = slots.gather(rows.slot_index(kind), self.batch.index_on(kind, self.weight.device), dtype)
+            if kind == AdapterKind.LORA and rows.combined_lora:  # rows summing weighted LoRAs
+                g = slots.gather_terms(rows.lora_terms, self.weight.device, dtype)
+            else:
+                g = slots.gather(rows.slot_index(kind), self.batch.index_on(kind, self.weight.device), dtype)
             if g is None:
                 continue
             if kind == AdapterKind.BITFIT:
@@ -184,8 +188,10 @@ class AdaptedLinear(nn.Module):
                 y = y + y_bias.to(y.dtype)
             if bias is not None:  # y is this layer's fresh output: add in place
                 y.add_(bias.view(n, *([1] * (y.dim() - 2)), bias.shape[-1]))
+        # post hooks see the input the base matmul saw: with (IA)3's input scaling on a row, its LoRA acts as
+        # if merged into the base under the (IA)3 ((W + BA)(l ⊙ x)); h is x itself on every other row
         for slots, gk in g.post:
-            y = slots.post(y, x, gk)
+            y = slots.post(y, h, gk)
         return y
 
     # ---- merging: exact, by restoring a saved copy (never by dividing) ------------------------------

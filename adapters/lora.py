@@ -69,6 +69,8 @@ class LoraWeights:
     a: dict[str, torch.Tensor]  # module path -> [r, in]
     b: dict[str, torch.Tensor]  # module path -> [out, r], scaling folded in
     magnitude: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: module path -> m [out]
+    # module path -> the scaling folded into b (b / scaling is the file's lora_B): what ties/dare merge
+    scaling: dict[str, float] = field(default_factory=dict)
     # module path -> (A.T [in, r], B.T [r, out]) contiguous: the slot layout, what a swap copies. Made once
     # here; free when a/b are transposed views of contiguous tensors, as `build` makes them.
     slot_layout: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
@@ -209,7 +211,7 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
     """A and B are stored transposed in memory (A.T [in, r], B.T [r, out] contiguous; `a`/`b` are their
     [r, in] / [out, r] views): that is the slot layout, so the transposing copy happens here, on the
     loader thread, and the swap (`LoraSlots.stage`) is a plain contiguous copy."""
-    a, b, magnitude = {}, {}, {}
+    a, b, magnitude, scaling = {}, {}, {}, {}
     adalora = spec.method == "adalora"
     for module in spec.modules:
         key = f"base_model.model.{module}"
@@ -222,10 +224,10 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
         a_t = a_raw.t().contiguous()
         b_t = torch.empty(b_raw.shape[1], b_raw.shape[0], dtype=b_raw.dtype)  # scale and transpose in one pass
         torch.mul(b_raw.t(), scale, out=b_t)
-        a[module], b[module] = a_t.t(), b_t.t()
+        a[module], b[module], scaling[module] = a_t.t(), b_t.t(), scale
         if spec.method == "dora":
             magnitude[module] = tensors[f"{key}.{MAGNITUDE}"].contiguous()
-    return LoraWeights(spec=spec, a=a, b=b, magnitude=magnitude)
+    return LoraWeights(spec=spec, a=a, b=b, magnitude=magnitude, scaling=scaling)
 
 
 def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor,
@@ -448,6 +450,53 @@ class LoraSlots(KindSlots):
         self._last = (key, index_host, tuple(gen[s] for s in index_host), a_buf, b_buf)
         n = len(index_host)
         return PerRow(None, a_buf[:n], b_buf[:n])
+
+    def gather_terms(self, terms, device, dtype):
+        """Per-row A/B for rows that sum weighted LoRAs (`RowAdapters.lora_terms`: per row (slot index,
+        weight) pairs). A row's terms are concatenated along the rank, A = [A₁ … A_k], B = [w₁B₁; … w_kB_k],
+        so y + x A B = y + Σ wᵢ x Aᵢ Bᵢ in one pair of batched matmuls: PEFT's `cat` combination, per row.
+        Rows with the same terms share one group (`group_rows`), as rows of one adapter do."""
+        live = [tuple((s, w) for s, w in row if self.rank[s] > 0) for row in terms]
+        active = [i for i, row in enumerate(live) if row]
+        if not active:
+            return None
+        dora = [i for i in active if any(self.dora[s] for s, _ in live[i])]
+        for i in dora:
+            if len(live[i]) > 1 or live[i][0][1] != 1.0:
+                raise SlotError("a DoRA adapter cannot be summed with other LoRAs or weighted on one row: its "
+                                "magnitude rescales the whole layer output")
+        r = max(self.rank[s] for i in active for s, _ in live[i])
+        keys = [live[i] for i in active]
+        plan = group_rows(tuple(keys))
+        if plan is not None:
+            group_keys, places, real, size = plan
+            a, b = self._concat(group_keys, r, device, dtype)
+            pad = None if all(real) else torch.tensor(real, dtype=dtype, device=device).view(len(group_keys), size, 1, 1)
+            rows = [active[p] for p in places]
+            in_order = pad is None and rows == list(range(len(terms)))
+            g = Grouped(None if in_order else torch.tensor(rows, dtype=torch.long, device=device), pad, size, a, b)
+        else:
+            a, b = self._concat(keys, r, device, dtype)
+            every = len(active) == len(terms)
+            g = PerRow(None if every else torch.tensor(active, dtype=torch.long, device=device), a, b)
+        if not dora:
+            return g
+        index = torch.tensor([live[i][0][0] if i in dora else 0 for i in range(len(terms))], device=device)
+        return Rescaled(g, self.scale.index_select(0, index).to(dtype))
+
+    def _concat(self, keys, r: int, device, dtype):
+        """For each key (a tuple of (slot index, weight)), A [in, k·r] and weighted B [k·r, out]; shorter keys
+        are padded with the identity slot (zeros) at weight 0."""
+        k = max(len(key) for key in keys)
+        slots = torch.tensor([[s for s, _ in key] + [0] * (k - len(key)) for key in keys], device=device)
+        weights = torch.tensor([[w for _, w in key] + [0.0] * (k - len(key)) for key in keys], dtype=dtype,
+                               device=device)
+        n, fan_in, fan_out = len(keys), self.a.shape[1], self.b.shape[2]
+        a = self.a[:, :, :r].index_select(0, slots.flatten()).to(dtype).view(n, k, fan_in, r)
+        b = self.b[:, :r, :].index_select(0, slots.flatten()).to(dtype).view(n, k, r, fan_out)
+        a = a.permute(0, 2, 1, 3).reshape(n, fan_in, k * r)
+        b = (b * weights.view(n, k, 1, 1)).reshape(n, k * r, fan_out)
+        return a, b
 
     def drop_cache(self) -> None:
         self._last = None

@@ -254,9 +254,8 @@ class AdapterSlots:
         Decoder steps pass none (one token per row)."""
         self.batch.token_mask = token_mask
         if rows is not None:
-            for p in rows.pairs:
-                if p is not None:
-                    self._check(*p)  # range, and not a merged slot (its rows run as base rows)
+            for _, t in rows.terms():
+                self._check(t.kind, t.slot)  # range, and not a merged slot (its rows run as base rows)
         if rows == self.batch.rows:
             return  # same mapping: every layer keeps its gathered per-row weights
         self.batch.rows = rows
@@ -276,9 +275,9 @@ class AdapterSlots:
             attention_mask = torch.ones_like(input_ids)
         if not rows.uses(AdapterKind.PROMPT):
             return embeds, attention_mask
-        for p in rows.pairs:
-            if p is not None and p[0] == AdapterKind.PROMPT:
-                self._check(*p)
+        for _, t in rows.terms():
+            if t.kind == AdapterKind.PROMPT:
+                self._check(t.kind, t.slot)
         return self.prompts.place(embeds, attention_mask, rows.slot_index(AdapterKind.PROMPT))
 
     def decoder_prefixes(self, rows: RowAdapters) -> prefix_kind.DecoderPrefixes | None:
@@ -288,9 +287,8 @@ class AdapterSlots:
         hub = self.hub_prefixes if self.hub_prefixes is not None and rows.uses(AdapterKind.ADAPTERHUB) else None
         if peft is None and hub is None:
             return None
-        for p in rows.pairs:
-            if p is not None:
-                self._check(*p)
+        for _, t in rows.terms():
+            self._check(t.kind, t.slot)
         pi, hi = rows.slot_index(AdapterKind.PREFIX), rows.slot_index(AdapterKind.ADAPTERHUB)
         own = hub.places["self_prefix"] if hub else None
         cross = hub.places["cross_prefix"] if hub else None

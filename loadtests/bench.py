@@ -11,6 +11,8 @@ Sections (each can be selected with --only; a failing section is recorded, not f
   alternated (loadtests/serving_overhead.py).
 - methods: DoRA and AdaLoRA next to LoRA, P-tuning next to prompt tuning, 32 distinct adapters each, one
   engine, rounds alternated (loadtests/methods.py).
+- combinations: a weighted LoRA pair per row next to one LoRA per row; a ties combination's first request
+  against a warm one (loadtests/combinations.py).
 
 A run of some sections (--only) into a directory that holds an earlier results.json of the same preset
 keeps that file's other sections (named under `kept_from_earlier`), so one section can be re-measured
@@ -33,10 +35,10 @@ from loadtests.measure import distribution, machine, timed_cell
 from loadtests.presets import KINDS, Preset
 from loadtests.workload import Request, ensure_base, make_adapters, make_requests, random_texts
 
-SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods")
+SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods", "combinations")
 # section -> its key in results.json
 RESULT_KEYS = {"throughput": "throughput", "swap": "swap", "batching": "batching", "idle": "idle_adapters",
-               "serving": "serving", "methods": "methods"}
+               "serving": "serving", "methods": "methods", "combinations": "combinations"}
 OFFERED_LOAD = 3.0  # batching section: Poisson rate / estimated capacity
 
 
@@ -276,7 +278,7 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
     results["decode_bytes"] = _decode_bytes(preset, base_dir)
     # the serving section alone needs two adapters per kind, not the sweep's hundreds; the methods section
     # writes (or finds cached) its own
-    others = set(sections) - {"methods"}
+    others = set(sections) - {"methods", "combinations"}
     paths = adapters_for(preset, base_dir, work, top=2 if others == {"serving"} else None) if others else {}
     torch_dtype = getattr(torch, preset.dtype)
     capacity = None
@@ -301,6 +303,10 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                 from loadtests.methods import methods
 
                 results["methods"] = methods(preset, base_dir, work, out)
+            elif section == "combinations":
+                from loadtests.combinations import combinations
+
+                results["combinations"] = combinations(preset, base_dir, work, out)
         except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' numbers
             traceback.print_exc()
             results["skipped"].append({"what": section, "why": f"{type(e).__name__}: {e}"})

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods")
+SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods", "combinations")
 
 
 class BenchArgumentError(ValueError):
@@ -53,6 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scenarios", default="uniform,zipf,burst",
                         help="HTTP popularity scenarios (uniform, zipf, burst)")
     parser.add_argument("--api-key", default=None, help="API key for a server that requires one")
+    parser.add_argument("--registry", action="store_true",
+                        help="run the multi-node registry benchmark instead (starts PostgreSQL, an S3 server and "
+                             "two nodes; results in loadtests/results/registry; minutes)")
 
 
 def _command(args) -> str:
@@ -68,6 +71,11 @@ def _command(args) -> str:
 
 
 def run(args) -> int:
+    if getattr(args, "registry", False):
+        from loadtests.registry_bench import run_registry_bench
+
+        run_registry_bench(args.out or Path("loadtests/results/registry"))
+        return 0
     from loadtests.presets import get_preset
 
     preset = get_preset(args.preset)
@@ -112,5 +120,6 @@ def run(args) -> int:
         return 0
     print(f"results: {out}/results.json, results.md, throughput.png, swap_latency_cdf.png"
           + (", serving_overhead.png" if "serving" in sections else "")
-          + (", methods_throughput.png" if "methods" in sections else ""))
+          + (", methods_throughput.png" if "methods" in sections else "")
+          + (", combinations.png" if "combinations" in sections else ""))
     return 0

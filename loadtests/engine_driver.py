@@ -33,9 +33,10 @@ def open_engine(base_dir: Path, preset: Preset, observer=None, **overrides):
 
 
 def _gen_requests(requests: list[Request]):
-    from serve.engine.requests import GenerationParams, GenerationRequest
+    from serve.engine.requests import GenerationParams, GenerationRequest, MergedAdapters
 
-    return [GenerationRequest(inputs=r.text, adapter=r.adapter, params=GenerationParams(max_new_tokens=r.max_new_tokens))
+    return [GenerationRequest(inputs=r.text, adapter=r.adapter, params=GenerationParams(max_new_tokens=r.max_new_tokens),
+                              merged_adapters=None if r.merged is None else MergedAdapters(*r.merged))
             for r in requests]
 
 

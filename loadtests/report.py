@@ -33,6 +33,8 @@ TARGETS = [
     ("prefix_vs_base", "{m} distinct: prefix tuning (20 tokens) / engine base throughput", ">=", 0.85),
     ("seq_bn_vs_base", "{m} distinct: AdapterHub seq_bn / engine base throughput", ">=", 0.9),
     ("unipelt_vs_base", "{m} distinct: UniPELT / engine base throughput", ">=", 0.8),
+    # issue 15: every row a weighted pair of distinct LoRAs against every row one LoRA
+    ("lora_pair_vs_lora", "{m} rows: weighted LoRA pair / one LoRA per row throughput", ">=", 0.8),
 ]
 METHOD_TARGETS = ("ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base", "seq_bn_vs_base",
                   "unipelt_vs_base")
@@ -86,6 +88,7 @@ def target_values(results: dict) -> dict[str, float | None]:
         "idle_adapter_bytes": (results.get("idle_adapters") or {}).get("bytes_each"),
         "serving_http_vs_engine": (results.get("serving") or {}).get("ratio_median"),
         **{k: methods.get(k) for k in METHOD_TARGETS},
+        "lora_pair_vs_lora": ((results.get("combinations") or {}).get("pair_vs_single") or {}).get("measured"),
     }
 
 
@@ -183,6 +186,10 @@ def markdown(results: dict) -> str:
         from loadtests.methods import markdown_lines as methods_lines
 
         lines += methods_lines(results["methods"])
+    if results.get("combinations"):
+        from loadtests.combinations import markdown_lines as combination_lines
+
+        lines += combination_lines(results["combinations"])
     for s in results.get("skipped", []):
         lines.append(f"- skipped: {s['what']}: {s['why']}")
     return "\n".join(lines) + "\n"
@@ -284,6 +291,8 @@ def write(results: dict, out_dir: Path) -> dict[str, Path]:
         paths["serving_png"] = Path(results["serving"]["plot"])
     if results.get("methods", {}).get("plot"):
         paths["methods_png"] = Path(results["methods"]["plot"])
+    if results.get("combinations", {}).get("plot"):
+        paths["combinations_png"] = Path(results["combinations"]["plot"])
     return paths
 
 

@@ -37,6 +37,8 @@ class Request:
     text: str
     adapter: str | None
     max_new_tokens: int
+    # several adapters on the row instead of `adapter`: (ids, weights, merge strategy); engine peer only
+    merged: tuple | None = None
 
 
 def ensure_base(work: Path, base_preset: str, seed: int = 0) -> Path:

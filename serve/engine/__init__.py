@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "parse_bytes": "config",
     "GenerationParams": "requests",
     "GenerationRequest": "requests",
+    "MergedAdapters": "requests",
     "GenerationResult": "requests",
     "TokenEvent": "requests",
     # metrics hooks

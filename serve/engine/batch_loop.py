@@ -41,12 +41,12 @@ log = logging.getLogger("peftserve.engine")
 
 class BatchLoop:
     def __init__(self, config: EngineConfig, observer: EngineObserver, parts: T5Parts, kv: KVCache, slots,
-                 cache: AdapterCache, tokenizer, lookup: Callable[[str], object | None],
-                 wake: threading.Event) -> None:
-        """`lookup(name)` -> the registration (`.key`, `.kind`) or None; `wake` is set by anyone with news
-        for the loop (a request, a cancel, a removal, a finished background load)."""
+                 cache: AdapterCache, tokenizer, resolve: Callable[[Sequence], tuple], wake: threading.Event) -> None:
+        """`resolve(seq)` -> the row's terms (serve/engine/combinations.py: cache key, kind, weight), raising a
+        PeftServeError when its adapters are gone; `wake` is set by anyone with news for the loop (a request,
+        a cancel, a removal, a finished background load)."""
         self.config, self.observer, self.parts, self.kv, self.slots = config, observer, parts, kv, slots
-        self.cache, self.tokenizer, self._lookup, self._wake = cache, tokenizer, lookup, wake
+        self.cache, self.tokenizer, self._resolve, self._wake = cache, tokenizer, resolve, wake
         self._inbox: deque[Sequence] = deque()
         self._inbox_lock = threading.Lock()
         self._queued = 0  # waiting + inbox, for the queue bound
@@ -145,27 +145,38 @@ class BatchLoop:
                 f"request timed out after {self.config.request_timeout_s} s"))
 
     def _readiness(self, seq: Sequence) -> str:
-        if seq.adapter is None:
+        """OK when every adapter of the row is resident (then all are pinned); otherwise none stays pinned, so
+        a waiting combination never holds slots its own other parts, or other rows, need."""
+        if not seq.wants_adapters:
             return OK
-        reg = self._lookup(seq.adapter)
-        if reg is None:
-            seq.error = UnknownAdapterError(seq.adapter)
+        try:
+            seq.terms = self._resolve(seq)  # newest versions; a ties/dare combination: its derived adapter
+        except PeftServeError as e:  # removed, or no longer a valid combination, since it was queued
+            seq.error = e
             return FAIL
-        seq.key, seq.kind, seq.method = reg.key, reg.kind, reg.method
-        prepared = self.cache.prepare(reg.key, count=not seq.counted)
-        seq.counted = True
-        if prepared.state == READY:
-            seq.slot = self.cache.pin(reg.key)
+        slots, state, failed = [], OK, None
+        for term in seq.terms:
+            prepared = self.cache.prepare(term.key, count=term.key not in seq.counted)
+            seq.counted.add(term.key)
+            if prepared.state != READY:
+                state, failed = prepared.state, (term, prepared.error)
+                break
+            slots.append(self.cache.pin(term.key))
+        if state == OK:
+            seq.slots = tuple(slots)
             return OK
-        if prepared.state == LOADING:
+        for term in seq.terms[:len(slots)]:
+            self.cache.release(term.key)
+        if state == LOADING:
             return WAIT
-        if prepared.state == CACHE_BLOCKED:
+        if state == CACHE_BLOCKED:
             return BLOCKED
-        err = prepared.error
+        term, err = failed
+        name = term.key[0]
         if isinstance(err, KeyError):  # removed between lookup and prepare
-            seq.error = UnknownAdapterError(seq.adapter)
+            seq.error = UnknownAdapterError(name)
         else:
-            seq.error = AdapterLoadError(seq.adapter, f"could not be loaded: {err}")
+            seq.error = AdapterLoadError(name, f"could not be loaded: {err}")
             seq.error.__cause__ = err
         return FAIL
 
@@ -197,18 +208,18 @@ class BatchLoop:
                 for seq in admitted:
                     if id(seq) in joined:
                         self._remove_row(self._running.index(seq))
-                    elif seq.key is not None:
-                        self.cache.release(seq.key)
+                    else:
+                        self._release(seq)
                     self._fail(seq, error)
 
-    def _pairs(self, seqs: list[Sequence]):
+    def _rows(self, seqs: list[Sequence]):
         from adapters import RowAdapters
 
-        pairs = tuple(None if s.key is None or s.key == self._merged else (s.kind, s.slot) for s in seqs)
-        cached = self._rows_cache  # same mapping as last step: the wrapped layers keep their gathered weights
-        if cached is None or cached.pairs != pairs:
-            self._rows_cache = cached = RowAdapters.from_pairs(pairs)
-        return cached
+        spec = tuple(None if s.key is None or s.key == self._merged else s.row for s in seqs)
+        # same mapping as last step: reuse it, and the wrapped layers keep their gathered weights
+        if self._rows_cache is None or self._rows_cache[0] != spec:
+            self._rows_cache = (spec, RowAdapters.from_rows(spec))
+        return self._rows_cache[1]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """The joining rows' encoder pass(es) and cross-attention K/V; then they are running rows.
@@ -226,7 +237,7 @@ class BatchLoop:
         for i, s in enumerate(seqs):
             ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
             mask[i, :len(s.input_ids)] = 1
-        rows = self._pairs(seqs)
+        rows = self._rows(seqs)
         emb_dev = self.slots.embedding.weight.device
         embeds, mask = self.slots.encoder_inputs(ids.to(emb_dev), mask.to(emb_dev), rows)
         self.slots.set_rows(rows, token_mask=mask)  # gates average over each row's real tokens
@@ -248,7 +259,7 @@ class BatchLoop:
         t0 = time.perf_counter()
         running = self._running
         self._apply_merge_policy(running)
-        self.slots.set_rows(self._pairs(running))
+        self.slots.set_rows(self._rows(running))
         start = self.parts.decoder_start_token_id
         tokens = torch.tensor([s.last_token(start) for s in running], dtype=torch.long)
         positions = torch.tensor([len(s.tokens) for s in running], dtype=torch.long)
@@ -289,8 +300,13 @@ class BatchLoop:
             self.kv.move_row(last, i, len(moved.tokens))
             running[i] = moved
         running.pop()
-        if seq.key is not None:
-            self.cache.release(seq.key)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Unpin every adapter of a row that leaves (or never joined)."""
+        for term in seq.terms[:len(seq.slots)]:
+            self.cache.release(term.key)
+        seq.slots = ()
 
     def _apply_merge_policy(self, seqs: list[Sequence]) -> None:
         """Merge the (IA)3 adapter every row uses (serve/engine/merge_policy.py); unmerge exactly when rows mix."""
@@ -301,7 +317,7 @@ class BatchLoop:
             self._unmerge()
         if want is not None:
             t0 = time.perf_counter()
-            self.slots.merge(seqs[0].kind, seqs[0].slot)
+            self.slots.merge(seqs[0].kind, seqs[0].slots[0])
             dt = time.perf_counter() - t0
             self.cache.pin(want)  # a merged adapter's slot must not be evicted while merged
             self._merged = want

@@ -86,6 +86,9 @@ class EngineConfig(BaseModel):
     max_bottleneck: int = Field(256, ge=1, description="widest bottleneck adapter accepted (units of its down "
                                                        "projection; sizes the adapterhub kind's sublayer slots)")
     max_adapter_file_bytes: int = Field(512 * 2**20, ge=1)
+    max_combined_adapters: int = Field(4, ge=1, le=16, description="most adapters one request may combine "
+                                                                   "(merged_adapters.ids)")
+    max_derived_adapters: int = Field(16, ge=1, description="distinct ties/dare combinations kept built (LRU)")
 
     @field_validator("device_bytes", "host_bytes", "max_adapter_file_bytes", mode="before")
     @classmethod

@@ -19,12 +19,21 @@ import secrets
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from serve.engine.batch_loop import BatchLoop
 from serve.engine.cache import AdapterCache
+from serve.engine.combinations import (
+    DerivedAdapters,
+    DerivedSource,
+    Registered,
+    Term,
+    combination_label,
+    described,
+    resolve,
+)
 from serve.engine.config import EngineConfig
 from serve.engine.decode import KVCache, T5Parts, fuse_activations, tune_head
 from serve.engine.device_map import apply_device_map, devices_of, plan_device_map
@@ -50,20 +59,6 @@ from serve.engine.sequence import Sequence
 __all__ = ["Engine", "EngineConfig", "GenerationParams", "GenerationRequest", "GenerationResult", "TokenEvent"]
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}")
-
-
-@dataclass(frozen=True)
-class _Registered:
-    spec: object  # adapters.AdapterSpec (module paths interned: 10,000 registrations stay small)
-    key: tuple[str, int]  # (name, version): a replaced adapter is a new cache key
-
-    @property
-    def kind(self) -> str:
-        return str(self.spec.kind)
-
-    @property
-    def method(self) -> str:  # the metrics label: the PEFT method as trained (dora, adalora, p_tuning...)
-        return self.spec.method_name
 
 
 class Engine:
@@ -101,11 +96,12 @@ class Engine:
                                   loader_threads=config.loader_threads, observer=self.observer,
                                   on_loaded=self._wake.set)
         self._reg_lock = threading.Lock()
-        self._adapters: dict[str, _Registered] = {}
+        self._adapters: dict[str, Registered] = {}
+        self.derived = DerivedAdapters(self.cache, config.max_derived_adapters)
         self._version = 0
         self.device_map: dict[str, str] | None = None
         self.loop = BatchLoop(config, self.observer, self.parts, self.kv, self.slots, self.cache, self.tokenizer,
-                              self._lookup, self._wake)
+                              self._resolve_terms, self._wake)
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
@@ -168,11 +164,12 @@ class Engine:
             if old is not None and not replace:
                 raise AdapterExistsError(name)
             self._version += 1
-            reg = _Registered(slim, (name, self._version))
+            reg = Registered(slim, (name, self._version))
             self.cache.add(reg.key, kind, slim, int(spec.size_bytes))
             self._adapters[name] = reg
         if old is not None:
             self.cache.discard(old.key)  # pinned by running rows: freed when they finish
+            self.derived.drop_using(old.key)
         if prefetch:
             self.cache.prefetch(reg.key)
         return spec
@@ -184,6 +181,7 @@ class Engine:
         if reg is None:
             raise UnknownAdapterError(name)
         self.cache.discard(reg.key)
+        self.derived.drop_using(reg.key)
         self._wake.set()
 
     def adapters(self) -> list[dict]:
@@ -200,7 +198,7 @@ class Engine:
             out.append(d)
         return out
 
-    def _lookup(self, name: str) -> _Registered | None:
+    def _lookup(self, name: str) -> Registered | None:
         with self._reg_lock:
             return self._adapters.get(name)
 
@@ -210,10 +208,36 @@ class Engine:
             raise UnknownAdapterError(name)
         return reg.spec
 
-    def _load_weights(self, spec):
+    def _load_weights(self, source):
+        """The cache's loader (a loader thread): an adapter's files, or a derived adapter's build."""
         from adapters import load_adapter
 
-        return load_adapter(spec.path, self.base_desc, self.limits, name=spec.name)
+        if not isinstance(source, DerivedSource):
+            return load_adapter(source.path, self.base_desc, self.limits, name=source.name)
+        from adapters.combine import merge_loras
+
+        parts = [load_adapter(p.path, self.base_desc, self.limits, name=p.name) for p in source.parts]
+        return merge_loras(parts, list(source.weights), source.options, source.spec.name, seed=source.seed)
+
+    def _combination(self, request: GenerationRequest):
+        return resolve(request.merged_adapters, self._lookup, self.config.max_combined_adapters,
+                       self.config.device_slots.get("lora", 0))
+
+    def _resolve_terms(self, seq: Sequence) -> tuple[Term, ...]:
+        """The loop thread, at admission: the row's terms against the registrations now (newest versions)."""
+        request = seq.request
+        if request.merged_adapters is None:
+            reg = self._lookup(request.adapter)
+            if reg is None:
+                raise UnknownAdapterError(request.adapter)
+            seq.method = reg.method
+            return (Term(reg.key, reg.kind),)
+        regs, weights, options = self._combination(request)
+        seq.resolved = described(regs, weights)
+        seq.method = combination_label(regs, options.strategy)
+        if options.strategy == "linear":
+            return tuple(Term(r.key, r.kind, w) for r, w in zip(regs, weights, strict=True))
+        return (Term(self.derived.get_or_add(regs, weights, options).key, "lora"),)
 
     # ---- requests ----------------------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> Sequence:
@@ -221,11 +245,15 @@ class Engine:
         cfg = self.config
         validate_request(request)
         params = validate_params(request.params, cfg)
-        virtual = encoder_virtual = 0
+        specs = []
         if request.adapter is not None:
-            spec = self.adapter_spec(request.adapter)
-            virtual = spec.num_virtual_tokens or 0  # soft prompt or prefix: both hold KV-cache tokens
-            encoder_virtual = virtual if str(spec.kind) == "prompt" else 0  # only a prompt lengthens the encoder pass
+            specs = [self.adapter_spec(request.adapter)]
+        elif request.merged_adapters is not None:  # validated once here, against the registrations
+            regs, _, options = self._combination(request)
+            specs = [r.spec for r in regs] if options.strategy == "linear" else []
+        # soft prompt or prefix: both hold KV-cache tokens; only a prompt lengthens the encoder pass
+        virtual = sum(s.num_virtual_tokens or 0 for s in specs)
+        encoder_virtual = sum(s.num_virtual_tokens or 0 for s in specs if str(s.kind) == "prompt")
         ids = self.tokenizer(request.inputs).input_ids
         if len(ids) > cfg.max_input_tokens:
             raise RequestValidationError("inputs", f"{len(ids)} tokens; this server accepts at most "

@@ -24,11 +24,28 @@ class GenerationParams:
 
 
 @dataclass
+class MergedAdapters:
+    """Several adapters on one row (LoRAX's `parameters.merged_adapters`). `linear`: each adapter acts on
+    the row directly, LoRA deltas weighted (adapters/combine.py); `ties`, `dare_linear`, `dare_ties`: one
+    LoRA merged by PEFT's functions, built once per distinct combination and cached."""
+
+    ids: list[str]
+    weights: list[float] | None = None  # None: 1 for every adapter
+    merge_strategy: str = "linear"
+    density: float = 1.0
+    majority_sign_method: str = "total"
+
+    def resolved_weights(self) -> list[float]:
+        return [1.0] * len(self.ids) if self.weights is None else list(self.weights)
+
+
+@dataclass
 class GenerationRequest:
     inputs: str
     adapter: str | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
     request_id: str | None = None
+    merged_adapters: MergedAdapters | None = None  # instead of `adapter`: several adapters on this row
 
 
 @dataclass
@@ -53,6 +70,9 @@ class GenerationResult:
     seed: int | None
     adapter: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # queue_s, ttft_s, total_s
+    # a combination: what it resolved to, [{"id", "version", "weight"}], and its merge strategy
+    adapters: list[dict] | None = None
+    merge_strategy: str | None = None
 
 
 def _int(field_name: str, value) -> int:
@@ -111,3 +131,17 @@ def validate_request(r: GenerationRequest) -> None:
         raise RequestValidationError("inputs", f"must be a string, got {type(r.inputs).__name__}")
     if r.adapter is not None and (not isinstance(r.adapter, str) or not r.adapter):
         raise RequestValidationError("adapter", "must be a non-empty adapter name or null for the base")
+    m = r.merged_adapters
+    if m is None:
+        return
+    field_name = "merged_adapters"
+    if not isinstance(m, MergedAdapters):
+        raise RequestValidationError(field_name, f"expected MergedAdapters, got {type(m).__name__}")
+    if r.adapter is not None:
+        raise RequestValidationError(field_name, "give either one adapter or merged_adapters, not both")
+    if not isinstance(m.ids, (list, tuple)) or not m.ids or not all(isinstance(i, str) and i for i in m.ids):
+        raise RequestValidationError(f"{field_name}.ids", "must be a non-empty list of adapter names")
+    if m.weights is not None and not isinstance(m.weights, (list, tuple)):
+        raise RequestValidationError(f"{field_name}.weights", "must be a list of numbers, one per id")
+    if not isinstance(m.merge_strategy, str):
+        raise RequestValidationError(f"{field_name}.merge_strategy", "must be a string")

@@ -33,12 +33,13 @@ class Sequence:
     cost_tokens: int = 0  # input + soft prompt + max_new_tokens
     prefill_tokens: int = 0  # input + soft prompt
     skips: int = 0
-    counted: bool = False  # cache hit/miss recorded
-    # adapter resolved at admission (a replaced adapter's newest version)
-    key: tuple[str, int] | None = None
-    kind: str = "base"
-    method: str = "base"  # metrics label (AdapterSpec.method_name)
-    slot: int | None = None
+    counted: set = field(default_factory=set)  # adapter keys whose cache hit/miss is recorded
+    # adapters resolved at admission (a replaced adapter's newest version): one Term per adapter acting on
+    # the row (serve/engine/combinations.py), and the device slots pinned for them, in the same order
+    terms: tuple = ()
+    slots: tuple[int, ...] = ()
+    method: str = "base"  # metrics label (AdapterSpec.method_name, or a combination's kinds)
+    resolved: list[dict] | None = None  # a combination: [{"id", "version", "weight"}] for the response
     # decoding
     sampling: SamplingRow | None = None
     tokens: list[int] = field(default_factory=list)
@@ -55,7 +56,33 @@ class Sequence:
 
     @property
     def adapter(self) -> str | None:
-        return self.request.adapter
+        """The request's adapter name, or its combination's names joined by '+' (a label, never a lookup)."""
+        m = self.request.merged_adapters
+        return self.request.adapter if m is None else "+".join(m.ids)
+
+    @property
+    def wants_adapters(self) -> bool:
+        return self.request.adapter is not None or self.request.merged_adapters is not None
+
+    @property
+    def key(self):
+        """What the row runs, as one hashable: None (base), the adapter's key, or the combination's terms."""
+        if not self.terms:
+            return None
+        return self.terms[0].key if len(self.terms) == 1 and self.terms[0].weight == 1.0 else self.terms
+
+    @property
+    def kind(self) -> str:
+        if not self.terms:
+            return "base"
+        return self.terms[0].kind if len(self.terms) == 1 else "combination"
+
+    @property
+    def row(self) -> tuple | None:
+        """The row's (kind, slot, weight) terms for RowAdapters.from_rows; None for a base row."""
+        if not self.terms:
+            return None
+        return tuple((t.kind, slot, t.weight) for t, slot in zip(self.terms, self.slots, strict=True))
 
     def start(self) -> None:
         p = self.params
@@ -108,7 +135,10 @@ class Sequence:
         return GenerationResult(text=self.text, token_ids=list(self.tokens), finish_reason=finish_reason,
                                 prompt_tokens=len(self.input_ids), generated_tokens=len(self.tokens),
                                 logprobs=list(self.logprobs) if self.params.logprobs else None,
-                                seed=self.seed, adapter=self.adapter, timings=timings)
+                                seed=self.seed, adapter=self.request.adapter, timings=timings,
+                                adapters=self.resolved,
+                                merge_strategy=None if self.resolved is None else
+                                self.request.merged_adapters.merge_strategy)
 
     def finish(self, result: GenerationResult | None, error: BaseException | None) -> None:
         if self.done:
