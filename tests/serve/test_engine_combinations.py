@@ -187,3 +187,26 @@ def test_a_combination_pins_every_part_while_it_runs(engine):
 
     assert asyncio.run(run()) == 2
     assert engine.cache.stats().pinned == 0
+
+
+def test_a_merged_ia3_is_unmerged_when_a_combination_with_it_joins(tiny_base_dir, tiny_base, zoo):
+    """(IA)3 merges into the weights while every row is that adapter alone; a combination row holding it must
+    not see it twice (merged and per row): the engine unmerges first, and the rows match the oracle."""
+    cfg = EngineConfig(base=str(tiny_base_dir), max_batch_rows=8, max_new_tokens_cap=16, max_input_tokens=64,
+                       request_timeout_s=120, ia3_merge="auto", ia3_merge_after_steps=0,
+                       device_slots={"lora": 2, "ia3": 1, "bitfit": 1, "prompt": 1})
+    merged = MergedAdapters(["l1", "ia3"])
+    with Engine.from_config(cfg) as engine:
+        for name in ("l1", "ia3"):
+            engine.register_adapter(name, zoo[name])
+        engine.generate([_req(INPUTS[0], adapter="ia3")] * 2)
+        assert engine.counters["merges"] == 1
+        reqs = [_req(INPUTS[1], adapter="ia3"), _req(INPUTS[2], merged=merged), _req(INPUTS[3], adapter="ia3")]
+        results = asyncio.run(staggered(engine, reqs))
+        assert engine.counters["unmerges"] >= 1
+    eos = tiny_base.model.config.eos_token_id
+    pair = model_for(tiny_base.model, [(zoo["l1"], 1.0), (zoo["ia3"], 1.0)])
+    alone = model_for(tiny_base.model, [(zoo["ia3"], 1.0)])
+    for req, res in zip(reqs, results, strict=True):
+        tokens, logprobs = _reference(pair if req.merged_adapters else alone, tiny_base.tokenizer, req.inputs, eos)
+        assert res.token_ids == tokens and res.logprobs == pytest.approx(logprobs, abs=1e-4)
