@@ -28,7 +28,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest -q --timeout 600
+	$(PY) -m pytest -q --timeout 600 --durations=25
 
 soak: install
 	$(PY) -m pytest -q -m soak --timeout 3600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import ModuleType
 
@@ -10,6 +11,7 @@ from .base import BaseDescription
 from .errors import UnsupportedAdapterError
 from .format import AdapterFiles, load_tensors, read_adapter_files
 from .kinds import PEFT_TYPES, AdapterKind
+from .pattern import PatternError, read_pattern
 from .spec import AdapterLimits, AdapterSpec
 
 
@@ -46,6 +48,12 @@ def _inspect(path, base: BaseDescription, limits: AdapterLimits | None, name: st
     files = read_adapter_files(path, limits.max_file_bytes)
     module = _format_module(files)
     spec = module.inspect(files, base, limits, name or Path(path).name)
+    try:  # every kind may carry the input pattern it was trained under (pattern-based fine-tuning)
+        pattern = read_pattern(files.config)
+    except PatternError as e:
+        raise UnsupportedAdapterError(f"adapter {files.path}: {e}") from None
+    if pattern is not None:
+        spec = dataclasses.replace(spec, input_pattern=pattern.to_dict())
     return files, module, spec
 
 

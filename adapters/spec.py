@@ -33,6 +33,9 @@ class AdapterSpec:
     options: dict = field(default_factory=dict)  # per-kind facts worth showing (rslora, feedforward targets...)
     # the PEFT method as trained (dora, adalora, p_tuning...) where it differs from the kind it is served as
     method: str | None = None
+    # pattern-based fine-tuning: {"pattern", "verbalizer"} from adapter_config.json (adapters/pattern.py); the
+    # server fills the pattern with each raw input (serve/app/patterns.py)
+    input_pattern: dict | None = None
 
     @property
     def method_name(self) -> str:

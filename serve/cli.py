@@ -16,9 +16,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve.app.launch", "start the Ray Serve app (HTTP API) on a base model"),
     "register": ("serve.app.client", "register an adapter with a running server"),
     "train": ("training.cli", "train an adapter (lora, ia3, bitfit, prompt) or a full fine-tune; sweeps"),
+    "eval": ("training.eval_cli", "score in-context learning (k-shot, no training) or an adapter, in and out of domain"),
     "base": ("serve.engine.base", "build the embedded base model or inspect a base"),
     "adapters": ("adapters.adapterhub.convert", "convert an AdapterHub pytorch_adapter.bin to safetensors"),
     "bench": ("loadtests.cli", "run throughput and swap-latency benchmarks"),
+    "registry": ("serve.registry.migrate", "registry operations: migrate SQLite + local files to PostgreSQL + S3"),
 }
 
 

@@ -19,6 +19,12 @@ EPILOG = """examples:
   peftserve train --method unipelt --train data/train.jsonl --layers last:4 --output out/unipelt
   peftserve train --method prompt --train rows.csv --input-field sentence --target-field label \\
       --template "Is this acceptable? {sentence}" --num-virtual-tokens 20 --output out/prompt
+  peftserve train --method lora --recipe pattern --pattern "Sentence: {input} Acceptable?" \\
+      --verbalizer "acceptable=yes,unacceptable=no" --train cola/train.jsonl --output out/cola-pbft
+  peftserve train --method lora --recipe distill --context-file instructions.txt --shots 4 \\
+      --train cola/train.jsonl --eval-ood ood=cola/ood_dev.jsonl --output out/cola-distill
+  peftserve train --method lora --recipe adaptive --domain-text domain.txt --adaptive-steps 200 \\
+      --train cola/train.jsonl --output out/cola-adaptive
   peftserve train sweep --config training/sweeps/seed_paper.yaml --output sweeps/seed
 
 Data files are JSONL/JSON/CSV rows; a name that is not a local file is loaded as a hub dataset
@@ -32,6 +38,7 @@ def _csv(value: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from training.config import ADAPTER_ARCHS, METHODS  # no heavy imports: config.py is plain Python
+    from training.recipes.options import RECIPES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -113,6 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--prompt-submodules", type=int, choices=[1, 2], default=1,
                    help="prompt/ptuning: 1 (default): encoder soft prompt only, exactly what is served; 2: "
                         "peft's seq2seq default, which also saves a decoder prompt that generation never uses")
+    c = parser.add_argument_group("recipes (how the task is trained, with any --method; docs/TRAINING.md)")
+    c.add_argument("--recipe", choices=list(RECIPES), default="vanilla",
+                   help="vanilla (default); pattern: pattern-based fine-tuning; distill: context distillation; "
+                        "adaptive: span-corruption continued pre-training on --domain-text, then the task")
+    c.add_argument("--pattern", default=None, help="pattern: the prompt pattern, e.g. 'Sentence: {input} Correct?'")
+    c.add_argument("--verbalizer", default=None, help="pattern: label=word pairs, e.g. 'acceptable=yes,unacceptable=no'")
+    c.add_argument("--context", default=None, help="distill: the text the teacher reads before each input")
+    c.add_argument("--context-file", default=None, help="distill: the teacher's context, read from a file")
+    c.add_argument("--shots", type=int, default=None,
+                   help="distill: K demonstrations from --train added to the teacher's context")
+    c.add_argument("--teacher", default=None, help="distill: teacher model (hub id / T5 dir; default: the base)")
+    c.add_argument("--teacher-adapter", default=None, help="distill: the teacher is the base plus this adapter")
+    c.add_argument("--domain-text", default=None, help="adaptive: unlabelled in-domain text, one document per line")
+    c.add_argument("--adaptive-steps", type=int, default=None, help="adaptive: span-corruption steps (default 100)")
+    c.add_argument("--eval-ood", action="append", default=[], metavar="[NAME=]FILE",
+                   help="an out-of-domain eval set, scored at the end (repeatable)")
     r = parser.add_argument_group("register / sweep")
     r.add_argument("--register", metavar="URL", default=None, help="register the finished adapter with this server")
     r.add_argument("--token", dest="register_token", default=None,
@@ -151,6 +174,7 @@ def run(args) -> int:
 
     result = train(config_from_args(args))
     r = result.report
-    print(f"{r['final_metrics']['metric']}={r['final_metrics']['value']:.4f} trainable={r['trainable_params']} "
+    ood = "".join(f" ood {n}: {m['metric']}={m['value']:.4f}" for n, m in r["ood_metrics"].items())
+    print(f"{r['final_metrics']['metric']}={r['final_metrics']['value']:.4f}{ood} trainable={r['trainable_params']} "
           f"({r['trainable_percent']:.3f}%) steps={r['steps']} time={r['train_seconds']:.1f}s -> {result.output}")
     return 0

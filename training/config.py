@@ -98,6 +98,18 @@ class TrainConfig:
     #                                        bottleneck_size for ah_prefix/unipelt/mam, None: 512, mam 800)
     adapter_arch: str | None = None  # --method adapter: one of ADAPTER_ARCHS (None: seq_bn)
     reduction_factor: float | None = None  # bottleneck d_model / size (None: AdapterHub's per arch, 16/16/2)
+    # recipes (training/recipes/): how the task is trained, on top of any method; checked in recipes/options.py
+    recipe: str = "vanilla"  # vanilla | pattern | distill | adaptive
+    pattern: str | None = None  # pattern: the prompt pattern, with {input}
+    verbalizer: str | None = None  # pattern: "label=word,label=word"
+    context: str | None = None  # distill: the text the teacher sees before each input
+    context_file: str | None = None  # distill: the context read from a file
+    shots: int | None = None  # distill: few-shot demonstrations from the training rows in the teacher's context
+    teacher: str | None = None  # distill: a teacher model (hub id or T5 dir; default: the base)
+    teacher_adapter: str | None = None  # distill: the base plus this PEFT adapter as the teacher
+    domain_text: str | None = None  # adaptive: unlabelled in-domain text (one document per line)
+    adaptive_steps: int | None = None  # adaptive: span-corruption steps before the task (None: 100)
+    eval_ood: list[str] = field(default_factory=list)  # out-of-domain eval sets, "NAME=FILE" or "FILE"
     # output
     overwrite: bool = False
     adapter_name: str | None = None  # default: the output dir's name
@@ -111,6 +123,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str):  # "q,v" from the CLI or YAML
                 setattr(self, name, [x.strip() for x in value.split(",") if x.strip()])
+        if isinstance(self.eval_ood, str):
+            self.eval_ood = [self.eval_ood]
         if self.num_virtual_tokens is None:  # resolved here: the report and model card show the length used
             self.num_virtual_tokens = DEFAULT_VIRTUAL_TOKENS.get(self.method, 20)
 
@@ -163,6 +177,9 @@ class TrainConfig:
         if self.task not in TASKS:
             _bad(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check_range("--learning-rate", self.lr, 0, 10, low_open=True)
+        from training.recipes.options import validate_recipe  # plain Python, like this module
+
+        validate_recipe(self)
         _check_range("--batch-size", self.batch_size, 1, 4096)
         _check_range("--eval-batch-size", self.eval_batch_size, 1, 4096)
         if self.max_steps is not None:

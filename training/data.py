@@ -35,7 +35,8 @@ class TextPairs:
 
 
 def load_rows(spec: str, split: str = "train"):
-    """A `datasets.Dataset` from a local .jsonl/.json/.csv file or a hub dataset id (`name[:split]`)."""
+    """A `datasets.Dataset` from a local .jsonl/.json/.csv file or a hub dataset id, `name[@config][:split]`
+    (e.g. `nyu-mll/glue@mnli:validation_mismatched`: GLUE's MNLI, its out-of-domain dev set)."""
     import datasets
 
     path = Path(spec).expanduser()
@@ -53,8 +54,9 @@ def load_rows(spec: str, split: str = "train"):
         except Exception as e:  # malformed JSON/CSV surfaces as various pyarrow/datasets errors
             raise DataError(f"could not read {spec} as {fmt.upper()}: {str(e).splitlines()[0][:300]}") from None
     name, _, hub_split = spec.partition(":")
+    name, _, config = name.partition("@")
     try:
-        return datasets.load_dataset(name, split=hub_split or split)
+        return datasets.load_dataset(name, config or None, split=hub_split or split)
     except Exception as e:
         raise DataError(f"could not load hub dataset {spec!r} (offline, or no such dataset/split?): "
                         f"{str(e).splitlines()[0][:300]}. Use a local .jsonl/.csv file instead.") from None
@@ -68,11 +70,13 @@ def template_fields(template: str) -> list[str]:
 
 
 def to_pairs(rows, spec: str, input_field: str, target_field: str, template: str | None,
-             max_samples: int | None = None, seed: int = 0) -> TextPairs:
-    """Build (source, target) pairs; a random subset of `max_samples` rows under a fixed seed."""
+             max_samples: int | None = None, seed: int = 0, require_targets: bool = True) -> TextPairs:
+    """Build (source, target) pairs; a random subset of `max_samples` rows under a fixed seed.
+
+    require_targets=False (context distillation): the target column may be absent or empty ('' then)."""
     columns = list(rows.column_names)
     needed = template_fields(template) if template else [input_field]
-    missing = [f for f in [*needed, target_field] if f not in columns]
+    missing = [f for f in [*needed, *([target_field] if require_targets else [])] if f not in columns]
     if missing:
         flag = "--template placeholders" if template and set(missing) - {target_field} else "fields"
         raise DataError(f"{spec}: {flag} {missing} not found; the data has columns {columns} "
@@ -85,8 +89,10 @@ def to_pairs(rows, spec: str, input_field: str, target_field: str, template: str
         rows = rows.select(indices)
     sources, targets = [], []
     for i, row in enumerate(rows):
-        target = row[target_field]
-        if target is None or not str(target).strip():
+        target = row.get(target_field)
+        if not require_targets and (target is None or not str(target).strip()):
+            target = ""
+        elif target is None or not str(target).strip():
             raise DataError(f"{spec}: row {i} has an empty {target_field!r}; every row needs a target")
         source = template.format(**row) if template else row[input_field]
         if source is None or not str(source).strip():
@@ -97,8 +103,9 @@ def to_pairs(rows, spec: str, input_field: str, target_field: str, template: str
 
 
 def load_pairs(spec: str, input_field="input", target_field="target", template=None,
-               max_samples=None, seed=0, split="train") -> TextPairs:
-    return to_pairs(load_rows(spec, split), spec, input_field, target_field, template, max_samples, seed)
+               max_samples=None, seed=0, split="train", require_targets=True) -> TextPairs:
+    return to_pairs(load_rows(spec, split), spec, input_field, target_field, template, max_samples, seed,
+                    require_targets)
 
 
 def split_eval(pairs: TextPairs, fraction: float = 0.1, seed: int = 0) -> tuple[TextPairs, TextPairs]:

@@ -126,13 +126,26 @@ trained with `peftserve train`.
 | trainable parameters | {r["trainable_params"]:,} ({r["trainable_percent"]:.4f}% of {r["base_params"]:,}) |
 | wall time | {r["train_seconds"]:.1f} s |
 | peak memory | {r["peak_memory_bytes"] / 2**20:.0f} MiB ({r["peak_memory_kind"]}) |
-
+{_recipe_rows(r)}
 Data: `{cfg["train"]}` (input `{cfg["template"] or cfg["input_field"]}`, target `{cfg["target_field"]}`).
 The learning curve is in `curve.csv`; the full configuration in `train_report.json`.
 
 Serve it: `peftserve register {r["name"]} <this directory> --url URL` against a running server,
 or {_load_hint(r["method"])}.
 """
+
+
+def _recipe_rows(r: dict) -> str:
+    """Model-card rows for a recipe run and out-of-domain sets (empty for a plain run)."""
+    rows = []
+    if r.get("recipe", "vanilla") != "vanilla":
+        detail = r.get("input_pattern") or r.get("distill") or {
+            k: v for k, v in (r.get("adaptive") or {}).items() if k.startswith(("steps", "held_out_loss"))}
+        detail = {k: v for k, v in detail.items() if k != "recorded_in_adapter"}
+        rows.append(f"| recipe | {r['recipe']}: {json.dumps(detail)} |")
+    rows += [f"| out of domain: {name} | {m['metric']} {m['value']:.4f} ({m['rows']} rows) |"
+             for name, m in (r.get("ood_metrics") or {}).items()]
+    return "".join(row + "\n" for row in rows)
 
 
 ADAPTERHUB_NAMES = {"adapter": "bottleneck (AdapterHub)", "ah_prefix": "prefix-tuning (AdapterHub)",

@@ -5,7 +5,9 @@ Writes, under the output directory: runs/<run id>/ (each run's adapter + report)
 normalised to full fine-tuning of the same task and data size), plots (PNG) and the method recommendation
 per task type and data size computed from the results (recommend.py), and per `compare:` entry a table,
 comparison.json and a plot: a combined method against its parts alone (e.g. UniPELT against LoRA, prefix
-tuning and a bottleneck adapter). Finished runs are reused when a sweep is re-run on the same directory
+tuning and a bottleneck adapter). Entries with `recipe: icl` are scored by `peftserve eval` (k-shot
+prompts, no training); runs with `eval_ood` sets add the out-of-domain metric and the recipe study's
+summary and plots (training/recipes/study.py). Finished runs are reused when a sweep is re-run on the same directory
 (resume after an interruption); --overwrite starts afresh.
 """
 
@@ -27,6 +29,7 @@ COLUMNS = ["task", "task_type", "method", "selection", "data_size", "metric_name
            "steps_to_converge", "train_seconds", "trainable_params", "trainable_percent", "peak_memory_mb",
            "grad_optim_mb", "metric_vs_full", "steps_vs_full", "time_vs_full", "params_vs_full", "memory_vs_full",
            "grad_optim_vs_full"]
+RECIPE_COLUMNS = ["recipe", "ood_metric", "ood_sets"]  # added when a run uses a recipe or has OOD sets
 
 
 @dataclass
@@ -49,7 +52,9 @@ def load_sweep(path: Path) -> dict:
     for key in ("tasks", "methods"):
         if not spec.get(key):
             raise TrainConfigError(f"sweep config {path}: '{key}' is missing or empty")
-    known = {f.name for f in fields(TrainConfig)}
+    from training.evaluate import EvalConfig
+
+    known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(EvalConfig)}
     for where, entries in (("defaults", [spec.get("defaults") or {}]), ("methods", spec["methods"]),
                            ("selections", spec.get("selections") or []), ("tasks", spec["tasks"])):
         for entry in entries:
@@ -70,37 +75,64 @@ def load_sweep(path: Path) -> dict:
         if task.get("generated") and task["generated"] not in TASKS:
             raise TrainConfigError(f"sweep config {path}: generated task {task['generated']!r} is not one of "
                                    f"{', '.join(TASKS)}")
-        for key in ("train", "eval"):  # paths relative to the YAML file
-            if task.get(key) and not Path(task[key]).is_absolute() and (path.parent / task[key]).exists():
-                task[key] = str((path.parent / task[key]).resolve())
+        for key in ("train", "eval", "domain_text"):  # paths relative to the YAML file
+            task[key] = _relative_to(path, task.get(key))
+        task["eval_ood"] = [_named_relative_to(path, s) for s in task.get("eval_ood") or []]
+    for entry in spec["methods"]:
+        for key in ("domain_text", "context_file"):
+            if entry.get(key):
+                entry[key] = _relative_to(path, entry[key])
     return spec
 
 
+def _relative_to(config: Path, value):
+    if value and not Path(value).is_absolute() and (config.parent / value).exists():
+        return str((config.parent / value).resolve())
+    return value
+
+
+def _named_relative_to(config: Path, spec: str) -> str:
+    name, sep, source = str(spec).partition("=")
+    return f"{name}={_relative_to(config, source)}" if sep else _relative_to(config, spec)
+
+
 def plan_runs(spec: dict, output: Path) -> list[tuple[str, dict, TrainConfig]]:
-    """(run id, row labels, config) for every cell of the grid; configs validated up front."""
+    """(run id, row labels, config) for every cell of the grid; configs validated up front (an `icl` entry's
+    config is an EvalConfig)."""
     runs = []
     selections = spec.get("selections") or [{"name": "all"}]
     for task in spec["tasks"]:
         for method in spec["methods"]:
-            sels = selections if method["method"] in SELECTABLE else [{"name": "all"}]
+            sels = selections if method.get("method") in SELECTABLE else [{"name": "all"}]
             for sel in sels:
                 for size in spec.get("data_sizes") or [None]:
-                    labels = {"task": task["name"], "method": method.get("name", method["method"]),
+                    labels = {"task": task["name"],
+                              "method": method.get("name") or method.get("method") or method.get("recipe"),
                               "selection": sel.get("name", "all"), "data_size": size}
                     run_id = "-".join(str(x) for x in (labels["task"], labels["method"], labels["selection"],
                                                        size or "all"))
                     kw = {**(spec.get("defaults") or {}),
-                          **{k: v for k, v in task.items() if k not in ("name", "type")},
+                          **{k: v for k, v in task.items() if k not in ("name", "type", "domain_text")},
                           **{k: v for k, v in method.items() if k != "name"},
                           **{k: v for k, v in sel.items() if k != "name"}}
+                    if kw.get("recipe") == "adaptive" and not kw.get("domain_text"):  # the task's own domain text
+                        kw["domain_text"] = task.get("domain_text")
                     kw.update(task=task.get("type", kw.get("task", "auto")), max_train_samples=size,
                               output=output / "runs" / run_id, base=spec.get("base"), overwrite=True)
                     try:
-                        cfg = TrainConfig(**kw).validate()
+                        cfg = _icl_config(kw) if kw.get("recipe") == "icl" else TrainConfig(**kw).validate()
                     except TypeError as e:
                         raise TrainConfigError(f"sweep run {run_id}: {e}") from None
                     runs.append((run_id, labels, cfg))
     return runs
+
+
+def _icl_config(kw: dict):
+    """An `icl` entry: k-shot prompting of the base (or an adapter) through `peftserve eval`, no training."""
+    from training.evaluate import EvalConfig
+
+    names = {f.name for f in fields(EvalConfig)}
+    return EvalConfig(**{k: v for k, v in kw.items() if k in names}).validate()
 
 
 def run_sweep(config: Path, output: Path | None = None, overwrite: bool = False, progress: bool = True,
@@ -111,11 +143,15 @@ def run_sweep(config: Path, output: Path | None = None, overwrite: bool = False,
         shutil.rmtree(output)
     for task in spec["tasks"]:
         if task.get("generated"):  # tasks generated in code: the sweep runs anywhere, no data files needed
-            from training.tasks import write_task
+            from training.tasks import write_domain_text, write_ood, write_task
 
-            train_file, eval_file = write_task(output / "data" / task["name"], task.pop("generated"),
-                                               n_train=task.pop("rows", 400), n_eval=64)
+            where, name = output / "data" / task["name"], task.pop("generated")
+            train_file, eval_file = write_task(where, name, n_train=task.pop("rows", 400), n_eval=64)
             task.update(train=str(train_file), eval=str(eval_file), input_field="text", target_field="label")
+            ood = write_ood(where, name)
+            if ood is not None and not task.get("eval_ood"):
+                task["eval_ood"] = [f"ood={ood}"]
+            task["domain_text"] = task.get("domain_text") or str(write_domain_text(where, name))
     runs = plan_runs(spec, output)
     from tqdm.auto import tqdm
 
@@ -125,20 +161,33 @@ def run_sweep(config: Path, output: Path | None = None, overwrite: bool = False,
     bar = tqdm(runs, desc=f"sweep {Path(config).name}", unit="run", disable=not progress)
     for run_id, labels, cfg in bar:
         bar.set_postfix_str(run_id)
-        report_file = cfg.output / "train_report.json"
+        icl = not isinstance(cfg, TrainConfig)
+        report_file = cfg.output / ("eval_report.json" if icl else "train_report.json")
         if report_file.exists():  # finished in an earlier, interrupted sweep
             report = json.loads(report_file.read_text())
         else:
             cfg.progress, cfg.threads = progress, threads or cfg.threads
-            report = train(cfg).report
+            if icl:
+                from training.evaluate import run_eval
+
+                report = run_eval(cfg)
+            else:
+                report = train(cfg).report
         rows.append(row_from_report(labels, report))
     normalise(rows)
     return write_results(output, rows, spec.get("compare") or [])
 
 
 def row_from_report(labels: dict, r: dict) -> dict:
-    return {**labels, "task_type": r["task"], "metric_name": r["final_metrics"]["metric"],
-            "metric": r["final_metrics"]["value"], "steps": r["steps"], "steps_to_converge": r["steps_to_converge"],
+    """One table row. The metric is the in-domain one (a pattern run's label accuracy), the OOD metric the mean
+    over the run's --eval-ood sets (None without)."""
+    final = r.get("in_domain_metrics") or r["final_metrics"]
+    ood = r.get("ood_metrics") or {}
+    return {**labels, "task_type": r["task"], "metric_name": final["metric"], "metric": final["value"],
+            "recipe": r.get("recipe", "vanilla"), "trained_method": r["method"],
+            "ood_metric": sum(m["value"] for m in ood.values()) / len(ood) if ood else None,
+            "ood_sets": ",".join(ood) or None,
+            "steps": r["steps"], "steps_to_converge": r["steps_to_converge"],
             "train_seconds": r["train_seconds"], "trainable_params": r["trainable_params"],
             "trainable_percent": r["trainable_percent"], "peak_memory_mb": r["peak_memory_bytes"] / 2**20,
             "grad_optim_mb": r.get("grad_optimizer_bytes", 0) / 2**20}
@@ -179,11 +228,13 @@ def compare(rows: list[dict], method: str, parts: list[str]) -> list[dict]:
 
 def write_results(output: Path, rows: list[dict], comparisons: list[dict] = ()) -> SweepResult:
     output.mkdir(parents=True, exist_ok=True)
+    study = is_recipe_study(rows)
+    columns = COLUMNS[:7] + RECIPE_COLUMNS + COLUMNS[7:] if study else COLUMNS
     with open(output / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k) for k in COLUMNS})
+            w.writerow({k: r.get(k) for k in columns})
     recs = recommend(rows)
     (output / "recommendation.json").write_text(json.dumps(recs, indent=2) + "\n")
     compared = [{**c, "rows": compare(rows, c["method"], c["parts"])} for c in comparisons]
@@ -197,7 +248,15 @@ def write_results(output: Path, rows: list[dict], comparisons: list[dict] = ()) 
     plot_sweep(rows, output)
     for c in compared:
         plot_comparison(c, output)
+    if study:
+        from training.recipes.study import write_study
+
+        write_study(rows, output)
     return SweepResult(output, rows, md, recs, compared)
+
+
+def is_recipe_study(rows: list[dict]) -> bool:
+    return any(r.get("ood_metric") is not None or r.get("recipe", "vanilla") != "vanilla" for r in rows)
 
 
 def _fmt(v, digits=3) -> str:
@@ -215,16 +274,18 @@ def results_markdown(rows: list[dict]) -> str:
            "steps, time, params, memory: lower is better). Steps = steps to reach 97% of the run's best. "
            "Peak MiB: CUDA max allocated on GPU, the process's peak RSS on CPU (libraries included); "
            "grad+optim MiB: gradients and AdamW moments of the trained tensors, what each method adds.", ""]
+    ood = any(r.get("ood_metric") is not None for r in rows)  # the recipe study: OOD next to in-domain
     for task in dict.fromkeys(r["task"] for r in rows):
         sub = [r for r in rows if r["task"] == task]
         out += [f"## {task} ({sub[0]['task_type']}, {sub[0]['metric_name']})", "",
-                "| method | selection | train rows | metric | ×full | steps | ×full | time s | ×full "
-                "| trainable params | % | ×full | peak MiB | ×full | grad+optim MiB | ×full |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                "| ---: | ---: |"]
+                "| method | selection | train rows | metric | " + ("OOD metric | " if ood else "") + "×full | steps "
+                "| ×full | time s | ×full | trainable params | % | ×full | peak MiB | ×full | grad+optim MiB | ×full |",
+                "| --- | --- | ---: | ---: | " + ("---: | " if ood else "") + "---: | ---: | ---: | ---: | ---: | ---: "
+                "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in sub:
             out.append("| " + " | ".join(_fmt(x) for x in (
-                r["method"], r["selection"], r["data_size"] or "all", r["metric"], r["metric_vs_full"],
+                r["method"], r["selection"], r["data_size"] or "all", r["metric"],
+                *([r.get("ood_metric")] if ood else []), r["metric_vs_full"],
                 r["steps_to_converge"], r["steps_vs_full"], r["train_seconds"], r["time_vs_full"],
                 r["trainable_params"], r["trainable_percent"], r["params_vs_full"], r["peak_memory_mb"],
                 r["memory_vs_full"], r["grad_optim_mb"], r["grad_optim_vs_full"])) + " |")

@@ -45,14 +45,13 @@ def topic(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def color_temperature(n: int, seed: int = 0) -> list[dict]:
+def color_temperature(n: int, seed: int = 0, carriers=("paint it", "a shade of", "the wall is")) -> list[dict]:
     """'paint it <color>' -> warm | cool (classification by a single keyword)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         color = rng.choice(sorted(COLORS))
-        rows.append({"text": f"{rng.choice(['paint it', 'a shade of', 'the wall is'])} {color}",
-                     "label": COLORS[color]})
+        rows.append({"text": f"{rng.choice(list(carriers))} {color}", "label": COLORS[color]})
     return rows
 
 
@@ -94,6 +93,20 @@ def loudness(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def color_temperature_ood(n: int, seed: int = 0) -> list[dict]:
+    """The color task in other carrier sentences ('my new car is <color>'): an out-of-domain eval set."""
+    return color_temperature(n, seed, carriers=("my new car is", "she wore", "we saw a flash of"))
+
+
+def sentiment_ood(n: int, seed: int = 0) -> list[dict]:
+    """Sentiment in another sentence shape ('honestly, I found <subject> <adjective>'): out of domain."""
+    return [{"text": f"honestly, I found {r['text'].removesuffix('.').replace(' was ', ' ')}", "label": r["label"]}
+            for r in sentiment(n, seed)]
+
+
+OOD_TASKS = {"color": color_temperature_ood, "sentiment": sentiment_ood}
+
+
 TASKS = {"loudness": loudness, "color-letter": color_letter, "parity": parity, "sentiment": sentiment, "sentiment-sign": sentiment_sign, "topic": topic, "color": color_temperature,
          "shout": shout}
 
@@ -111,3 +124,17 @@ def write_task(out_dir: Path, task: str, n_train: int = 400, n_eval: int = 64, s
     out_dir = Path(out_dir)
     return (write_jsonl(out_dir / "train.jsonl", make(n_train, seed)),
             write_jsonl(out_dir / "eval.jsonl", make(n_eval, seed + 1_000)))
+
+
+def write_ood(out_dir: Path, task: str, n: int = 64, seed: int = 2_000) -> Path | None:
+    """ood.jsonl for a generated task that has an out-of-domain variant (OOD_TASKS); None otherwise."""
+    make = OOD_TASKS.get(task)
+    return write_jsonl(Path(out_dir) / "ood.jsonl", make(n, seed)) if make else None
+
+
+def write_domain_text(out_dir: Path, task: str, n: int = 400, seed: int = 3_000) -> Path:
+    """domain.txt: unlabelled inputs of the task (one per line), for adaptive fine-tuning's first phase."""
+    path = Path(out_dir) / "domain.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r["text"] + "\n" for r in TASKS[task](n, seed)))
+    return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,9 @@ from training import data as D
 from training import methods, output
 from training.config import ADAPTERHUB_METHODS, SELECTABLE, TrainConfig, adalora_schedule
 from training.metrics import TASK_METRICS, score
+from training.recipes import make_recipe
+from training.recipes.base import Recipe
+from training.recipes.options import parse_ood
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Prepared:
     eval: D.TextPairs
     task: str
     device: torch.device
+    recipe: Recipe | None = None  # None: vanilla
+    ood: dict[str, D.TextPairs] = field(default_factory=dict)  # --eval-ood sets by name
 
 
 @dataclass
@@ -46,18 +51,20 @@ def prepare(cfg: TrainConfig) -> Prepared:
     from serve.engine import load_base
 
     cfg.validate()
-    train_pairs = D.load_pairs(cfg.train, cfg.input_field, cfg.target_field, cfg.template,
-                               cfg.max_train_samples, cfg.seed)
+    recipe = make_recipe(cfg)
+    train_pairs = recipe.load(cfg.train, cfg.max_train_samples)
     if cfg.eval:
-        eval_pairs = D.load_pairs(cfg.eval, cfg.input_field, cfg.target_field, cfg.template,
-                                  cfg.max_eval_samples, cfg.seed, split="validation")
+        eval_pairs = recipe.load(cfg.eval, cfg.max_eval_samples, split="validation")
     else:
         train_pairs, eval_pairs = D.split_eval(train_pairs, seed=cfg.seed)
         if cfg.max_eval_samples:
             eval_pairs = D.TextPairs(eval_pairs.sources[: cfg.max_eval_samples],
                                      eval_pairs.targets[: cfg.max_eval_samples], eval_pairs.source_name)
-    task = D.infer_task(train_pairs, cfg.task)
-    D.check_labels(train_pairs, task)
+    ood = {name: recipe.load(source, cfg.max_eval_samples, split="validation")
+           for name, source in parse_ood(cfg.eval_ood).items()}
+    train_pairs, eval_pairs, ood = recipe.prepare_data(train_pairs, eval_pairs, ood)
+    if recipe.needs_targets:  # known before the base loads: say so before loading it
+        D.check_labels(train_pairs, D.infer_task(train_pairs, cfg.task))
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.method == "adalora":  # its rank schedule needs a few steps; say so before loading the base
@@ -69,7 +76,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
         methods.prefix_geometry(base)  # raises on a decoder deeper than the encoder
     elif cfg.method in ADAPTERHUB_METHODS:
         methods.adapterhub_config(cfg, base.model)  # raises on a selection that adapts nothing
-    return Prepared(cfg, base, train_pairs, eval_pairs, task, device)
+    train_pairs, eval_pairs, ood = recipe.prepare_model(base, device, train_pairs, eval_pairs, ood)
+    task = recipe.infer_task(train_pairs)
+    D.check_labels(train_pairs, task)
+    return Prepared(cfg, base, train_pairs, eval_pairs, task, device, recipe, ood)
 
 
 def generate(model, tokenizer, sources: list[str], device, max_source_length: int, max_new_tokens: int,
@@ -165,26 +175,28 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None) -> TrainResult:
 def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
     torch.manual_seed(cfg.seed)
     tok = p.base.tokenizer
-    encoded = D.encode_pairs(tok, p.train, cfg.max_source_length, cfg.max_target_length)
-    total, every = plan_steps(cfg, len(encoded))
+    recipe = p.recipe or Recipe(cfg)
+    n_train = len(p.train)
+    total, every = plan_steps(cfg, n_train)
     trainable = methods.build(cfg, p.base, total_steps=total)
     model = trainable.model.to(p.device)
+    memory = output.PeakMemory(p.device)
+    t0 = time.perf_counter()
+    recipe.before_task(trainable, p.device, tok)  # adaptive: span-corruption phase through the same weights
     params = trainable.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    memory = output.PeakMemory(p.device)
     metric_name = TASK_METRICS[p.task][1]
     curve, best, best_loss, best_step, best_state, stale = [], -1.0, float("inf"), 0, None, 0
-    t0 = time.perf_counter()
-    stream = D.batches(encoded, cfg.batch_size, tok.pad_token_id, cfg.seed)
+    best_preds: list[str] = []
+    stream = recipe.batches(tok, p.train)
     bar = _progress(total, cfg)
     step, epoch, loss_sum, loss_n = 0, 0, 0.0, 0
     for step in range(1, total + 1):
         model.train()
         epoch, batch = next(stream)
-        loss = model(input_ids=batch.input_ids.to(p.device), attention_mask=batch.attention_mask.to(p.device),
-                     labels=batch.labels.to(p.device)).loss
+        loss = recipe.loss(model, batch, p.device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -195,9 +207,9 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
         if step % every and step != total:
             bar.update(1)
             continue
-        value, _ = evaluate_pairs(model, tok, p.eval, p.task, p.device, cfg)
+        value, preds = evaluate_pairs(model, tok, p.eval, p.task, p.device, cfg)
         ev_loss = eval_loss(model, tok, p.eval, p.device, cfg)
-        curve.append({"step": step, "epoch": round(step * cfg.batch_size / len(encoded), 4),
+        curve.append({"step": step, "epoch": round(step * cfg.batch_size / n_train, 4),
                       "loss": loss_sum / loss_n, "eval_loss": ev_loss, "metric": value,
                       "wall_s": round(time.perf_counter() - t0, 3)})
         loss_sum, loss_n = 0.0, 0
@@ -206,7 +218,7 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
         # better: a higher metric, or the same metric at a clearly lower eval loss (still learning)
         if value > best or (value == best and ev_loss < best_loss * 0.99):
             best, best_loss, best_step, stale = value, ev_loss, step, 0
-            best_state = trainable.snapshot()
+            best_state, best_preds = trainable.snapshot(), preds
         else:
             stale += 1
         if (cfg.stop_at_metric is not None and value >= cfg.stop_at_metric) or (cfg.patience and stale >= cfg.patience):
@@ -215,6 +227,9 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
     train_seconds = time.perf_counter() - t0
     peak, peak_kind = memory.read()
     trainable.restore(best_state)  # the best evaluation's weights: what gets saved and reported
+    in_domain = recipe.score(p.task, best_preds, p.eval)
+    ood_metrics = {name: recipe.score(p.task, evaluate_pairs(model, tok, pairs, p.task, p.device, cfg)[1], pairs)
+                   for name, pairs in p.ood.items()}
     model.to("cpu")
     n_trainable, n_base = trainable.counts()
     report = {
@@ -222,12 +237,13 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
         "targets": sorted({m.rsplit(".", 1)[1] for m in trainable.modules}), "adapted_modules": len(trainable.modules),
         "trainable_params": n_trainable, "base_params": n_base,
         "trainable_percent": 100.0 * n_trainable / max(1, n_base),
-        "steps": step, "planned_steps": total, "epochs": step * cfg.batch_size / len(encoded),
+        "steps": step, "planned_steps": total, "epochs": step * cfg.batch_size / n_train,
         "best_step": best_step, "steps_to_converge": steps_to_converge(curve),
         "train_seconds": train_seconds, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
         # what the method itself adds to memory: gradients + AdamW's two moments of the trained tensors
         "grad_optimizer_bytes": sum(3 * t.numel() * t.element_size() for t in params),
         "final_metrics": {"metric": metric_name, "value": best, "eval_rows": len(p.eval)},
+        "recipe": recipe.name, "in_domain_metrics": in_domain, "ood_metrics": ood_metrics,
         "data": {"train_rows": len(p.train), "eval_rows": len(p.eval), "labels": p.train.label_set[:50]
                  if p.task == "classification" else None},
         "base": {"name": p.base.name, "fingerprint": p.base.fingerprint},
@@ -236,6 +252,8 @@ def _train(cfg: TrainConfig, p: Prepared) -> TrainResult:
     }
     with output.staged_output(cfg.output, cfg.overwrite) as tmp:
         methods.save(trainable, tmp, p.base)
+        recipe.after_save(tmp)
+        report.update(recipe.report())
         output.write_curve(tmp / "curve.csv", curve)
         output.write_report(tmp, report)
     if cfg.progress:

@@ -26,7 +26,10 @@ from serve.registry import (
     AdapterRejected,
     AdapterTooLarge,
     check_name,
+    redact_url,
 )
+from serve.registry.sources import fetch as fetch_remote
+from serve.registry.sources import is_remote
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -97,10 +100,12 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//|\\\\)|^\\\\")
 
 
 def check_source(source: str) -> None:
-    """Sources are a server directory or a hub id `org/name`; URLs of any scheme are never fetched."""
-    if _URL_SCHEME.match(source):
-        raise AdapterRejected(f"source {source!r} is a URL: sources are a directory on the server or a hub id "
-                              "'org/name'; upload the files as multipart/form-data instead")
+    """Sources are a server directory, a hub id `org/name`, s3://bucket/prefix/ or an https:// archive;
+    URLs of any other scheme are never fetched."""
+    if _URL_SCHEME.match(source) and not is_remote(source):
+        raise AdapterRejected(f"source {redact_url(source)!r} is a URL of an unsupported scheme: sources are a "
+                              "directory on the server, a hub id 'org/name', s3://bucket/prefix/ or an https:// "
+                              "URL of a .tar.gz/.zip archive; or upload the files as multipart/form-data")
 
 
 def _client_host(request: Request) -> str | None:
@@ -168,6 +173,14 @@ def add_admin_routes(app: FastAPI, backend) -> None:
         check_source(req.source)
         registry = await backend.adapters()
         validate = await validator()
+        if is_remote(req.source):
+            label = redact_url(req.source)
+
+            def from_remote():
+                with registry.staging() as staged:
+                    fetch_remote(req.source, staged, registry.max_adapter_bytes)
+                    return registry.register_staged(req.name, staged, validate, req.replace, label)
+            return await asyncio.to_thread(from_remote)
         if _looks_like_hub_id(req.source):
             def from_hub():
                 with registry.staging() as staged:
@@ -237,6 +250,10 @@ def add_admin_routes(app: FastAPI, backend) -> None:
                 summary="Remove an adapter: running requests finish, new ones get 404")
     async def delete_adapter(name: str, request: Request, authorization: str | None = Header(None)) -> dict:
         admin(request, authorization, "adapter deletion")
-        record = await asyncio.to_thread((await backend.adapters()).delete, name)
+        try:
+            record = await asyncio.to_thread((await backend.adapters()).delete, name)
+        except Exception as e:
+            backend.metrics.registrations.labels("delete", type(e).__name__).inc()
+            raise
         backend.metrics.registrations.labels("delete", "ok").inc()
         return {"deleted": record.name, "version": record.version}

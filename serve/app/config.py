@@ -19,6 +19,12 @@ class AppConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="base model, devices, limits, caches")
     registry_dir: str | None = Field(None, description="SQLite catalog + store; default $PEFTSERVE_HOME/registry. "
                                                        "Must be shared storage when replicas span nodes")
+    registry_url: str | None = Field(None, description="catalog database: postgresql://user:pass@host:5432/db "
+                                                       "(PEFTSERVE_REGISTRY_URL); unset: SQLite in registry_dir")
+    store_url: str | None = Field(None, description="adapter store: s3://bucket/prefix (PEFTSERVE_STORE_URL; "
+                                                    "endpoint and keys from the AWS chain); unset: registry_dir")
+    node_cache_bytes: int = Field(20 << 30, ge=1 << 20, description="per-node disk cache of store objects "
+                                                                   "(s3 stores), LRU; under registry_dir")
     admin_token: str | None = Field(None, description="bearer token for POST/DELETE /adapters "
                                                       "(PEFTSERVE_ADMIN_TOKEN overrides)")
     api_token: str | None = Field(None, description="optional bearer token for generation and reads "
@@ -40,7 +46,7 @@ class AppConfig(BaseModel):
                                                       "their adapter (Ray multiplexed-model routing)")
     resident_adapters_hint: int = Field(64, ge=1, description="adapters each replica advertises as resident")
 
-    @field_validator("max_body_bytes", "max_upload_bytes", mode="before")
+    @field_validator("max_body_bytes", "max_upload_bytes", "node_cache_bytes", mode="before")
     @classmethod
     def _bytes(cls, v):
         return parse_bytes(v)
@@ -60,6 +66,13 @@ class AppConfig(BaseModel):
 
     def registry_path(self) -> Path:
         return Path(self.registry_dir).expanduser() if self.registry_dir else default_home() / "registry"
+
+    def open_registry(self):
+        """The registry of this config: URLs from the config, else the environment, else local files."""
+        from serve.registry import open_registry
+
+        return open_registry(self.registry_path(), self.engine.max_adapter_file_bytes, self.registry_url,
+                             self.store_url, self.node_cache_bytes)
 
     def wants_demo_adapters(self) -> bool:
         return self.engine.base is None if self.demo_adapters is None else self.demo_adapters

@@ -31,8 +31,9 @@ class Ingress:
         self.engine, self.hub = engine, hub
         self.admin_token = resolve_token(self.config.admin_token, "PEFTSERVE_ADMIN_TOKEN")
         self.api_token = resolve_token(self.config.api_token, "PEFTSERVE_API_TOKEN")
-        self.registry = AdapterRegistry(self.config.registry_path(), self.config.engine.max_adapter_file_bytes)
         self.metrics = Metrics(self.config.adapter_metric_labels)
+        self.registry = self.config.open_registry()
+        self.metrics.observe_store(self.registry.store)
         self.pusher = MetricsPusher(self.metrics, hub, f"ingress-{replica_id()}", self.config.metrics_push_interval_s)
         self.pusher.start()
         self._described: tuple[float, dict] | None = None

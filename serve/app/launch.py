@@ -89,6 +89,17 @@ def build_application(config, deployments: dict[str, dict]):
     return Ingress.options(**opts.get("Ingress", {})).bind(args, engine, hub)
 
 
+def _registry_label(config) -> str:
+    """Where the registry lives, credentials redacted (this line ends up in logs)."""
+    from serve.registry import redact_url, resolve_urls
+
+    catalog, store = resolve_urls(config.registry_url, config.store_url)
+    if catalog is None and store is None:
+        return str(config.registry_path())
+    return (f"catalog {redact_url(catalog) if catalog else 'SQLite'}, store {redact_url(store) if store else 'local'}, "
+            f"node cache {config.registry_path()}")
+
+
 def run(args) -> int:
     import time
 
@@ -98,7 +109,7 @@ def run(args) -> int:
     config, deployments = build_from_args(args)
     config = preflight(config, args.host, args.port)  # every error knowable before Ray starts, in seconds
     print(f"peftserve: starting Ray and the app on http://{args.host}:{args.port} "
-          f"(base: {config.engine.base or 'embedded'}; registry: {config.registry_path()})", flush=True)
+          f"(base: {config.engine.base or 'embedded'}; registry: {_registry_label(config)})", flush=True)
     # Installed explicitly: a command started as a background job inherits SIGINT ignored.
     stop = threading.Event()
 

@@ -105,6 +105,24 @@ class Metrics:
                                          ["kind"], registry=r)
         self.registrations = Counter("peftserve_adapter_registrations_total", "Registry writes by outcome",
                                      ["op", "outcome"], registry=r)
+        # adapter store (object storage reads = node-cache misses, writes = registrations)
+        self.store_bytes = Counter("peftserve_store_bytes_total", "Bytes moved to/from the adapter store",
+                                   ["op"], registry=r)
+        self.store_seconds = Histogram("peftserve_store_operation_seconds", "Adapter store operation latency",
+                                       ["op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.store_errors = Counter("peftserve_store_errors_total", "Failed adapter store operations", ["op"],
+                                    registry=r)
+
+    def observe_store(self, store) -> None:
+        """Feed the store series from a store that reports its operations (remote stores do)."""
+        if hasattr(store, "observer"):
+            store.observer = self.store_operation
+
+    def store_operation(self, op: str, nbytes: int, seconds: float, ok: bool) -> None:
+        self.store_bytes.labels(op).inc(nbytes)
+        self.store_seconds.labels(op).observe(seconds)
+        if not ok:
+            self.store_errors.labels(op).inc()
 
     def adapter_label(self, adapter: str | None) -> str:
         if adapter is None:

@@ -25,6 +25,7 @@ def preflight(config: AppConfig, host: str, port: int) -> AppConfig:
     except BaseLoadError as e:
         raise ConfigError(str(e)) from None
     _check_registry(config.registry_path())
+    _check_backends(config)
     for d in config.allowed_source_dirs or []:
         if not Path(d).is_dir():
             raise ConfigError(f"allowed source directory {d} does not exist or is not a directory")
@@ -61,6 +62,16 @@ def _check_registry(root: Path) -> None:
         raise ConfigError(f"cannot create the registry directory {root}: {e.strerror}") from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"the registry directory {root} is not writable by this user")
+
+
+def _check_backends(config: AppConfig) -> None:
+    from serve.registry import BackendConfigError, resolve_urls
+    from serve.registry.backends import check_urls
+
+    try:
+        check_urls(*resolve_urls(config.registry_url, config.store_url))
+    except BackendConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_port(host: str, port: int) -> None:

@@ -21,7 +21,6 @@ from serve.app.config import AppConfig
 from serve.app.http_errors import reply_for
 from serve.app.metrics import Metrics, PrometheusObserver
 from serve.app.sync import RegistrySync
-from serve.registry import AdapterRegistry
 
 log = logging.getLogger("peftserve.app")
 # Adapter names a replica advertises for routing (not a residency limit: the engine's cache is).
@@ -77,8 +76,8 @@ class EngineReplica:
         self.tokenizer = self.engine.tokenizer
         self._special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         base = self.engine.base
-        self.registry = AdapterRegistry(self.config.registry_path(), self.config.engine.max_adapter_file_bytes
-                                        ).for_base(base.fingerprint, base.name)
+        self.registry = self.config.open_registry().for_base(base.fingerprint, base.name)
+        self.metrics.observe_store(self.registry.store)
         self.sync = RegistrySync(self.registry, self.engine)
         self.sync.ensure_current()
         self.pusher = MetricsPusher(self.metrics, hub, f"engine-{replica_id()}", self.config.metrics_push_interval_s)
@@ -90,13 +89,16 @@ class EngineReplica:
         return adapter  # a name, not a model: "unloading" it from the LRU frees nothing
 
     async def _prepare(self, request: dict):
-        from serve.engine import GenerationParams, GenerationRequest
+        from serve.engine import GenerationParams, GenerationRequest, MergedAdapters
 
-        if request.get("adapter"):
-            await self._route_hint(request["adapter"])
+        merged = request.get("merged_adapters")
+        hint = request.get("adapter") or (merged["ids"][0] if merged else None)
+        if hint:
+            await self._route_hint(hint)
         self.sync.ensure_current()
         return GenerationRequest(inputs=request["inputs"], adapter=request.get("adapter"),
-                                 params=GenerationParams(**request["params"]), request_id=request.get("request_id"))
+                                 params=GenerationParams(**request["params"]), request_id=request.get("request_id"),
+                                 merged_adapters=None if merged is None else MergedAdapters(**merged))
 
     # ---- requests --------------------------------------------------------------------------------
     async def generate(self, request: dict) -> dict:
@@ -160,4 +162,4 @@ class EngineReplica:
         tokens = [self._token(t, self.tokenizer.decode([t]), lp) for t, lp in zip(r.token_ids, logprobs, strict=False)]
         return {"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                 "generated_tokens": r.generated_tokens, "seed": r.seed, "tokens": tokens,
-                "timings": dict(r.timings)}
+                "timings": dict(r.timings), "adapters": r.adapters, "merge_strategy": r.merge_strategy}

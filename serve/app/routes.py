@@ -31,10 +31,12 @@ from serve.app.http_errors import (
 )
 from serve.app.http_util import BodyLimitMiddleware, HTTPMetricsMiddleware, sse
 from serve.app.metrics import Metrics
+from serve.app.patterns import patterned_inputs
 from serve.app.schemas import (
     OPENAI_FINISH,
     TGI_FINISH,
     CompletionRequest,
+    MergedAdaptersIn,
     TGIDetails,
     TGIRequest,
     TGIResponse,
@@ -141,9 +143,22 @@ async def resolve_adapter(backend: Backend, name: str | None) -> str | None:
     return name
 
 
-def _tgi_engine_request(req: TGIRequest, adapter: str | None) -> dict:
+async def resolve_merged(backend: Backend, merged: MergedAdaptersIn | None, field: str) -> dict | None:
+    """A combination's ids, each checked like one adapter (400 / 404) before anything is queued; what they
+    may be combined into is the engine's check, against the same registrations (422)."""
+    if merged is None:
+        return None
+    if merged.weights is not None and len(merged.weights) != len(merged.ids):
+        raise problem(422, f"{len(merged.ids)} ids but {len(merged.weights)} weights; give one weight per id",
+                      field=f"{field}.weights")
+    for name in merged.ids:
+        await resolve_adapter(backend, name)
+    return merged.engine_dict()
+
+
+def _tgi_engine_request(req: TGIRequest, adapter: str | None, merged: dict | None = None) -> dict:
     p = req.parameters
-    return {"inputs": req.inputs, "adapter": adapter, "request_id": uuid.uuid4().hex,
+    return {"inputs": req.inputs, "adapter": adapter, "merged_adapters": merged, "request_id": uuid.uuid4().hex,
             "params": {"max_new_tokens": p.max_new_tokens, "do_sample": p.do_sample,
                        "temperature": 1.0 if p.temperature is None else p.temperature,
                        "top_p": 1.0 if p.top_p is None else p.top_p, "top_k": p.top_k or 0,
@@ -158,13 +173,17 @@ def _tgi_adapter(req: TGIRequest, header_adapter: str | None) -> str | None:
     return body_adapter or header_adapter or None
 
 
+def _combination_details(result: dict) -> dict:
+    return {"merged_adapters": result.get("adapters"), "merge_strategy": result.get("merge_strategy")}
+
+
 def tgi_response(result: dict, details: bool) -> TGIResponse:
     out = TGIResponse(generated_text=result["text"])
     if details:
         out.details = TGIDetails(finish_reason=TGI_FINISH[result["finish_reason"]],
                                  prompt_tokens=result["prompt_tokens"],
                                  generated_tokens=result["generated_tokens"], seed=result.get("seed"),
-                                 tokens=result["tokens"])
+                                 tokens=result["tokens"], **_combination_details(result))
     return out
 
 
@@ -191,7 +210,8 @@ async def _tgi_stream(backend: Backend, engine_req: dict, request: Request) -> R
                     yield sse({"token": last, "generated_text": r["text"],
                                "details": {"finish_reason": TGI_FINISH[r["finish_reason"]],
                                            "prompt_tokens": r["prompt_tokens"],
-                                           "generated_tokens": r["generated_tokens"], "seed": r.get("seed")}})
+                                           "generated_tokens": r["generated_tokens"], "seed": r.get("seed"),
+                                           **_combination_details(r)}})
                     return
                 else:  # an error after tokens were sent: the TGI clients raise on an error payload
                     yield sse(tgi_body(ErrorReply(**event["error"])))
@@ -207,8 +227,14 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
     async def run(req: TGIRequest, request: Request, authorization: str | None, x_adapter_id: str | None,
                   stream: bool, as_list: bool):
         _generation_auth(backend, authorization)
-        adapter = await resolve_adapter(backend, _tgi_adapter(req, x_adapter_id))
-        engine_req = _tgi_engine_request(req, adapter)
+        merged = await resolve_merged(backend, req.parameters.merged_adapters, "parameters.merged_adapters")
+        name = _tgi_adapter(req, x_adapter_id)
+        if merged is not None and name is not None:
+            raise problem(422, "give either parameters.adapter_id (or X-Adapter-Id) or parameters.merged_adapters, "
+                               "not both", field="parameters.merged_adapters")
+        adapter = await resolve_adapter(backend, name)
+        engine_req = _tgi_engine_request(req, adapter, merged)
+        [engine_req["inputs"]] = await patterned_inputs(backend, adapter, [req.inputs], req.parameters.apply_pattern)
         if stream:
             return await _tgi_stream(backend, engine_req, request)
         reply = await backend.generate(engine_req)
@@ -237,23 +263,38 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
 
 # ---- OpenAI --------------------------------------------------------------------------------------
 
-def _openai_engine_request(req: CompletionRequest, prompt: str, adapter: str | None) -> dict:
+def _openai_engine_request(req: CompletionRequest, prompt: str, adapter: str | None,
+                           merged: dict | None = None) -> dict:
     try:
         stops = req.stops
     except ValueError as e:
         raise problem(422, f"stop: {e}", field="stop") from None
     temperature = 1.0 if req.temperature is None else req.temperature
-    return {"inputs": prompt, "adapter": adapter, "request_id": uuid.uuid4().hex,
+    return {"inputs": prompt, "adapter": adapter, "merged_adapters": merged, "request_id": uuid.uuid4().hex,
             "params": {"max_new_tokens": req.max_tokens, "do_sample": temperature > 0,
                        "temperature": temperature, "top_p": 1.0 if req.top_p is None else req.top_p,
                        "top_k": 0, "seed": req.seed, "stop": stops, "logprobs": bool(req.logprobs)}}
 
 
-async def _model_to_adapter(backend: Backend, model: str) -> str | None:
+async def _model_to_adapters(backend: Backend, req: CompletionRequest) -> tuple[str | None, dict | None]:
+    """(adapter, merged_adapters) for the engine. `model` is the base, an adapter, or adapters joined by '+'
+    (equal weights, linear); with the `merged_adapters` extension, `model` is the base or those ids joined."""
+    model = req.model
     base = (await backend.describe())["info"].get("base_name")
+    if req.merged_adapters is not None:
+        if model not in (base, "base", "+".join(req.merged_adapters.ids)):
+            raise problem(422, f"model {model!r} and merged_adapters disagree; with merged_adapters, set model to the "
+                               f"base ({base!r}) or to the ids joined by '+'", field="model")
+        return None, await resolve_merged(backend, req.merged_adapters, "merged_adapters")
     if model in (base, "base"):
-        return None
-    return await resolve_adapter(backend, model)
+        return None, None
+    if "+" in model:
+        ids = model.split("+")
+        if any(not i for i in ids):
+            raise problem(422, f"model {model!r}: a combination is adapter names joined by '+', none empty",
+                          field="model")
+        return None, await resolve_merged(backend, MergedAdaptersIn(ids=ids), "model")
+    return await resolve_adapter(backend, model), None
 
 
 def _openai_logprobs(result: dict) -> dict:
@@ -266,27 +307,31 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
     @app.post("/v1/completions", tags=["openai"], summary="OpenAI completions; model = adapter or base name")
     async def completions(req: CompletionRequest, request: Request, authorization: str | None = Header(None)):
         _generation_auth(backend, authorization)
-        adapter = await _model_to_adapter(backend, req.model)
+        adapter, merged = await _model_to_adapters(backend, req)
+        prompts = await patterned_inputs(backend, adapter, req.prompts, req.apply_pattern)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             if len(req.prompts) != 1:
                 raise problem(422, "stream=true supports one prompt per request", field="prompt")
-            return await _openai_stream(backend, _openai_engine_request(req, req.prompts[0], adapter), request,
+            return await _openai_stream(backend, _openai_engine_request(req, prompts[0], adapter), request,
                                         req.model, cid, created)
-        replies = await asyncio.gather(*(backend.generate(_openai_engine_request(req, p, adapter))
-                                         for p in req.prompts))
+        replies = await asyncio.gather(*(backend.generate(_openai_engine_request(req, p, adapter, merged))
+                                         for p in prompts))
         for reply in replies:
             if "error" in reply:
                 return error_response(request, ErrorReply(**reply["error"]))
         results = [r["result"] for r in replies]
         prompt_tokens = sum(r["prompt_tokens"] for r in results)
         completion_tokens = sum(r["generated_tokens"] for r in results)
-        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"text": r["text"], "index": i, "finish_reason": OPENAI_FINISH[r["finish_reason"]],
-                             "logprobs": _openai_logprobs(r) if req.logprobs is not None else None}
-                            for i, r in enumerate(results)],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        out = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+               "choices": [{"text": r["text"], "index": i, "finish_reason": OPENAI_FINISH[r["finish_reason"]],
+                            "logprobs": _openai_logprobs(r) if req.logprobs is not None else None}
+                           for i, r in enumerate(results)],
+               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}}
+        if merged is not None:  # extension: what the combination resolved to
+            out.update(_combination_details(results[0]))
+        return out
 
     @app.get("/v1/models", tags=["openai"], summary="The base model and every registered adapter")
     async def models(authorization: str | None = Header(None)):
@@ -337,10 +382,13 @@ def _add_ops_routes(app: FastAPI, backend: Backend) -> None:
     @app.get("/health", tags=["ops"], summary="200 when the ingress, the registry and an engine replica answer")
     async def health() -> dict[str, Any]:
         try:
-            backend.registry.generation()
             await asyncio.wait_for(backend.describe(), timeout=10)
         except Exception as e:  # noqa: BLE001 - health reports, never raises
             return JSONResponse({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
+        try:  # a registry outage is degraded, not unhealthy: cached adapters keep serving
+            await asyncio.to_thread(backend.registry.check)
+        except RegistryError as e:
+            return {"status": "degraded", "registry": "degraded", "reason": str(e)}
         return {"status": "ok"}
 
     @app.get("/info", tags=["ops"], summary="Base model, dtype, devices, limits, adapter counts")
@@ -353,7 +401,8 @@ def _add_ops_routes(app: FastAPI, backend: Backend) -> None:
             by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
         cfg = backend.config
         return {**described["info"], "registry": {"adapters": len(adapters), "by_kind": by_kind,
-                                                  "generation": backend.registry.generation()},
+                                                  "generation": backend.registry.generation(),
+                                                  **backend.registry.backends()},
                 "http_limits": {"max_body_bytes": cfg.max_body_bytes, "max_upload_bytes": cfg.max_upload_bytes},
                 "auth": {"admin": backend.admin_token is not None, "generation": backend.api_token is not None}}
 

@@ -3,9 +3,12 @@
 Policy for TGI/LoRAX parameters that this server does not implement: a parameter that only shapes the
 response (`details`, `decoder_input_details`, `return_full_text=false`, `api_token`, `watermark=false`,
 `truncate`) is accepted and ignored; one that would change the generated text (`repetition_penalty`,
-`frequency_penalty`, `typical_p`, `best_of>1`, `merged_adapters`, `grammar`, `response_format`,
-`ignore_eos_token`, `adapter_source` other than local, ...) is refused with 422 when set to anything but its
-neutral value, so a client never silently gets different semantics. Unknown keys are refused (422).
+`frequency_penalty`, `typical_p`, `best_of>1`, `grammar`, `response_format`, `ignore_eos_token`,
+`adapter_source` other than local, ...) is refused with 422 when set to anything but its neutral value, so a
+client never silently gets different semantics. Unknown keys are refused (422).
+
+`merged_adapters` (LoRAX's schema) puts several adapters on one row; OpenAI requests name a combination as
+`model: "a+b"` or with the same `merged_adapters` object as an extension field (docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ UNSUPPORTED_TGI: dict[str, tuple] = {
     "frequency_penalty": (None, 0.0),
     "typical_p": (None, 1.0),
     "best_of": (None, 1),
-    "merged_adapters": (None,),
     "grammar": (None,),
     "response_format": (None,),
     "ignore_eos_token": (False,),
@@ -49,9 +51,30 @@ UNSUPPORTED_TGI: dict[str, tuple] = {
 }
 
 
+class MergedAdaptersIn(_Strict):
+    """Several adapters on one row: LoRAX's `merged_adapters` (what `lorax-client` sends, unchanged)."""
+
+    ids: list[str] = Field(..., min_length=1, max_length=16, description="registered adapter names (the engine "
+                                                                        "allows max_combined_adapters of them)")
+    weights: list[float] | None = Field(None, description="one per id (LoRA deltas only); default 1 each")
+    merge_strategy: str | None = Field(None, description="linear (default: every adapter acts on the row), "
+                                                         "ties, dare_linear or dare_ties (a merged LoRA)")
+    density: float = Field(1.0, description="ties / dare: the fraction of each LoRA matrix kept")
+    majority_sign_method: str | None = Field(None, description="ties / dare_ties: total (default) or frequency")
+
+    def engine_dict(self) -> dict:
+        return {"ids": list(self.ids), "weights": None if self.weights is None else list(self.weights),
+                "merge_strategy": self.merge_strategy or "linear", "density": self.density,
+                "majority_sign_method": self.majority_sign_method or "total"}
+
+
 class TGIParameters(_Strict):
     adapter_id: str | None = Field(None, description="registered adapter name; null or absent = the base model")
+    merged_adapters: MergedAdaptersIn | None = Field(None, description="several adapters on this row, instead "
+                                                                       "of adapter_id")
     adapter_source: str | None = Field(None, description="only 'local' (the registry); register adapters first")
+    apply_pattern: bool = Field(True, description="fill the adapter's recorded input pattern (pattern-based "
+                                "fine-tuning) with `inputs`; false: `inputs` is already patterned")
     max_new_tokens: int | None = Field(None, ge=1, description="tokens to generate (default: server config)")
     do_sample: bool = False
     temperature: float | None = Field(None, ge=0.0)
@@ -70,7 +93,6 @@ class TGIParameters(_Strict):
     frequency_penalty: float | None = None
     typical_p: float | None = None
     best_of: int | None = None
-    merged_adapters: Any = None
     grammar: Any = None
     response_format: Any = None
     ignore_eos_token: bool = False
@@ -122,11 +144,20 @@ class Token(BaseModel):
     special: bool = False
 
 
+class ResolvedAdapter(BaseModel):
+    id: str
+    version: int
+    weight: float
+
+
 class TGIDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     prompt_tokens: int
     generated_tokens: int
     seed: int | None = None
+    # a combination: what it resolved to (each id at the version served) and its strategy
+    merged_adapters: list[ResolvedAdapter] | None = None
+    merge_strategy: str | None = None
     prefill: list[InputToken] = []
     tokens: list[Token] = []
 
@@ -141,6 +172,8 @@ class TGIStreamDetails(BaseModel):
     prompt_tokens: int
     generated_tokens: int
     seed: int | None = None
+    merged_adapters: list[ResolvedAdapter] | None = None
+    merge_strategy: str | None = None
 
 
 class TGIStreamResponse(BaseModel):
@@ -155,7 +188,10 @@ TGI_FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 # ---- OpenAI --------------------------------------------------------------------------------------
 
 class CompletionRequest(_Strict):
-    model: str = Field(..., min_length=1, description="an adapter name, or the base model's name")
+    model: str = Field(..., min_length=1, description="an adapter name, the base model's name, or adapters "
+                                                      "joined by '+' (equal weights, linear)")
+    merged_adapters: MergedAdaptersIn | None = Field(None, description="extension: several adapters on each row "
+                                                                       "(LoRAX's schema); model then names the base")
     prompt: str | list[str] = Field(..., description="one prompt or a list of prompts")
     max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
@@ -173,6 +209,8 @@ class CompletionRequest(_Strict):
     suffix: None = None
     user: str | None = None
     stream_options: dict | None = None
+    apply_pattern: bool = Field(True, description="fill the adapter's recorded input pattern with each prompt; "
+                                "false: the prompts are already patterned")
 
     @field_validator("prompt")
     @classmethod

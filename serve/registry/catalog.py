@@ -98,6 +98,7 @@ def _entry(row: sqlite3.Row) -> CatalogEntry:
 class SQLiteCatalog:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
+        self.where = f"SQLite {self.path}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._open_schema()
@@ -196,3 +197,20 @@ class SQLiteCatalog:
 
     def live_digests(self) -> set[str]:
         return {r["digest"] for r in self._db().execute("SELECT digest FROM adapters WHERE deleted_at IS NULL")}
+
+    def rows(self) -> list[tuple[CatalogEntry, float | None]]:
+        """Every version of every entry with its deletion time (what `peftserve registry migrate` copies)."""
+        rows = self._db().execute(f"SELECT {_COLUMNS}, deleted_at FROM adapters ORDER BY base, name, version")
+        return [(_entry(r), r["deleted_at"]) for r in rows]
+
+    def import_rows(self, rows: list[tuple[CatalogEntry, float | None]]) -> int:
+        """Insert rows (entry, deleted_at) verbatim in one transaction; present ones are skipped."""
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany(f"INSERT OR IGNORE INTO adapters ({_COLUMNS}, deleted_at) VALUES "
+                           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(e.base, e.base_name, e.name, e.version, e.digest, e.kind, e.size_bytes, e.source,
+                             json.dumps(e.spec, default=str), e.created_at, d) for e, d in rows])
+            n = db.total_changes - before
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        return n

@@ -44,6 +44,24 @@ class StoreFull(RegistryError):
     status = 507
 
 
+class BackendUnavailable(RegistryError):
+    """The catalog database or the object store cannot be reached; nothing was changed. Retry later."""
+
+    status = 503
+
+    def __init__(self, backend: str, where: str, detail: object = ""):
+        self.backend = backend  # "catalog" | "store"
+        why = f": {detail}" if detail else ""
+        super().__init__(f"the adapter {backend} ({where}) is unavailable{why}; nothing was changed — "
+                         "adapters already loaded keep serving; retry when it is back")
+
+
+class StoreObjectMissing(RegistryError):
+    """A catalog row references an object the store no longer holds (deleted behind the registry's back)."""
+
+    status = 500
+
+
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 

@@ -43,6 +43,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def rename_into(staged: Path, final: Path) -> None:
+    """Publish a finished directory as `final` by one atomic rename; if an equal object is already there
+    (content addressing: same name, same bytes) the staged copy is simply left behind for its owner to drop."""
+    if final.exists():
+        return
+    try:
+        staged.rename(final)
+    except OSError:  # a concurrent writer of the same bytes won the rename
+        if not final.exists():
+            raise
+    fsync_dir(final.parent)
+
+
 def copy_file(src: Path, dst: Path, limit: int) -> int:
     """Copy with a running byte cap (413 before the whole file is read) and fsync; returns bytes copied."""
     n = 0

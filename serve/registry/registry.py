@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serve.registry.catalog import Catalog, CatalogEntry, SQLiteCatalog
-from serve.registry.errors import AdapterExists, AdapterNotFound, AdapterRejected, RegistryError
+from serve.registry.errors import (
+    AdapterExists,
+    AdapterNotFound,
+    AdapterRejected,
+    BackendUnavailable,
+    RegistryError,
+)
 from serve.registry.files import (
     CONFIG_FILE,
     WEIGHT_SUFFIX,
@@ -68,6 +74,9 @@ class AdapterRegistry:
         self.store = store if store is not None else LocalStore(self.root / "store")
         self.base: str | None = None
         self.base_name: str | None = None
+        # last entry seen per (base, name): lookups answer from it while the catalog is unreachable, so
+        # adapters this node already serves keep serving through a database outage
+        self._seen: dict[tuple[str, str], CatalogEntry] = {}
 
     def for_base(self, fingerprint: str, name: str | None = None) -> AdapterRegistry:
         """A view of this registry bound to one base (shares the catalog and store connections)."""
@@ -99,9 +108,17 @@ class AdapterRegistry:
 
     def get(self, name: str) -> AdapterRecord:
         check_name(name)
-        entry = self.catalog.get(self._scope(), name)
+        key = (self._scope(), name)
+        try:
+            entry = self.catalog.get(*key)
+        except BackendUnavailable:
+            if key not in self._seen:
+                raise
+            return self._record(self._seen[key])
         if entry is None:
+            self._seen.pop(key, None)
             raise AdapterNotFound(self.not_here(name))
+        self._seen[key] = entry
         return self._record(entry)
 
     def not_here(self, name: str) -> str:
@@ -117,12 +134,29 @@ class AdapterRegistry:
     def snapshot(self) -> Snapshot:
         """Generation and this base's live adapters, read in one transaction, so they agree."""
         gen, entries = self.catalog.active(self._scope())
+        for key in [k for k in self._seen if k[0] == self.base]:
+            del self._seen[key]
+        self._seen.update({(self.base, e.name): e for e in entries})
         return Snapshot(gen, {e.name: self._record(e) for e in entries})
 
     def _record(self, e: CatalogEntry) -> AdapterRecord:
         return AdapterRecord(name=e.name, version=e.version, digest=e.digest, kind=e.kind,
                              size_bytes=e.size_bytes, source=e.source, created_at=e.created_at, spec=e.spec,
                              base=e.base, base_name=e.base_name, path=str(self.store.local_path(e.digest)))
+
+    def fetch(self, record: AdapterRecord, pinned: set[str] = frozenset()) -> str:
+        """Make `record`'s files readable on this node (remote stores download into the node cache once per
+        node; objects in `pinned` are never evicted for it); returns the path the engine loads from."""
+        return str(self.store.fetch(record.digest, pinned))
+
+    def check(self) -> None:
+        """Raise BackendUnavailable naming the catalog or the store if either cannot be reached now."""
+        self.catalog.generation()
+        self.store.probe()
+
+    def backends(self) -> dict[str, str]:
+        """Which catalog and store this registry uses, credentials redacted (for /info and logs)."""
+        return {"catalog": self.catalog.where, "store": self.store.where}
 
     # ---- writes ----------------------------------------------------------------------------------
     @contextmanager
@@ -165,10 +199,11 @@ class AdapterRegistry:
         spec_dict.pop("path", None)  # the staging path is meaningless later; records carry the store path
         spec_dict["name"] = name
         digest = directory_digest(staged)
-        self.store.put(staged, digest)
+        size_bytes = sum(p.stat().st_size for p in staged.iterdir())
+        self.store.put(staged, digest)  # every file stored and verified before the row can appear
         entry = CatalogEntry(base=base, base_name=self.base_name or base, name=name, version=0, digest=digest,
                              kind=str(spec_dict.get("kind", "unknown")),
-                             size_bytes=sum(p.stat().st_size for p in self.store.local_path(digest).iterdir()),
+                             size_bytes=size_bytes,
                              source=source_label, spec=spec_dict, created_at=0.0)
         return self._record(self.catalog.publish(entry, replace))
 

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from serve.registry.errors import NO_SPACE, store_full
-from serve.registry.files import fsync_dir
+from serve.registry.errors import NO_SPACE, BackendUnavailable, store_full
+from serve.registry.files import rename_into
 
 
 class Store(Protocol):
@@ -30,15 +30,23 @@ class Store(Protocol):
         """Publish a fully written, fsynced staging directory as object `digest` (idempotent)."""
 
     def local_path(self, digest: str) -> Path:
-        """Where this node reads object `digest` from."""
+        """Where this node reads object `digest` from (present only after `fetch` for remote stores)."""
+
+    def fetch(self, digest: str, pinned: set[str] = frozenset()) -> Path:
+        """Make object `digest` readable on this node (remote stores: download into the node cache, keeping
+        the `pinned` objects); returns `local_path(digest)`."""
 
     def collect(self, live: set[str], min_age_s: float) -> list[str]:
         """Remove objects not in `live` and staging directories older than `min_age_s`."""
+
+    def probe(self) -> None:
+        """Raise BackendUnavailable if the store cannot be reached now (health checks)."""
 
 
 class LocalStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
+        self.where = f"directory {self.root}"
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -58,18 +66,17 @@ class LocalStore:
             shutil.rmtree(path, ignore_errors=True)
 
     def put(self, staged: Path, digest: str) -> None:
-        final = self.objects / digest
-        if final.exists():  # same content registered before: content addressing deduplicates
-            return
-        try:
-            staged.rename(final)
-        except OSError:  # a concurrent registration of the same bytes won the rename
-            if not final.exists():
-                raise
-        fsync_dir(self.objects)
+        rename_into(staged, self.objects / digest)  # same content registered before: deduplicated
 
     def local_path(self, digest: str) -> Path:
         return self.objects / digest
+
+    def fetch(self, digest: str, pinned: set[str] = frozenset()) -> Path:
+        return self.objects / digest
+
+    def probe(self) -> None:
+        if not self.objects.is_dir():
+            raise BackendUnavailable("store", self.where, "its objects directory is gone")
 
     def collect(self, live: set[str], min_age_s: float) -> list[str]:
         cutoff, removed = time.time() - min_age_s, []

@@ -167,6 +167,84 @@ def test_openai_client_completions_and_models(server, http):
     assert [ch.index for ch in base.choices] == [0, 1]
 
 
+# ---- several adapters on one row -----------------------------------------------------------------
+
+# lora-a holds lora-b's files since the replace test: a LoRA weighted 0.7 under an (IA)3
+MERGED = {"ids": ["lora-b", "ia3-a"], "weights": [0.7, 1.0], "merge_strategy": "linear", "density": 1.0}
+
+
+def test_lorax_client_sends_merged_adapters_unchanged(server, http):
+    from lorax import Client
+    from lorax.types import MergedAdapters
+
+    c = Client(server["url"], timeout=60)
+    merged = MergedAdapters(**MERGED)
+    r = c.generate("translate: hello world", merged_adapters=merged, max_new_tokens=10, details=True)
+    raw = gen(http, max_new_tokens=10, merged_adapters=MERGED, details=True).json()
+    assert r.generated_text == raw["generated_text"]
+    resolved = raw["details"]["merged_adapters"]
+    assert [a["id"] for a in resolved] == ["lora-b", "ia3-a"] and [a["weight"] for a in resolved] == [0.7, 1.0]
+    assert all(a["version"] >= 1 for a in resolved) and raw["details"]["merge_strategy"] == "linear"
+    streamed = list(c.generate_stream("translate: hello world", merged_adapters=merged, max_new_tokens=10))
+    assert streamed[-1].generated_text == r.generated_text
+    # the pair is its own model: its tokens and log-probabilities are neither LoRA's alone (nor the base's)
+    mine = [(t["id"], t["logprob"]) for t in raw["details"]["tokens"]]
+    for alone in ("lora-b", "ia3-a", None):
+        other = [(t["id"], t["logprob"]) for t in
+                 gen(http, adapter=alone, max_new_tokens=10, details=True).json()["details"]["tokens"]]
+        assert any(a[0] != b[0] or abs(a[1] - b[1]) > 1e-4 for a, b in zip(mine, other, strict=True)), alone
+
+
+def test_openai_combinations_by_model_name_and_extension(server, http):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["url"] + "/v1", api_key="unused")
+    expected = gen(http, max_new_tokens=10, merged_adapters={"ids": ["lora-a", "ia3-a"]}).json()["generated_text"]
+    c = client.completions.create(model="lora-a+ia3-a", prompt="translate: hello world", max_tokens=10, temperature=0)
+    assert c.choices[0].text == expected
+    assert [a["id"] for a in c.model_extra["merged_adapters"]] == ["lora-a", "ia3-a"]
+    ext = client.completions.create(model="lora-b+ia3-a", prompt="translate: hello world", max_tokens=10,
+                                    temperature=0, extra_body={"merged_adapters": MERGED})
+    assert ext.choices[0].text == gen(http, max_new_tokens=10, merged_adapters=MERGED).json()["generated_text"]
+
+
+@pytest.mark.parametrize("merged, status, needle", [
+    ({"ids": ["prompt-a", "prompt-a"]}, 422, "more than once"),
+    ({"ids": ["lora-a", "ia3-a"], "weights": [1.0, 0.5]}, 422, "only LoRA deltas can be weighted"),
+    ({"ids": ["lora-a", "lora-b"], "merge_strategy": "slerp"}, 422, "unknown merge_strategy"),
+    ({"ids": ["lora-a", "ia3-a"], "merge_strategy": "ties"}, 422, "plain LoRA adapters only"),
+    ({"ids": ["lora-a", "lora-b", "ia3-a", "bitfit-a", "prompt-a"]}, 422, "1 to 4 adapters"),
+    ({"ids": ["lora-a", "lora-b"], "weights": [1.0]}, 422, "one weight per id"),
+    ({"ids": []}, 422, "ids"),
+    ({"ids": ["lora-a", "nope"]}, 404, "nope"),
+    ({"ids": ["lora-a", "../x"]}, 400, "name"),
+])
+def test_combinations_that_cannot_be_served_get_a_clear_error(http, merged, status, needle):
+    for path in ("/generate", "/"):
+        r = gen(http, merged_adapters=merged) if path == "/generate" else http.post(
+            "/", json={"inputs": "x", "parameters": {"merged_adapters": merged}})
+        assert r.status_code == status, (path, r.text)
+        assert needle in r.json()["error"], r.text
+    both = gen(http, adapter="lora-a", merged_adapters={"ids": ["lora-b"]})
+    assert both.status_code == 422 and "not both" in both.json()["error"]
+    bad_model = http.post("/v1/completions", json={"model": "lora-a+", "prompt": "x"})
+    assert bad_model.status_code == 422 and "joined by '+'" in bad_model.json()["error"]["message"]
+    assert gen(http, adapter="lora-a").status_code == 200  # and the server keeps serving
+
+
+def test_combination_metrics_are_labelled_by_kinds_not_names(http):
+    import time
+
+    assert gen(http, merged_adapters={"ids": ["lora-b", "ia3-a"]}).status_code == 200
+    for _ in range(20):  # engines push every 0.5 s here
+        text = http.get("/metrics").text
+        if 'kind="combined:ia3+lora"' in text:
+            break
+        time.sleep(0.25)
+    assert 'kind="combined:ia3+lora"' in text
+    assert "lora-b+ia3-a" not in text  # names never become label values
+
+
 # ---- auth ----------------------------------------------------------------------------------------
 
 def test_admin_token_required_for_writes(http, zoo):

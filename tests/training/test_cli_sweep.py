@@ -205,7 +205,7 @@ def test_seed_paper_sweep_config_plans_every_cell(shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["train", "--recipe", "x"], "unrecognized option: --recipe"),
+    (["train", "--recipes", "x"], "unrecognized option: --recipes"),
     (["train", "--method", "lora", "--lora-rnk", "4"], "unrecognized option: --lora-rnk"),
     (["serve", "--bogus"], "unrecognized arguments: --bogus"),
 ])

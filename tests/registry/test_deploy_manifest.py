@@ -1,0 +1,29 @@
+"""deploy/kuberay/rayservice.yaml: its serveConfigV2 is a valid Serve config whose args are a valid AppConfig
+with an S3 store, and every pod takes the catalog URL and admin token from a secret, never from the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_rayservice_manifest_is_a_valid_multi_node_deployment():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app.config import AppConfig
+
+    doc = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    config = AppConfig.model_validate(serve_config["applications"][0]["args"])
+    assert config.store_url.startswith("s3://") and config.registry_url is None  # the password stays in a secret
+    cluster = doc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert "secretKeyRef" in env["PEFTSERVE_REGISTRY_URL"]["valueFrom"]
+        assert "secretKeyRef" in env["PEFTSERVE_ADMIN_TOKEN"]["valueFrom"]
