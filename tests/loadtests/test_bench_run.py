@@ -4,14 +4,17 @@ import json
 
 import pytest
 
-from loadtests.report import TARGETS
+from loadtests.report import METHOD_TARGETS, TARGETS
 from serve.cli import main
 
 
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("bench-work")
-    assert main(["bench", "--preset", "tiny", "--out", str(out), "--work", str(work), "--threads", "1"]) == 0
+    # every section but methods, which tests/loadtests/test_bench_methods.py runs on its own
+    sections = "throughput,swap,batching,idle,serving,combinations"
+    assert main(["bench", "--preset", "tiny", "--out", str(out), "--work", str(work), "--threads", "1",
+                 "--only", sections]) == 0
     return out
 
 
@@ -46,7 +49,9 @@ def test_results_are_complete_and_well_formed(bench_out):
     assert r["idle_adapters"]["count"] == r["preset"]["idle_adapters"]
     assert 0 < r["idle_adapters"]["bytes_each"] < 1e6
     assert [t["key"] for t in r["targets"]] == [k for k, *_ in TARGETS]
-    assert all(t["status"] in ("PASS", "FAIL") for t in r["targets"])  # all measured in the tiny run
+    # all measured in the tiny run, but the methods section's (test_bench_methods.py runs it)
+    measured = {t["key"]: t["status"] in ("PASS", "FAIL") for t in r["targets"]}
+    assert measured == {k: k not in METHOD_TARGETS for k, *_ in TARGETS}
     assert r["decode_bytes"]["lora_bytes"] > 0 and r["decode_bytes"]["base_bytes"] > 0
 
 
@@ -101,3 +106,16 @@ def test_decode_step_bytes_by_hand_for_the_flan_t5_small_shape():
     # per row: r x (in + out) on each of those 9 linears
     assert got["lora_bytes"] == 4 * 32 * 8 * 16 * (6 * (512 + 384) + 3 * (512 + 1024))
     assert 1.0 < got["lora_over_base"] < 1.1
+
+
+def test_combinations_section_reports_the_pair_ratio_and_the_ties_build(bench_out):
+    c = json.loads((bench_out / "results.json").read_text())["combinations"]
+    assert [cell["kind"] for cell in c["cells"]] == ["base", "lora", "lora_pair"]
+    assert all(cell["tokens_per_s"] > 0 for cell in c["cells"])
+    pair = c["pair_vs_single"]
+    assert pair["measured"] == pytest.approx(c["cells"][2]["tokens_per_s"] / c["cells"][1]["tokens_per_s"])
+    assert pair["target"] == 0.8 and isinstance(pair["met"], bool)
+    ties = c["ties"]
+    assert len(ties["cold_s"]) == len(ties["warm_s"]) == ties["samples"] and ties["cold_s_median"] > 0
+    assert (bench_out / "combinations.png").stat().st_size > 0
+    assert "Several adapters on one row" in (bench_out / "results.md").read_text()
