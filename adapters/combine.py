@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -40,14 +40,6 @@ class MergeOptions:
     strategy: str = "linear"
     density: float = 1.0  # ties / dare: the fraction of each A and B kept
     majority_sign_method: str = "total"  # ties / dare_ties
-
-
-def label(specs: list[AdapterSpec], options: MergeOptions) -> str:
-    """The metrics label of a combination: its kinds (or the merge strategy), never its names, so that the
-    number of label values stays bounded."""
-    if options.strategy != "linear":
-        return options.strategy
-    return "+".join(sorted(s.method_name for s in specs))
 
 
 def _describe(spec: AdapterSpec) -> str:
@@ -166,4 +158,4 @@ def merge_loras(parts: list[LoraWeights], weights: list[float], options: MergeOp
             merged_a = merge([p.a[module].float() for p, _ in have], w_a)
             merged_b = merge([p.b[module].float() / p.scaling[module] for p, _ in have], w_b)
             a[module], b[module], scaling[module] = merged_a.contiguous(), (merged_b * new_scaling).contiguous(), new_scaling
-    return LoraWeights(spec=replace(spec, rank=rank), a=a, b=b, scaling=scaling)
+    return LoraWeights(spec=spec, a=a, b=b, scaling=scaling)

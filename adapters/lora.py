@@ -460,7 +460,7 @@ class LoraSlots(KindSlots):
         active = [i for i, row in enumerate(live) if row]
         if not active:
             return None
-        dora = [i for i in active if any(self.dora[s] for s, _ in live[i])]
+        dora = {i for i in active if any(self.dora[s] for s, _ in live[i])}
         for i in dora:
             if len(live[i]) > 1 or live[i][0][1] != 1.0:
                 raise SlotError("a DoRA adapter cannot be summed with other LoRAs or weighted on one row: its "

@@ -6,7 +6,9 @@
   prompt (as peft's generate uses it) or the prefix (peft's forward);
 - ties / dare: `add_weighted_adapter(..., combination_type=strategy)` itself.
 
-`model_for(base, parts)` returns a callable (input_ids, decoder_input_ids) -> logits for ONE row's combination.
+`model_for(base, parts)` returns a callable (input_ids, decoder_input_ids) -> logits for ONE row's combination;
+`greedy(step, ...)` decodes with it by repeated full forwards; `add_bitfit` is BitFit's dense reference, shared
+with the single-adapter oracles.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _merged_loras(model, loras: list[tuple[Path, float]], strategy: str = "cat",
     return pm.merge_and_unload()
 
 
-def _add_bitfit(model, adapter_dir: Path) -> None:
+def add_bitfit(model, adapter_dir: Path) -> None:
+    """BitFit's dense reference: a forward hook adding each trained bias to its linear's output."""
     from safetensors.torch import load_file
 
     for key, bias in load_file(Path(adapter_dir) / "adapter_model.safetensors").items():
@@ -58,7 +61,7 @@ def model_for(base_model, parts: list[tuple[Path, float]], strategy: str = "cat"
             torch.manual_seed(seed)
         model = _merged_loras(model, loras, strategy, **merge)
     for path, _ in by_type.pop("BITFIT", []):
-        _add_bitfit(model, path)
+        add_bitfit(model, path)
     prompt = by_type.pop("PROMPT_TUNING", []) + by_type.pop("P_TUNING", [])
     prefix = by_type.pop("PREFIX_TUNING", [])
     for path, _ in by_type.pop("IA3", []):
@@ -82,3 +85,17 @@ def model_for(base_model, parts: list[tuple[Path, float]], strategy: str = "cat"
             embeds = torch.cat((pm.get_prompt(batch_size=1)[:, :n], pm.word_embeddings(ids)), dim=1)
             return pm.base_model(inputs_embeds=embeds, decoder_input_ids=dec).logits
     return prompted
+
+
+def greedy(step, new_tokens: int, eos: int) -> tuple[list[int], list[float]]:
+    """(greedy tokens, their log-probabilities) by repeated full forwards; step(decoder_input_ids) -> logits."""
+    dec, logprobs = torch.zeros(1, 1, dtype=torch.long), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = step(dec)[0, -1].float()
+            nxt = int(out.argmax())
+            logprobs.append(float(torch.log_softmax(out, -1)[nxt]))
+            dec = torch.cat((dec, torch.tensor([[nxt]])), 1)
+            if nxt == eos:
+                break
+    return dec[0, 1:].tolist(), logprobs

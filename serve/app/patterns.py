@@ -8,11 +8,12 @@ with `parameters.apply_pattern: false` (TGI) or `"apply_pattern": false` (OpenAI
 from __future__ import annotations
 
 
-async def patterned_inputs(backend, adapter: str | None, texts: list[str], apply: bool) -> list[str]:
-    """`texts` as the adapter was trained to read them: each filled into its recorded pattern, if it has one."""
-    if adapter is None or not apply:
+def patterned_inputs(record, texts: list[str], apply: bool) -> list[str]:
+    """`texts` as the adapter was trained to read them: each filled into its recorded pattern, if it has one.
+    `record` is the adapter's registry record the route already resolved (None: the base)."""
+    if record is None or not apply:
         return texts
-    recorded = ((await backend.adapters()).get(adapter).spec or {}).get("input_pattern")
+    recorded = (record.spec or {}).get("input_pattern")
     if not recorded:
         return texts
     from adapters.pattern import InputPattern  # validated at registration: building it cannot fail here

@@ -133,14 +133,13 @@ def _generation_auth(backend: Backend, authorization: str | None) -> None:
     check_bearer(backend.api_token, authorization, "generation")
 
 
-async def resolve_adapter(backend: Backend, name: str | None) -> str | None:
-    """None = the base. A name must be well formed (400) and registered for this base (404, naming the base
-    it is registered for, if another) before anything is queued."""
+async def resolve_adapter(backend: Backend, name: str | None):
+    """The adapter's registry record, or None for the base. A name must be well formed (400) and registered
+    for this base (404, naming the base it is registered for, if another) before anything is queued."""
     if name is None:
         return None
     check_name(name)
-    (await backend.adapters()).get(name)
-    return name
+    return (await backend.adapters()).get(name)
 
 
 async def resolve_merged(backend: Backend, merged: MergedAdaptersIn | None, field: str) -> dict | None:
@@ -232,9 +231,9 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
         if merged is not None and name is not None:
             raise problem(422, "give either parameters.adapter_id (or X-Adapter-Id) or parameters.merged_adapters, "
                                "not both", field="parameters.merged_adapters")
-        adapter = await resolve_adapter(backend, name)
-        engine_req = _tgi_engine_request(req, adapter, merged)
-        [engine_req["inputs"]] = await patterned_inputs(backend, adapter, [req.inputs], req.parameters.apply_pattern)
+        record = await resolve_adapter(backend, name)
+        engine_req = _tgi_engine_request(req, name, merged)
+        [engine_req["inputs"]] = patterned_inputs(record, [req.inputs], req.parameters.apply_pattern)
         if stream:
             return await _tgi_stream(backend, engine_req, request)
         reply = await backend.generate(engine_req)
@@ -276,8 +275,8 @@ def _openai_engine_request(req: CompletionRequest, prompt: str, adapter: str | N
                        "top_k": 0, "seed": req.seed, "stop": stops, "logprobs": bool(req.logprobs)}}
 
 
-async def _model_to_adapters(backend: Backend, req: CompletionRequest) -> tuple[str | None, dict | None]:
-    """(adapter, merged_adapters) for the engine. `model` is the base, an adapter, or adapters joined by '+'
+async def _model_to_adapters(backend: Backend, req: CompletionRequest) -> tuple[object | None, dict | None]:
+    """(the adapter's registry record, merged_adapters) for the engine. `model` is the base, an adapter, or adapters joined by '+'
     (equal weights, linear); with the `merged_adapters` extension, `model` is the base or those ids joined."""
     model = req.model
     base = (await backend.describe())["info"].get("base_name")
@@ -307,13 +306,14 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
     @app.post("/v1/completions", tags=["openai"], summary="OpenAI completions; model = adapter or base name")
     async def completions(req: CompletionRequest, request: Request, authorization: str | None = Header(None)):
         _generation_auth(backend, authorization)
-        adapter, merged = await _model_to_adapters(backend, req)
-        prompts = await patterned_inputs(backend, adapter, req.prompts, req.apply_pattern)
+        record, merged = await _model_to_adapters(backend, req)
+        adapter = None if record is None else record.name
+        prompts = patterned_inputs(record, req.prompts, req.apply_pattern)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             if len(req.prompts) != 1:
                 raise problem(422, "stream=true supports one prompt per request", field="prompt")
-            return await _openai_stream(backend, _openai_engine_request(req, prompts[0], adapter), request,
+            return await _openai_stream(backend, _openai_engine_request(req, prompts[0], adapter, merged), request,
                                         req.model, cid, created)
         replies = await asyncio.gather(*(backend.generate(_openai_engine_request(req, p, adapter, merged))
                                          for p in prompts))

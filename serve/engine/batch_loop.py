@@ -215,7 +215,7 @@ class BatchLoop:
     def _rows(self, seqs: list[Sequence]):
         from adapters import RowAdapters
 
-        spec = tuple(None if s.key is None or s.key == self._merged else s.row for s in seqs)
+        spec = tuple(None if (key := s.key) is None or key == self._merged else s.row for s in seqs)
         # same mapping as last step: reuse it, and the wrapped layers keep their gathered weights
         if self._rows_cache is None or self._rows_cache[0] != spec:
             self._rows_cache = (spec, RowAdapters.from_rows(spec))

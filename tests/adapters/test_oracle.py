@@ -8,6 +8,7 @@ import copy
 import torch
 
 from adapters import RowAdapters
+from tests.combination_oracle import add_bitfit
 
 TOL = 1e-4
 def peft_logits(base_model, adapter_dir, ids, dec):
@@ -26,13 +27,8 @@ def peft_logits(base_model, adapter_dir, ids, dec):
 
 
 def bitfit_logits(base_model, adapter_dir, ids, dec):
-    from safetensors.torch import load_file
-
     model = copy.deepcopy(base_model)
-    biases = {k[len("base_model.model."):-len(".bias")]: v
-              for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
-    for path, bias in biases.items():
-        model.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=bias: out + b)
+    add_bitfit(model, adapter_dir)
     with torch.no_grad():
         return model(input_ids=ids, decoder_input_ids=dec).logits
 

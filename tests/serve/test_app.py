@@ -203,6 +203,9 @@ def test_openai_combinations_by_model_name_and_extension(server, http):
     c = client.completions.create(model="lora-a+ia3-a", prompt="translate: hello world", max_tokens=10, temperature=0)
     assert c.choices[0].text == expected
     assert [a["id"] for a in c.model_extra["merged_adapters"]] == ["lora-a", "ia3-a"]
+    chunks = list(client.completions.create(model="lora-a+ia3-a", prompt="translate: hello world", max_tokens=10,
+                                            temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected  # streaming serves the combination too
     ext = client.completions.create(model="lora-b+ia3-a", prompt="translate: hello world", max_tokens=10,
                                     temperature=0, extra_body={"merged_adapters": MERGED})
     assert ext.choices[0].text == gen(http, max_new_tokens=10, merged_adapters=MERGED).json()["generated_text"]

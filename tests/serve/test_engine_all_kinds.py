@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
+from tests.combination_oracle import add_bitfit, greedy
 from tests.peft_zoo import adalora, dora, ia3, lora, prefix, prompt, ptuning
 from tests.serve.engine_helpers import staggered
 
@@ -48,12 +49,8 @@ def reference(base_model, adapter_dir, tok, text: str):
     if adapter_dir is None:
         step = lambda dec: base_model(input_ids=ids, decoder_input_ids=dec).logits  # noqa: E731
     elif (adapter_dir / "adapter_config.json").read_text().find('"BITFIT"') >= 0:
-        from safetensors.torch import load_file
-
         model = copy.deepcopy(base_model)
-        for key, bias in load_file(adapter_dir / "adapter_model.safetensors").items():
-            model.get_submodule(key[len("base_model.model."):-len(".bias")]).register_forward_hook(
-                lambda mod, inp, out, b=bias: out + b)
+        add_bitfit(model, adapter_dir)
         step = lambda dec: model(input_ids=ids, decoder_input_ids=dec).logits  # noqa: E731
     else:
         from peft import PeftModel
@@ -65,16 +62,7 @@ def reference(base_model, adapter_dir, tok, text: str):
             step = lambda dec: pm.base_model(inputs_embeds=embeds, decoder_input_ids=dec).logits  # noqa: E731
         else:
             step = lambda dec: pm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits  # noqa: E731
-    dec, logprobs = torch.zeros(1, 1, dtype=torch.long), []
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            out = step(dec)[0, -1].float()
-            nxt = int(out.argmax())
-            logprobs.append(float(torch.log_softmax(out, -1)[nxt]))
-            dec = torch.cat((dec, torch.tensor([[nxt]])), 1)
-            if nxt == base_model.config.eos_token_id:
-                break
-    return dec[0, 1:].tolist(), logprobs
+    return greedy(step, NEW_TOKENS, base_model.config.eos_token_id)
 
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from serve.engine import (
     Engine,
@@ -19,7 +18,7 @@ from serve.engine import (
     RequestValidationError,
     UnknownAdapterError,
 )
-from tests.combination_oracle import model_for
+from tests.combination_oracle import greedy, model_for
 from tests.peft_zoo import dora, ia3, lora, prefix, prompt
 from tests.serve.engine_helpers import staggered
 
@@ -58,15 +57,7 @@ def _req(text, adapter=None, merged=None):
 
 def _reference(step, tok, text, eos):
     ids = tok([text], return_tensors="pt").input_ids
-    dec, logprobs = torch.zeros(1, 1, dtype=torch.long), []
-    for _ in range(NEW_TOKENS):
-        out = step(ids, dec)[0, -1].float()
-        nxt = int(out.argmax())
-        logprobs.append(float(torch.log_softmax(out, -1)[nxt]))
-        dec = torch.cat((dec, torch.tensor([[nxt]])), 1)
-        if nxt == eos:
-            break
-    return dec[0, 1:].tolist(), logprobs
+    return greedy(lambda dec: step(ids, dec), NEW_TOKENS, eos)
 
 
 COMBOS = {  # name -> (merged_adapters, oracle parts [(adapter, weight)], oracle strategy)
