@@ -21,7 +21,6 @@ without losing the rest.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import random
@@ -31,9 +30,9 @@ import traceback
 from pathlib import Path
 
 from loadtests import report
-from loadtests.measure import distribution, machine, timed_cell
+from loadtests.measure import distribution, machine, quiet_libraries, result_cell, timed_cell
 from loadtests.presets import KINDS, Preset
-from loadtests.workload import Request, ensure_base, make_adapters, make_requests, random_texts
+from loadtests.workload import ensure_base, make_adapters, make_requests, random_texts
 
 SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods", "combinations")
 # section -> its key in results.json
@@ -46,26 +45,14 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _quiet() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def mixed_names(by_kind: dict[str, list[str]], n: int) -> list[str]:
     """n distinct adapters interleaving the four kinds: lora-0, ia3-0, bitfit-0, prompt-0, lora-1, ..."""
     out = [by_kind[k][i] for i in range(n) for k in KINDS if i < len(by_kind[k])]
     return out[:n]
 
 
-def _cell(peer_name: str, kind: str, n: int, rows: int, stats: dict, memory: int, projected=False) -> dict:
-    return {"peer": peer_name, "kind": kind, "distinct": n, "rows": rows, **stats, "memory_bytes": memory,
-            "memory_projected": projected}
-
-
 def throughput(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]], torch_dtype) -> list[dict]:
-    from loadtests.engine_driver import EnginePeer, open_engine, slots_for
+    from loadtests.engine_driver import EnginePeer, close_engine, engine_rounds, open_engine, slots_for
     from loadtests.peers import (
         HFBasePeer,
         MergedPerAdapterPeer,
@@ -86,7 +73,7 @@ def throughput(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]
         peer.register(all_paths)
         cells = engine_rounds(peer, engine_plan(preset, texts, by_kind, row_sizes), preset)
     finally:
-        _close(engine)
+        close_engine(engine)
     base_of = {c["rows"]: c["tokens_per_s"] for c in cells if c["kind"] == "base"}
 
     hf = HFBasePeer(base_dir, preset.device, torch_dtype)
@@ -94,7 +81,7 @@ def throughput(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]
         reqs = make_requests(texts[:rows], [None], preset.new_tokens)
         stats = timed_cell(lambda r=reqs, p=hf: p.run(r), preset.peer_repeats)
         for n in (n for n in preset.distinct if max(preset.batch_rows, n) == rows):
-            cells.append(_cell(hf.name, "base", n, rows, stats, hf.memory_bytes()))
+            cells.append(result_cell(hf.name, "base", n, rows, stats, hf.memory_bytes()))
         log(f"hf generate base, {rows} rows: {stats['tokens_per_s']:.1f} tok/s")
     del hf
 
@@ -109,7 +96,7 @@ def throughput(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]
             stats = timed_cell(lambda r=reqs, p=peer: p.run(r), preset.peer_repeats)
             mem, projected = ((merged.memory_bytes(n), n > len(merged.models)) if peer is merged
                               else (base_bytes + n * per_adapter, False))
-            cells.append(_cell(peer.name, "lora", n, rows, stats, mem, projected))
+            cells.append(result_cell(peer.name, "lora", n, rows, stats, mem, projected))
             log(f"{peer.name} N={n}: {stats['tokens_per_s']:.1f} tok/s")
     for c in cells:
         if c["peer"] != "engine":  # engine cells carry ratios paired within each round
@@ -132,46 +119,8 @@ def engine_plan(preset: Preset, texts: list[str], by_kind: dict[str, list[str]],
     return plan
 
 
-def engine_rounds(peer, plan: list, preset: Preset) -> list[dict]:
-    """Run every cell once per round, `repeats` rounds, after a one-token warm-up round that makes
-    every adapter resident. Other processes (and, on a VM, steal time) only ever slow a run down, so a
-    cell's throughput is its best round (timeit's rule) and its ratio to the base is best / best. The
-    per-round ratios (same rows, same round) and their median are kept next to it."""
-    from loadtests.measure import percentile
-
-    for _, _, _, reqs in plan:
-        peer.run([replace_tokens(r, 1) for r in reqs])
-    runs: list[list] = [[] for _ in plan]
-    for round_ in range(preset.repeats):
-        for i, (_, _, _, reqs) in enumerate(plan):
-            runs[i].append(peer.run(reqs))
-        log(f"engine round {round_ + 1}/{preset.repeats} done")
-    base_runs = {rows: runs[i] for i, (kind, _, rows, _) in enumerate(plan) if kind == "base"}
-    mem = peer.memory_bytes()
-    cells = []
-    for i, (kind, n, rows, _) in enumerate(plan):
-        rates = [r.tokens / r.seconds for r in runs[i]]
-        ratios = [rate / (b.tokens / b.seconds) for rate, b in zip(rates, base_runs[rows], strict=True)]
-        lat = [x for r in runs[i] for x in r.latencies]
-        best_base = max(b.tokens / b.seconds for b in base_runs[rows])
-        stats = {"tokens_per_s": max(rates), "tokens_per_s_runs": rates,
-                 "tokens_per_run": runs[i][0].tokens, "p50_latency_s": percentile(lat, 50),
-                 "p99_latency_s": percentile(lat, 99), "ratio_to_base": max(rates) / best_base,
-                 "ratio_runs": ratios, "ratio_median_paired": statistics.median(ratios)}
-        ns = [n] if kind != "base" else [m for m in preset.distinct if max(preset.batch_rows, m) == rows]
-        for m in ns:
-            cells.append(_cell("engine", kind, m, rows, stats, mem))
-        log(f"engine {kind} N={n} rows={rows}: {stats['tokens_per_s']:.1f} tok/s, "
-            f"{stats['ratio_to_base']:.2f}x base")
-    return cells
-
-
-def replace_tokens(request: Request, n: int) -> Request:
-    return dataclasses.replace(request, max_new_tokens=n)
-
-
 def swap(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> dict:
-    from loadtests.engine_driver import first_token_after_register, open_engine, swap_latencies
+    from loadtests.engine_driver import close_engine, first_token_after_register, open_engine, swap_latencies
     from serve.engine.observer import RecordingObserver
 
     recorder = RecordingObserver()
@@ -185,7 +134,7 @@ def swap(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> d
         ft = first_token_after_register(engine, next(iter(lora.values())), preset.first_token_samples, probe,
                                         "fresh")
     finally:
-        _close(engine)
+        close_engine(engine)
     out = {tier: distribution(v) for tier, v in tiers.items()}
     out.update({k: distribution(v) for k, v in ft.items()})
     log("swap p99 ms: " + ", ".join(f"{k} {1000 * (d['p99'] or 0):.2f}" for k, d in out.items()))
@@ -193,7 +142,7 @@ def swap(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> d
 
 
 def batching(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]], capacity_tps: float | None) -> dict:
-    from loadtests.engine_driver import open_engine, run_arrivals
+    from loadtests.engine_driver import close_engine, open_engine, run_arrivals
 
     rng = random.Random(preset.seed + 11)
     n = preset.poisson_requests
@@ -229,7 +178,7 @@ def batching(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]], 
             run_arrivals(engine, with_lora[: len(names)], [0.0] * len(names))  # warm: adapters resident
             stats = run_arrivals(engine, reqs, arrivals)
         finally:
-            _close(engine)
+            close_engine(engine)
         out[mode] = stats
         log(f"{mode} batching: {stats['tokens_per_s']:.1f} tok/s, p50 latency {stats['p50_latency_s']:.2f} s")
     import torch
@@ -245,27 +194,21 @@ def batching(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]], 
 
 
 def idle(preset: Preset, base_dir: Path, paths: dict[str, dict[str, Path]]) -> dict:
-    from loadtests.engine_driver import idle_registration_bytes, open_engine
+    from loadtests.engine_driver import close_engine, idle_registration_bytes, open_engine
 
     engine = open_engine(base_dir, preset, device_slots={"lora": 1, "ia3": 1, "bitfit": 1, "prompt": 1})
     try:
         out = idle_registration_bytes(engine, next(iter(paths["lora"].values())), preset.idle_adapters)
     finally:
-        _close(engine)
+        close_engine(engine)
     log(f"idle adapters: {out['bytes_each']:.0f} bytes each (heap), {out['rss_bytes_each']:.0f} (RSS)")
     return out
-
-
-def _close(engine) -> None:
-    close = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
-    if close:
-        close()
 
 
 def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str, ...] = SECTIONS) -> dict:
     import torch
 
-    _quiet()
+    quiet_libraries()
     if preset.device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchUnavailableError(f"preset {preset.name} needs a CUDA device and none is available here")
     torch.manual_seed(preset.seed)

@@ -3,7 +3,7 @@ request of a `ties` combination pays for its build.
 
 One engine holds 2N LoRAs (N = 32 distinct, or the preset's largest N): the cells base, lora (N rows' worth of
 distinct single LoRAs) and lora_pair (each row a weighted pair of two distinct LoRAs, `linear`: both deltas in
-the same batched matmuls) run once per round, `repeats` rounds (`bench.engine_rounds`). Target: lora_pair /
+the same batched matmuls) run once per round, `repeats` rounds (`engine_driver.engine_rounds`). Target: lora_pair /
 lora >= 0.8 (best / best). The ties part times, for `ties_samples` distinct pairs, the first request (cold: the
 derived LoRA is built on a loader thread with PEFT's merge functions, then copied into a slot) against the same
 request again (warm), one row each. Reported, never asserted.
@@ -26,8 +26,7 @@ def log(msg: str) -> None:
 
 
 def combinations(preset: Preset, base_dir: Path, work: Path, out_dir: Path) -> dict:
-    from loadtests.bench import _close, engine_rounds
-    from loadtests.engine_driver import EnginePeer, open_engine
+    from loadtests.engine_driver import EnginePeer, close_engine, engine_rounds, open_engine
     from loadtests.methods import methods_n
     from loadtests.workload import Request, make_adapters, make_requests, random_texts
 
@@ -54,7 +53,7 @@ def combinations(preset: Preset, base_dir: Path, work: Path, out_dir: Path) -> d
         cells = engine_rounds(peer, plan, preset.with_overrides(distinct=(top,)))
         ties = _ties_cost(peer, names, texts[0], preset.new_tokens)
     finally:
-        _close(engine)
+        close_engine(engine)
     by = {c["kind"]: c for c in cells}
     ratio = by["lora_pair"]["tokens_per_s"] / by["lora"]["tokens_per_s"]
     paired = [a / b for a, b in zip(by["lora_pair"]["tokens_per_s_runs"], by["lora"]["tokens_per_s_runs"], strict=True)]

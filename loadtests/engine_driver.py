@@ -5,20 +5,29 @@
 - `swap_latencies`: cold / warm / hot adapter swaps as the engine's own observer hooks report them.
 - `first_token_after_register`: register a new adapter, time until its first token.
 - `idle_registration_bytes`: memory of registered adapters that are never used.
+- `engine_rounds`: a plan of cells timed in alternated rounds, each paired with its base cell (the rule the
+  throughput, methods and combinations sections share).
+- `close_engine`: stop an engine's background threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import statistics
 import time
 import tracemalloc
 from pathlib import Path
 
-from loadtests.measure import rss_bytes
+from loadtests.measure import percentile, result_cell, rss_bytes
 from loadtests.peers import RunResult, unique_tensor_bytes
 from loadtests.presets import KINDS, Preset
 from loadtests.workload import Request
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def open_engine(base_dir: Path, preset: Preset, observer=None, **overrides):
@@ -87,8 +96,6 @@ async def _arrivals(engine, requests: list[Request], arrivals: list[float]):
 def run_arrivals(engine, requests: list[Request], arrivals: list[float]) -> dict:
     """Open-loop load: request i is submitted at t0 + arrivals[i]; latency = its submit -> result."""
     done, makespan = asyncio.run(_arrivals(engine, requests, arrivals))
-    from loadtests.measure import percentile
-
     latencies = [d for d, _ in done]
     tokens = sum(r.generated_tokens for _, r in done)
     ttft = [r.timings["ttft_s"] for _, r in done if "ttft_s" in r.timings]
@@ -186,6 +193,46 @@ def idle_registration_bytes(engine, adapter_dir: Path, count: int, traced: int |
     return {"count": count, "bytes_each": heap_each, "rss_bytes_each": max(0, rss) / count,
             "register_ms_each": 1000 * untraced_s / max(1, count - traced), "traced": traced,
             "total_s": time.perf_counter() - t0}
+
+
+def close_engine(engine) -> None:
+    close = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
+    if close:
+        close()
+
+
+def engine_rounds(peer, plan: list, preset: Preset) -> list[dict]:
+    """Run every cell once per round, `repeats` rounds, after a one-token warm-up round that makes
+    every adapter resident. Other processes (and, on a VM, steal time) only ever slow a run down, so a
+    cell's throughput is its best round (timeit's rule) and its ratio to the base is best / best. The
+    per-round ratios (same rows, same round) and their median are kept next to it.
+
+    `plan`: (kind, N, rows, requests) per cell, with a "base" cell for every row count."""
+    for _, _, _, reqs in plan:
+        peer.run([dataclasses.replace(r, max_new_tokens=1) for r in reqs])
+    runs: list[list] = [[] for _ in plan]
+    for round_ in range(preset.repeats):
+        for i, (_, _, _, reqs) in enumerate(plan):
+            runs[i].append(peer.run(reqs))
+        log(f"engine round {round_ + 1}/{preset.repeats} done")
+    base_runs = {rows: runs[i] for i, (kind, _, rows, _) in enumerate(plan) if kind == "base"}
+    mem = peer.memory_bytes()
+    cells = []
+    for i, (kind, n, rows, _) in enumerate(plan):
+        rates = [r.tokens / r.seconds for r in runs[i]]
+        ratios = [rate / (b.tokens / b.seconds) for rate, b in zip(rates, base_runs[rows], strict=True)]
+        lat = [x for r in runs[i] for x in r.latencies]
+        best_base = max(b.tokens / b.seconds for b in base_runs[rows])
+        stats = {"tokens_per_s": max(rates), "tokens_per_s_runs": rates,
+                 "tokens_per_run": runs[i][0].tokens, "p50_latency_s": percentile(lat, 50),
+                 "p99_latency_s": percentile(lat, 99), "ratio_to_base": max(rates) / best_base,
+                 "ratio_runs": ratios, "ratio_median_paired": statistics.median(ratios)}
+        ns = [n] if kind != "base" else [m for m in preset.distinct if max(preset.batch_rows, m) == rows]
+        for m in ns:
+            cells.append(result_cell("engine", kind, m, rows, stats, mem))
+        log(f"engine {kind} N={n} rows={rows}: {stats['tokens_per_s']:.1f} tok/s, "
+            f"{stats['ratio_to_base']:.2f}x base")
+    return cells
 
 
 def slots_for(distinct: int) -> dict[str, int]:

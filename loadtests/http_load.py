@@ -109,10 +109,9 @@ def summarize(locust: dict, metrics: dict) -> dict:
 
 def run_http(preset: Preset, out: Path, work: Path, target: str, scenarios: tuple[str, ...], command: str,
              api_key: str | None = None) -> dict:
-    from loadtests.bench import _quiet
-    from loadtests.measure import machine
+    from loadtests.measure import machine, quiet_libraries
 
-    _quiet()
+    quiet_libraries()
     for s in scenarios:
         if s not in popularity.SCENARIOS:
             raise ValueError(f"unknown scenario {s!r}; choose from {', '.join(popularity.SCENARIOS)}")

@@ -1,4 +1,5 @@
-"""Small pure helpers for measuring: percentiles, timed repeats of a run, memory, the machine."""
+"""Small pure helpers for measuring: percentiles, timed repeats of a run, result cells, memory, the machine,
+quiet libraries."""
 
 from __future__ import annotations
 
@@ -37,6 +38,21 @@ def timed_cell(run: Callable[[], RunResult], repeats: int) -> dict:
     return {"tokens_per_s": max(rates), "tokens_per_s_runs": rates,
             "tokens_per_run": results[0].tokens, "p50_latency_s": percentile(latencies, 50),
             "p99_latency_s": percentile(latencies, 99)}
+
+
+def result_cell(peer_name: str, kind: str, n: int, rows: int, stats: dict, memory: int, projected=False) -> dict:
+    """One throughput cell as results.json holds it: who ran what (kind, N distinct over `rows` rows), the
+    timed stats, and the memory it took (`projected`: extrapolated, not measured)."""
+    return {"peer": peer_name, "kind": kind, "distinct": n, "rows": rows, **stats, "memory_bytes": memory,
+            "memory_projected": projected}
+
+
+def quiet_libraries() -> None:
+    """No transformers warnings or progress bars in a benchmark's log."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def rss_bytes() -> int:

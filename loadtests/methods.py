@@ -6,7 +6,7 @@ DoRA adds a per-output-row scale computed when its slot is written), P-tuning th
 (its saved prompt is the prompt encoder's output). One engine holds every adapter of the section at once
 (LoRA slots for the LoRA, DoRA and AdaLoRA adapters together, prompt slots for prompt tuning and P-tuning:
 no swap ever happens in a timed round; adapterhub slots for seq_bn and UniPELT) and runs the cells base, lora,
-dora, adalora, prompt, ptuning, prefix, seq_bn, unipelt once per round, `repeats` rounds after a one-token warm-up round (`bench.engine_rounds`, the throughput
+dora, adalora, prompt, ptuning, prefix, seq_bn, unipelt once per round, `repeats` rounds after a one-token warm-up round (`engine_driver.engine_rounds`, the throughput
 section's rule): each cell N = 32 distinct adapters of one method (a preset without N = 32 in `distinct`: its
 largest N) over max(batch_rows, N) rows, the same texts and new tokens in every cell.
 
@@ -74,8 +74,7 @@ def methods_n(preset: Preset) -> int:
 
 
 def methods(preset: Preset, base_dir: Path, work: Path, out_dir: Path) -> dict:
-    from loadtests.bench import _close, engine_rounds
-    from loadtests.engine_driver import EnginePeer, open_engine
+    from loadtests.engine_driver import EnginePeer, close_engine, engine_rounds, open_engine
     from loadtests.workload import make_adapters, make_requests, random_texts
 
     top = methods_n(preset)
@@ -101,7 +100,7 @@ def methods(preset: Preset, base_dir: Path, work: Path, out_dir: Path) -> dict:
         cells = engine_rounds(EnginePeer(engine), plan, preset.with_overrides(distinct=(top,)))
         prefix_row_bytes = engine.info()["kv_cache_prefix_row_bytes"]
     finally:
-        _close(engine)
+        close_engine(engine)
     for c in cells:
         c["served_as"] = served.get(c["kind"], {"kind": "base", "method": "base"})
     targets = target_rows(cells)
