@@ -165,7 +165,7 @@ def test_the_engine_serves_what_we_trained(ah_trained, tiny_base_dir):
 def test_decoder_gates_are_per_position_so_greedy_by_forward_is_incremental(ah_trained, tiny_base_dir):
     """Position t's output depends on decoder tokens up to t only (AdapterHub's full-forward gate mean would
     see the future): repeated forwards equal cached generate, the decoding served."""
-    from training.train import _greedy_by_forward
+    from training.greedy import _greedy_by_forward
 
     model, tokenizer = loaded(tiny_base_dir, ah_trained["unipelt"].output)
     ids = tokenizer(["THE SOUP WAS GREAT."], return_tensors="pt").input_ids

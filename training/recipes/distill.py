@@ -48,7 +48,7 @@ class DistillRecipe(Recipe):
         return build_prompt(self.shots, source, self.context)
 
     def prepare_model(self, base, device, train, ev, ood):
-        from training.train import generate
+        from training.greedy import generate
 
         self.teacher = self._load_teacher(base).to(device).eval()
         self.tokenizer = base.tokenizer
