@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q aiohttp certifi
 	touch $(STAMP)
 
+# The demo adapters are trained on the first run only (the app registers them at start; it never trains).
 serve: install
+	$(VENV)/bin/peftserve train demo
 	$(VENV)/bin/peftserve serve --host $(HOST) --port $(PORT)
 
 lint: install

@@ -26,6 +26,7 @@ EPILOG = """examples:
   peftserve train --method lora --recipe adaptive --domain-text domain.txt --adaptive-steps 200 \\
       --train cola/train.jsonl --output out/cola-adaptive
   peftserve train sweep --config training/sweeps/seed_paper.yaml --output sweeps/seed
+  peftserve train demo     # the demo adapters `peftserve serve` registers (make serve runs this first)
 
 Data files are JSONL/JSON/CSV rows; a name that is not a local file is loaded as a hub dataset
 (NAME or NAME:SPLIT) when online. Without --eval, 10% of the training rows are held out.
@@ -42,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("action", nargs="?", choices=["sweep"], default=None,
-                        help="'sweep': run a grid of methods x data sizes from --config (omit to train one adapter)")
+    parser.add_argument("action", nargs="?", choices=["sweep", "demo"], default=None,
+                        help="'sweep': run a grid of methods x data sizes from --config; 'demo': train (first run "
+                             "only) the demo adapters the server registers at start, on --base (omit to train one "
+                             "adapter)")
     g = parser.add_argument_group("what to train")
     g.add_argument("--method", choices=list(METHODS),
                    help="adapter kind, or full fine-tuning (the baseline); required unless 'sweep'. dora and "
@@ -165,6 +168,12 @@ def run(args) -> int:
         result = run_sweep(args.config, output=args.output, overwrite=args.overwrite, progress=not args.quiet,
                            threads=args.threads)
         print(f"sweep results in {result.output}: {result.table_md}")
+        return 0
+    if args.action == "demo":
+        from training.demo import ensure_demo_adapters
+
+        paths = ensure_demo_adapters(args.base, progress=not args.quiet)
+        print(f"demo adapters ready: {', '.join(paths)} (in {next(iter(paths.values())).parent})")
         return 0
     missing = [flag for flag, v in (("--method", args.method), ("--train", args.train), ("--output", args.output))
                if v is None]

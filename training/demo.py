@@ -1,8 +1,11 @@
 """Demo adapters: one of each kind doing a recognizable task on the embedded base, trained on first use.
 
-`ensure_demo_adapters()` trains them once (a few minutes at most on 2 CPU cores, progress shown) and caches
-them under `$PEFTSERVE_HOME/demo-adapters/<base fingerprint>/`; later calls return the cached paths at
-once. A file lock plus a second check after taking it keeps two starting replicas from training twice.
+`ensure_demo_adapters()` (`peftserve train demo`; `make serve` runs it before `peftserve serve`) trains them
+once (a few minutes at most on 2 CPU cores, progress shown) and caches them under
+`$PEFTSERVE_HOME/demo-adapters/<base fingerprint>/v<N>/`; later calls return the cached paths at once. A file
+lock plus a second check after taking it keeps two concurrent callers from training twice. Once all are
+complete it writes the MANIFEST the serving app reads at start-up to register them (serve/app/demo.py: the
+app never imports training).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,16 +49,16 @@ DEMOS = (
 
 
 def demo_dir(fingerprint: str) -> Path:
-    from serve.engine import default_home
+    from serve.app.demo import demo_root
 
-    return default_home() / "demo-adapters" / fingerprint.removeprefix("sha256:")[:16] / f"v{DEMO_VERSION}"
+    return demo_root(fingerprint) / f"v{DEMO_VERSION}"
 
 
 def ensure_demo_adapters(base_dir: str | Path | None = None, progress: bool = True,
-                         demos: tuple[DemoSpec, ...] = DEMOS) -> dict[str, Path]:
-    """name -> adapter directory for every demo adapter, training the missing ones first."""
+                         demos: tuple[DemoSpec, ...] | None = None) -> dict[str, Path]:
+    """name -> adapter directory for every demo adapter (`demos`, default DEMOS), training the missing ones first."""
     with _PROCESS_LOCK:
-        return _ensure(base_dir, progress, demos)
+        return _ensure(base_dir, progress, DEMOS if demos is None else demos)
 
 
 def _ensure(base_dir, progress: bool, demos: tuple[DemoSpec, ...]) -> dict[str, Path]:
@@ -66,12 +70,14 @@ def _ensure(base_dir, progress: bool, demos: tuple[DemoSpec, ...]) -> dict[str, 
     root.mkdir(parents=True, exist_ok=True)
     paths = {d.name: root / d.name for d in demos}
     if all(_complete(p) for p in paths.values()):
+        _write_manifest(root, paths)
         return paths
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training them right now
         missing = [d for d in demos if not _complete(paths[d.name])]  # second check, under the lock
         if missing and progress:
-            print(f"training {len(missing)} demo adapters on the embedded base (first run only; cached in {root})",
+            print(f"training {len(missing)} demo adapters on {base_source or 'the embedded base'} (first run only; "
+                  f"cached in {root})",
                   flush=True)
         for i, demo in enumerate(missing, 1):
             t0 = time.perf_counter()
@@ -81,7 +87,22 @@ def _ensure(base_dir, progress: bool, demos: tuple[DemoSpec, ...]) -> dict[str, 
             log.info(msg)
             if progress:
                 print(msg, flush=True)
+        _write_manifest(root, paths)
     return paths
+
+
+def _write_manifest(root: Path, paths: dict[str, Path]) -> None:
+    """The serving app's list of demo adapters (serve/app/demo.py), replaced atomically when it changes."""
+    from serve.app.demo import MANIFEST
+
+    target = root.parent / MANIFEST
+    text = json.dumps({"version": DEMO_VERSION, "adapters": {n: str(p.relative_to(root.parent)) for n, p in paths.items()}},
+                      indent=2, sort_keys=True) + "\n"
+    if target.is_file() and target.read_text() == text:
+        return
+    tmp = target.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def _complete(path: Path) -> bool:

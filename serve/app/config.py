@@ -37,8 +37,9 @@ class AppConfig(BaseModel):
                           "(peftserve serve sets [] when bound beyond loopback); []: server paths are refused")
     insecure_allow_open_admin: bool = Field(
         False, description="accept registry writes without an admin token from non-loopback clients")
-    demo_adapters: bool | None = Field(None, description="register the training demo adapters at start; "
-                                                         "default: only with the embedded base")
+    demo_adapters: bool | None = Field(None, description="register the demo adapters `peftserve train demo` "
+                                                         "trained for this base at start; default: only with the "
+                                                         "embedded base")
     adapter_metric_labels: list[str] = Field(default_factory=list, max_length=256,
                                              description="adapters that get their own metric label")
     metrics_push_interval_s: float = Field(1.0, gt=0, le=60)

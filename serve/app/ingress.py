@@ -17,7 +17,7 @@ from serve.app.config import AppConfig
 from serve.app.http_errors import reply_for
 from serve.app.metrics import Metrics
 from serve.app.replica import MetricsPusher, replica_id
-from serve.registry import AdapterExists, AdapterRegistry
+from serve.registry import AdapterRegistry
 
 log = logging.getLogger("peftserve.app")
 DESCRIBE_TTL_S = 5.0  # /info and /health freshness; base description never changes
@@ -101,26 +101,15 @@ class Ingress:
 
     # ---- startup ---------------------------------------------------------------------------------
     async def _register_demo_adapters(self) -> None:
-        """Train (first run, cached) and register the demo adapters of each kind; skip if unavailable."""
-        try:
-            from training.demo import ensure_demo_adapters
-        except ImportError:
-            log.info("training.demo is not available; starting without demo adapters")
-            return
+        """Register the demo adapters `peftserve train demo` trained for this base (serve/app/demo.py)."""
         try:
             from serve.app.admin_routes import make_validator
-            from serve.engine import ensure_embedded_base
+            from serve.app.demo import register_demo_adapters
 
             described = await self.describe()
-            paths = await asyncio.to_thread(ensure_demo_adapters, ensure_embedded_base())
             validate = make_validator(described["base"], described["limits"])
             registry = await self.adapters()
-            for name, path in paths.items():
-                try:
-                    await asyncio.to_thread(registry.register, name, path, validate, False, f"demo:{path}")
-                    log.info("registered demo adapter %s", name)
-                except AdapterExists:
-                    pass
+            await asyncio.to_thread(register_demo_adapters, registry, validate, described["base"].fingerprint)
         except Exception as e:  # noqa: BLE001 - demo adapters are a convenience, never a start-up failure
             log.warning("demo adapters not registered: %r", e)
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=None, help="engine replicas (overrides the config)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--no-demo-adapters", action="store_true",
-                        help="do not register the demo adapters (embedded base only)")
+                        help="do not register the demo adapters `peftserve train demo` trained (embedded base "
+                             "only)")
     parser.add_argument("--allow-source-dir", action="append", type=Path, default=None, metavar="DIR",
                         help="a directory POST /adapters may read server-path sources from (repeatable); "
                              "default: any, from loopback clients only; none when bound beyond loopback")
