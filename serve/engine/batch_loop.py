@@ -22,6 +22,7 @@ from serve.engine.cache import BLOCKED as CACHE_BLOCKED
 from serve.engine.cache import LOADING, READY, AdapterCache
 from serve.engine.config import EngineConfig
 from serve.engine.decode import KVCache, T5Parts, decode_step, encode, prefill_cross, sample
+from serve.engine.detokenize import Detokenizer
 from serve.engine.errors import (
     AdapterLoadError,
     EngineClosedError,
@@ -46,7 +47,8 @@ class BatchLoop:
         PeftServeError when its adapters are gone; `wake` is set by anyone with news for the loop (a request,
         a cancel, a removal, a finished background load)."""
         self.config, self.observer, self.parts, self.kv, self.slots = config, observer, parts, kv, slots
-        self.cache, self.tokenizer, self._resolve, self._wake = cache, tokenizer, resolve, wake
+        self.cache, self._resolve, self._wake = cache, resolve, wake
+        self.detokenizer = Detokenizer(tokenizer)
         self._inbox: deque[Sequence] = deque()
         self._inbox_lock = threading.Lock()
         self._queued = 0  # waiting + inbox, for the queue bound
@@ -273,7 +275,7 @@ class BatchLoop:
                 s.t_first = now
                 safe_call(self.observer, "on_first_token", s.adapter, s.method, now - s.t_submit)
             reason = s.append(next_ids[i], logprobs[i] if logprobs else None, self.parts.eos_token_id,
-                              self.tokenizer)
+                              self.detokenizer)
             if reason is not None:
                 finished.append((i, reason))
         n = len(running)

@@ -17,10 +17,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from serve.engine.observer import EngineObserver, safe_call
+from serve.engine.threads import OneShotThreads
 
 READY, LOADING, BLOCKED, FAILED = "ready", "loading", "blocked", "failed"
 
@@ -84,7 +84,8 @@ class AdapterCache:
         self._free: dict[str, list[int]] = {k: list(range(n - 1, -1, -1)) for k, n in slots.items()}
         self._resident: OrderedDict[Hashable, None] = OrderedDict()  # device LRU: oldest first
         self._device_bytes = 0
-        self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="peftserve-load")
+        # each load on a thread of its own that exits afterwards (serve/engine/threads.py: why)
+        self._pool = OneShotThreads(loader_threads, "peftserve-load")
         self.stats_ = CacheStats()
 
     # ---- disk tier -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from serve.engine.combinations import (
     resolve,
 )
 from serve.engine.config import EngineConfig
-from serve.engine.decode import KVCache, T5Parts, fuse_activations, tune_head
+from serve.engine.decode import KVCache, T5Parts, tune_head
 from serve.engine.device_map import apply_device_map, devices_of, plan_device_map
 from serve.engine.errors import (
     AdapterExistsError,
@@ -46,6 +46,7 @@ from serve.engine.errors import (
     UnknownAdapterError,
 )
 from serve.engine.observer import EngineObserver
+from serve.engine.optimize import optimize_base
 from serve.engine.requests import (
     GenerationParams,
     GenerationRequest,
@@ -55,6 +56,7 @@ from serve.engine.requests import (
     validate_request,
 )
 from serve.engine.sequence import Sequence
+from serve.engine.threads import run_on_fresh_thread
 
 __all__ = ["Engine", "EngineConfig", "GenerationParams", "GenerationRequest", "GenerationResult", "TokenEvent"]
 
@@ -71,7 +73,7 @@ class Engine:
         self.base = base
         self.tokenizer = base.tokenizer
         model = base.model
-        fuse_activations(model)
+        self.optimizations = optimize_base(model)
         self.parts = replace(T5Parts.of(model),
                              head_weight_major=tune_head(model.lm_head.weight, config.max_batch_rows))
         self.base_desc = BaseDescription.from_model(model, base.name, base.fingerprint)
@@ -106,9 +108,14 @@ class Engine:
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: EngineConfig | None = None, observer: EngineObserver | None = None) -> Engine:
+        """Load the base, place it, wrap it, start the loop. The work runs on a thread that exits when done,
+        so the caller's thread never holds an OpenMP team beside the loop's (serve/engine/threads.py)."""
+        return run_on_fresh_thread(cls._build, config or EngineConfig(), observer, name="peftserve-start")
+
+    @classmethod
+    def _build(cls, config: EngineConfig, observer: EngineObserver | None) -> Engine:
         from serve.engine.base import load_base
 
-        config = config or EngineConfig()
         dtype = config.torch_dtype()
         base = load_base(config.base, dtype=dtype)
         model = base.model
@@ -358,6 +365,7 @@ class Engine:
             "devices": devices, "device_map": getattr(self, "device_map", None),
             "scheduling": cfg.scheduling, "ia3_merge": cfg.ia3_merge,
             "head_weight_major_rows": sorted(self.parts.head_weight_major),
+            "optimizations": dict(self.optimizations),
             "limits": {"max_batch_rows": cfg.max_batch_rows, "max_batch_tokens": cfg.max_batch_tokens,
                        "max_input_tokens": cfg.max_input_tokens, "max_new_tokens": cfg.max_new_tokens_cap,
                        "max_stop_sequences": cfg.max_stop_sequences, "max_queue": cfg.max_queue,

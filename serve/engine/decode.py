@@ -65,21 +65,6 @@ class T5Parts:
         return [_dev(b) for b in self.decoder_blocks]
 
 
-def fuse_activations(model: torch.nn.Module) -> int:
-    """Replace HF's `NewGELUActivation` (FLAN-T5's gated-gelu: five elementwise kernels, four temporaries)
-    with `nn.GELU(approximate="tanh")`: the same formula in one fused kernel (outputs differ by a float
-    rounding, <= 3e-7 on unit-scale inputs), 2.5x faster on the [rows, tokens, d_ff] activations of a
-    prefill. Returns how many were replaced."""
-    from transformers.activations import NewGELUActivation
-
-    swapped = 0
-    for module in model.modules():
-        if isinstance(getattr(module, "act", None), NewGELUActivation):
-            module.act = torch.nn.GELU(approximate="tanh")
-            swapped += 1
-    return swapped
-
-
 def relative_bias(rel_emb: torch.nn.Embedding, relative_position: torch.Tensor, bidirectional: bool,
                   parts: T5Parts) -> torch.Tensor:
     """Bias [..., heads] for relative positions (memory - query), T5's bucketing."""
@@ -132,9 +117,20 @@ def sublayer_residual(layer: torch.nn.Module, r: torch.Tensor, h: torch.Tensor) 
     return r + h if adapters is None else adapters(r, h)
 
 
+def _dense(dense: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """T5's FFN: HF's T5DenseActDense / T5DenseGatedActDense without dropout, the gate multiplied in place.
+    As in HF, the input of `wo` takes wo's dtype where they differ (`_keep_in_fp32_modules = ["wo"]`)."""
+    wi_0 = getattr(dense, "wi_0", None)
+    h = dense.act(dense.wi(x)) if wi_0 is None else dense.act(wi_0(x)).mul_(dense.wi_1(x))
+    w = getattr(dense.wo, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and h.dtype != w.dtype:
+        h = h.to(w.dtype)
+    return dense.wo(h)
+
+
 def _feed_forward(ff: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """T5LayerFF (norm, (gated) FFN, residual), with the residual through `sublayer_residual`."""
-    return sublayer_residual(ff, h, ff.DenseReluDense(ff.layer_norm(h)))
+    return sublayer_residual(ff, h, _dense(ff.DenseReluDense, ff.layer_norm(h)))
 
 
 def _prefix_gates(x: torch.Tensor, weight, bias, gated, token_mask=None) -> torch.Tensor:

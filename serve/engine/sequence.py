@@ -5,7 +5,6 @@ Owned by the engine loop thread once enqueued; other threads only set `cancelled
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -14,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from serve.engine.decode import SamplingRow
+from serve.engine.detokenize import Detokenizer, IncrementalText
 from serve.engine.requests import GenerationParams, GenerationRequest, GenerationResult, TokenEvent
 
 log = logging.getLogger("peftserve.engine")
-REPLACEMENT_CHAR = "\ufffd"  # a partial UTF-8 sequence (byte-level tokenizers): wait for the next byte
 
 
 @dataclass(eq=False)
@@ -45,7 +44,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     emitted_chars: int = 0
-    text: str = ""
+    text: str = ""  # decoded so far (cut at a stop sequence)
+    decoding: IncrementalText = field(default_factory=IncrementalText)
     # lifecycle
     cancelled: bool = False
     done: bool = False
@@ -95,28 +95,27 @@ class Sequence:
     def last_token(self, decoder_start: int) -> int:
         return self.tokens[-1] if self.tokens else decoder_start
 
-    def append(self, token: int, logprob: float | None, eos_id: int, tokenizer) -> str | None:
+    def append(self, token: int, logprob: float | None, eos_id: int, detok: Detokenizer) -> str | None:
         """Record one token, emit its event; return the finish reason if the sequence is now finished."""
         self.tokens.append(token)
         if logprob is not None and self.params.logprobs:
             self.logprobs.append(logprob)
-        reason = None
-        if token == eos_id:
-            reason = "eos"
-        text = decode_known(tokenizer, self.tokens)
-        if self.params.stop:
-            cut = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+        reason = "eos" if token == eos_id else "length" if len(self.tokens) >= self.params.max_new_tokens else None
+        piece = self.decoding.push(detok, token)
+        if reason is not None:
+            piece += self.decoding.flush(detok)
+        stops = self.params.stop
+        longest = max(map(len, stops), default=0)
+        text = self.text + piece
+        if stops and piece:  # only text that could end in a new match is searched
+            start = max(0, len(self.text) - longest + 1)
+            cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
-        if reason is None and len(self.tokens) >= self.params.max_new_tokens:
-            reason = "length"
         self.text = text
         safe = len(text)
-        if reason is None:
-            if self.params.stop:  # a stop sequence may be forming at the end: hold those characters back
-                safe -= max(len(s) for s in self.params.stop) - 1
-            while safe > 0 and text[safe - 1] == REPLACEMENT_CHAR:
-                safe -= 1
+        if reason is None and stops:  # a stop sequence may be forming at the end: hold those characters back
+            safe -= longest - 1
         delta = text[self.emitted_chars:safe] if safe > self.emitted_chars else ""
         self.emitted_chars = max(self.emitted_chars, safe)
         if self.on_event is not None:
@@ -150,15 +149,3 @@ class Sequence:
                 self.on_done(result, error)
             except Exception:  # noqa: BLE001 - a vanished consumer must not break the batch
                 log.warning("could not deliver the result of a request (its caller went away)")
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer_size(tokenizer) -> int:
-    return len(tokenizer)
-
-
-def decode_known(tokenizer, ids: list[int]) -> str:
-    """Decode, dropping ids the tokenizer does not know: T5 heads are padded past the tokenizer's
-    vocabulary (FLAN-T5: 32,128 logits, 32,100 tokens), and a sampled padding id must not fail the batch."""
-    size = _tokenizer_size(tokenizer)
-    return tokenizer.decode([t for t in ids if t < size], skip_special_tokens=True)

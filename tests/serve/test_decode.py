@@ -15,12 +15,12 @@ from serve.engine.decode import (
     decode_step,
     encode,
     filter_logits,
-    fuse_activations,
     prefill_cross,
     project_vocab,
     sample,
     tune_head,
 )
+from serve.engine.optimize import fuse_activations, fuse_rms_norms, optimize_base, transpose_linear_weights
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,35 @@ def test_fused_gelu_keeps_hf_logits(model_tok):
     enc = tok(["the fused activation is the same formula"], return_tensors="pt")
     dec = torch.tensor([[0, 71, 104, 33]])
     assert (_hf(fused, enc, dec) - _hf(model, enc, dec)).abs().max() < 1e-5
+
+
+def test_optimized_base_keeps_hf_logits_and_layout(model_tok):
+    """The engine's rewrites (fused GELU and RMS norm, weights stored [in, out]) change no number beyond float
+    rounding, leave the LM head's layout alone, and are idempotent."""
+    model, tok = model_tok
+    fast = copy.deepcopy(model)
+    counts = optimize_base(fast)
+    n_blocks = len(model.encoder.block) + len(model.decoder.block)
+    assert counts["fused_gelu"] == n_blocks
+    assert counts["fused_rms_norm"] == 2 * len(model.encoder.block) + 3 * len(model.decoder.block) + 2
+    linears = [m for m in fast.modules() if type(m) is torch.nn.Linear]
+    assert counts["transposed_linears"] == len(linears) - 1  # all but the head
+    q = fast.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert q.shape == model.encoder.block[0].layer[0].SelfAttention.q.weight.shape and q.t().is_contiguous()
+    assert fast.lm_head.weight.is_contiguous()
+    assert (fuse_rms_norms(fast), transpose_linear_weights(fast, skip=(fast.lm_head,))) == (0, 0)
+    enc = tok(["stored transposed, read the same", "short"], return_tensors="pt", padding=True)
+    dec = torch.tensor([[0, 71, 104, 33], [0, 5, 6, 7]])
+    assert (_hf(fast, enc, dec) - _hf(model, enc, dec)).abs().max() < 1e-5
+    # and through the engine's own encoder + decoder step, against the untouched model's HF forward
+    parts = T5Parts.of(fast)
+    hidden = encode(parts, embed_inputs(fast, enc.input_ids), enc.attention_mask)
+    kv = KVCache(parts, max_rows=2, max_target=8, max_source=enc.input_ids.shape[1])
+    prefill_cross(parts, kv, [0, 1], hidden, enc.attention_mask)
+    ref = _hf(model, enc, dec)
+    for p in range(dec.shape[1]):
+        logits = decode_step(parts, kv, dec[:, p], torch.full((2,), p))
+        assert (logits - ref[:, p]).abs().max() < 1e-4
 
 
 def test_decode_steps_match_hf_logits_rows_at_different_positions(model_tok):
