@@ -6,7 +6,7 @@ directory); `AdapterRegistry` (serve/registry/registry.py) combines them.
 """
 
 from serve.registry.backends import BackendConfigError, open_registry, resolve_urls
-from serve.registry.catalog import Catalog, CatalogEntry, SQLiteCatalog
+from serve.registry.catalog import Catalog, CatalogEntry, Changes, SQLiteCatalog
 from serve.registry.errors import (
     AdapterExists,
     AdapterNotFound,
@@ -26,13 +26,14 @@ from serve.registry.files import (
     copy_file,
     directory_digest,
 )
-from serve.registry.registry import AdapterRecord, AdapterRegistry, Snapshot
+from serve.registry.registry import AdapterRecord, AdapterRegistry, Delta, Snapshot
 from serve.registry.secrets import redact_url, scrub
 from serve.registry.store import LocalStore, Store
 
 __all__ = [
     "CONFIG_FILE", "PICKLE_SUFFIXES", "WEIGHT_SUFFIX", "AdapterExists", "AdapterNotFound", "AdapterRecord",
-    "AdapterRegistry", "AdapterRejected", "AdapterTooLarge", "BackendConfigError", "BackendUnavailable", "Catalog", "CatalogEntry", "InvalidAdapterName",
+    "AdapterRegistry", "AdapterRejected", "AdapterTooLarge", "BackendConfigError", "BackendUnavailable", "Catalog",
+    "CatalogEntry", "Changes", "Delta", "InvalidAdapterName",
     "LocalStore", "RegistryError", "SQLiteCatalog", "Snapshot", "Store", "StoreFull", "adapter_files",
     "check_name", "copy_file", "directory_digest", "open_registry", "redact_url", "resolve_urls", "scrub",
 ]

@@ -2,8 +2,10 @@
 
 Same contract as SQLiteCatalog (serve/registry/catalog.py). Writers serialize on the generation row
 (`SELECT ... FOR UPDATE`), so check-then-insert is atomic across nodes: of two nodes registering one
-name at once, one commits and the other sees the row and gets 409. Nodes notice changes by polling
-`generation()` (one primary-key read) before requests.
+name at once, one commits and the other sees the row and gets 409. Every change stamps its rows with the
+new generation (`changed`, indexed) and announces it with NOTIFY on `CHANNEL` (delivered at commit); a
+replica LISTENs on a dedicated connection (`feed()`) and reads only what changed since the generation it
+has seen (`changes`). A missed notification (reconnect) costs one version check, never a snapshot.
 
 Schema: created on first use under an advisory lock (nodes may start together) and versioned in
 `peftserve_meta.schema_version`; `_MIGRATIONS[n]` takes a database from version n-1 to n.
@@ -20,11 +22,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from serve.registry.catalog import CatalogEntry
+from serve.registry.catalog import CatalogEntry, Changes
 from serve.registry.errors import AdapterExists, AdapterNotFound, BackendUnavailable
 from serve.registry.secrets import redact_url, scrub
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CHANNEL = "peftserve_catalog"  # NOTIFY payload: the generation a change committed
 SCHEMA_LOCK = 0x70656674  # pg_advisory_xact_lock key: one node creates or migrates the schema
 RETRY_AFTER_S = 1.0
 _MIGRATIONS = {
@@ -38,12 +41,17 @@ CREATE TABLE IF NOT EXISTS peftserve_adapters (
 CREATE INDEX IF NOT EXISTS peftserve_adapters_live ON peftserve_adapters (base, name) WHERE deleted_at IS NULL;
 INSERT INTO peftserve_meta (key, value) VALUES ('generation', 0) ON CONFLICT DO NOTHING;
 """,
+    2: """
+ALTER TABLE peftserve_adapters ADD COLUMN IF NOT EXISTS changed BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS peftserve_adapters_changed ON peftserve_adapters (base, changed);
+""",
 }
 _COLUMNS = "base, base_name, name, version, digest, kind, size_bytes, source, spec, created_at"
 _LATEST = f"""
 SELECT DISTINCT ON (name) {_COLUMNS}, deleted_at FROM peftserve_adapters
 WHERE base = %s {{name}} ORDER BY name, version DESC
 """
+_CHANGED = _LATEST.format(name="AND name IN (SELECT name FROM peftserve_adapters WHERE base = %s AND changed > %s)")
 
 
 def _entry(r: tuple) -> CatalogEntry:
@@ -98,8 +106,7 @@ class PostgresCatalog:
                 yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
             self._down_until, self._broken = time.monotonic() + RETRY_AFTER_S, True
-            raise BackendUnavailable("catalog", self.where, scrub(str(e).strip().splitlines()[0]
-                                                                  if str(e).strip() else type(e).__name__)) from None
+            raise _unavailable(self.where, e) from None
         self._down_until = 0.0
 
     def _ensure_schema(self, conn) -> None:
@@ -132,6 +139,24 @@ class PostgresCatalog:
             rows = c.execute(_LATEST.format(name=""), (base,)).fetchall()
         return gen, [_entry(r) for r in rows if r[10] is None]
 
+    def changes(self, base: str, since: int) -> Changes:
+        with self._conn() as c, c.transaction():
+            c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            gen = int(c.execute("SELECT value FROM peftserve_meta WHERE key='generation'").fetchone()[0])
+            rows = c.execute(_CHANGED, (base, base, since)).fetchall()
+        return Changes(gen, [_entry(r) for r in rows if r[10] is None], [r[2] for r in rows if r[10] is not None])
+
+    def counts(self, base: str) -> dict[str, int]:
+        """Live adapters of `base` per PEFT method (spec.method, else the kind), counted in the database."""
+        with self._conn() as c:
+            rows = c.execute(f"SELECT COALESCE(spec->>'method', kind), COUNT(*) FROM ({_LATEST.format(name='')}) t "
+                             "WHERE deleted_at IS NULL GROUP BY 1", (base,)).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def feed(self) -> ChangeFeed:
+        """A dedicated connection LISTENing for changes (one per replica); BackendUnavailable if down."""
+        return ChangeFeed(self._url, self.where, self.timeout_s)
+
     def get(self, base: str, name: str) -> CatalogEntry | None:
         with self._conn() as c:
             row = c.execute(_LATEST.format(name="AND name = %s"), (base, name)).fetchone()
@@ -155,12 +180,12 @@ class PostgresCatalog:
                 raise AdapterExists.for_version(entry.name, live[3])
             version = 1 + c.execute("SELECT COALESCE(MAX(version), 0) FROM peftserve_adapters WHERE base = %s "
                                     "AND name = %s", (entry.base, entry.name)).fetchone()[0]
-            row = c.execute(f"INSERT INTO peftserve_adapters ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
-                            f"%s, %s) RETURNING {_COLUMNS}",
+            gen = _bump(c)
+            row = c.execute(f"INSERT INTO peftserve_adapters ({_COLUMNS}, changed) VALUES (%s, %s, %s, %s, %s, %s, "
+                            f"%s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
                             (entry.base, entry.base_name, entry.name, version, entry.digest, entry.kind,
                              entry.size_bytes, entry.source, json.dumps(entry.spec, default=str),
-                             time.time())).fetchone()
-            c.execute("UPDATE peftserve_meta SET value = value + 1 WHERE key = 'generation'")
+                             time.time(), gen)).fetchone()
         return _entry(row)
 
     def retire(self, base: str, name: str) -> CatalogEntry:
@@ -169,9 +194,9 @@ class PostgresCatalog:
             row = self._latest_live(c, base, name)
             if row is None:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
-            c.execute("UPDATE peftserve_adapters SET deleted_at = %s WHERE base = %s AND name = %s AND "
-                      "deleted_at IS NULL", (time.time(), base, name))
-            c.execute("UPDATE peftserve_meta SET value = value + 1 WHERE key = 'generation'")
+            gen = _bump(c)
+            c.execute("UPDATE peftserve_adapters SET deleted_at = %s, changed = %s WHERE base = %s AND name = %s "
+                      "AND deleted_at IS NULL", (time.time(), gen, base, name))
         return _entry(row)
 
     def live_digests(self) -> set[str]:
@@ -183,12 +208,60 @@ class PostgresCatalog:
         (`peftserve registry migrate` can be re-run). Returns how many were inserted."""
         with self._conn() as c, c.transaction():
             c.execute("SELECT value FROM peftserve_meta WHERE key = 'generation' FOR UPDATE")
-            n = 0
-            for e, deleted_at in rows:
-                cur = c.execute(f"INSERT INTO peftserve_adapters ({_COLUMNS}, deleted_at) VALUES (%s, %s, %s, %s, "
-                                "%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                                (e.base, e.base_name, e.name, e.version, e.digest, e.kind, e.size_bytes, e.source,
-                                 json.dumps(e.spec, default=str), e.created_at, deleted_at))
-                n += cur.rowcount
-            c.execute("UPDATE peftserve_meta SET value = value + 1 WHERE key = 'generation'")
-        return n
+            gen = _bump(c)
+            with c.cursor() as cur:  # executemany pipelines the rows; rowcount sums the inserted ones
+                cur.executemany(f"INSERT INTO peftserve_adapters ({_COLUMNS}, deleted_at, changed) VALUES (%s, %s, "
+                                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                                [(e.base, e.base_name, e.name, e.version, e.digest, e.kind, e.size_bytes, e.source,
+                                  json.dumps(e.spec, default=str), e.created_at, deleted_at, gen)
+                                 for e, deleted_at in rows])
+                return max(cur.rowcount, 0)
+
+
+def _bump(c) -> int:
+    """The next generation, inside the caller's transaction (which holds the generation row's lock); its
+    NOTIFY is delivered to every listener when that transaction commits, never before."""
+    gen = int(c.execute("UPDATE peftserve_meta SET value = value + 1 WHERE key = 'generation' RETURNING value")
+              .fetchone()[0])
+    c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(gen)))
+    return gen
+
+
+class ChangeFeed:
+    """One replica's subscription to catalog changes: a dedicated autocommit connection that LISTENs on
+    CHANNEL. TCP keepalives make a silently lost database show up as an error within seconds."""
+
+    def __init__(self, url: str, where: str, timeout_s: float):
+        import psycopg
+
+        self.where = where
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)), keepalives=1,
+                                        keepalives_idle=5, keepalives_interval=2, keepalives_count=3)
+            self.conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as e:
+            raise _unavailable(where, e) from None
+
+    def wait(self, timeout_s: float) -> int | None:
+        """The highest generation announced within `timeout_s` (every notification already queued is
+        consumed: a burst of changes is one wake-up), or None if none came."""
+        import psycopg
+
+        try:
+            gens = [n.payload for n in self.conn.notifies(timeout=timeout_s, stop_after=1)]
+            if gens:
+                gens += [n.payload for n in self.conn.notifies(timeout=0.0)]
+        except psycopg.Error as e:
+            raise _unavailable(self.where, e) from None
+        return max((int(g) for g in gens if g.isdigit()), default=0) if gens else None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+
+
+def _unavailable(where: str, e: BaseException) -> BackendUnavailable:
+    text = str(e).strip()
+    return BackendUnavailable("catalog", where, scrub(text.splitlines()[0] if text else type(e).__name__))

@@ -63,6 +63,15 @@ class Snapshot:
     adapters: dict[str, AdapterRecord]
 
 
+@dataclass(frozen=True)
+class Delta:
+    """This base's changes after a generation: the latest record of each changed name, and removed names."""
+
+    generation: int
+    upserts: dict[str, AdapterRecord]
+    removed: list[str]
+
+
 class AdapterRegistry:
     """Durable catalog of named, versioned adapters per base. Safe to share between processes."""
 
@@ -138,6 +147,26 @@ class AdapterRegistry:
             del self._seen[key]
         self._seen.update({(self.base, e.name): e for e in entries})
         return Snapshot(gen, {e.name: self._record(e) for e in entries})
+
+    def changes(self, since: int) -> Delta:
+        """What changed for this base after generation `since` (one indexed read: its cost grows with the
+        changes, not with the catalog)."""
+        ch = self.catalog.changes(self._scope(), since)
+        for e in ch.upserts:
+            self._seen[(self.base, e.name)] = e
+        for name in ch.removed:
+            self._seen.pop((self.base, name), None)
+        return Delta(ch.generation, {e.name: self._record(e) for e in ch.upserts}, ch.removed)
+
+    def counts(self) -> dict[str, int]:
+        """Live adapters of this base per PEFT method, counted by the catalog (no snapshot)."""
+        return self.catalog.counts(self._scope())
+
+    def feed(self):
+        """A subscription to catalog changes (`wait(timeout_s)` -> generation | None, `close()`), or None when
+        the catalog cannot announce changes (SQLite: replicas check the generation instead)."""
+        open_feed = getattr(self.catalog, "feed", None)
+        return open_feed() if open_feed is not None else None
 
     def _record(self, e: CatalogEntry) -> AdapterRecord:
         return AdapterRecord(name=e.name, version=e.version, digest=e.digest, kind=e.kind,

@@ -36,8 +36,9 @@ def node(root: Path, pg_url: str | None, store_url: str | None, cache_bytes: int
 def test_schema_is_created_once_and_versioned(pg_url):
     a, b = PostgresCatalog(pg_url), PostgresCatalog(pg_url)
     c = PostgresCatalog(pg_url)
-    assert a.schema_version() == 1 and b.generation() == 0  # two opens: one creation, no error
     from serve.registry.postgres import SCHEMA_VERSION
+
+    assert a.schema_version() == SCHEMA_VERSION and b.generation() == 0  # two opens: one creation, no error
 
     with a._conn() as conn:
         conn.execute("UPDATE peftserve_meta SET value = %s WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,))
