@@ -5,10 +5,17 @@ Tensor keys are AdapterHub's own (model.save_adapter):
     {stack}.block.{i}.layer.{j}.{SelfAttention|EncDecAttention}.{q|k|v}.loras.{name}.lora_A ...   LoRA/(IA)3
     {stack}.block.{i}.layer.{j}.DenseReluDense.{wi|wi_1|wo}.loras.{name}.lora_B ...
     {stack}.block.{i}.layer.{j}.{...Attention}.prefix_tuning.prefix_gates.{name}.weight             prefix gates
-    {any layer}.prefix_tuning.pool.prefix_tunings.{name}.{encoder|self|cross}_prefix.{wte.weight|control_trans...}
-AdapterHub's state dict repeats the prefix pool under every attention layer (one shared tensor); its own
-safetensors writer refuses that, so a file may hold each pool tensor once, under any layer's key. Both are
-read. Prediction-head files (head_config.json, model_head.safetensors) are ignored.
+    prefix_tuning.prefix_tunings.{name}.{encoder|self|cross}_prefix.{wte.weight|control_trans...}   prefix pool
+    {attention}.prefix_tuning.pool.prefix_tunings.{name}.{...}_prefix.{...}        the same pool, per layer
+The prefix pool is one module (the model's `prefix_tuning`) that every attention layer also holds as `pool`, so
+AdapterHub's state dict repeats each pool tensor under the model-level key and under every attention layer's
+key. Its loader walks the module tree and fills the pool from whichever of these keys a file has (all, any one
+layer's, or the model-level one); its safetensors writer refuses the repeats, so files hold each pool tensor
+once: `safetensors.torch.save_model` keeps the alphabetically first name (decoder.block.0.layer.0.SelfAttention's),
+other tools the model-level one. All forms are read; copies of one tensor must agree (AdapterHub would silently
+take the last one it visits). Files saved from a flex-head model (T5AdapterModel) carry every key under
+`transformer.`, which AdapterHub's loader strips when all keys have it. Prediction-head files
+(head_config.json, model_head.safetensors) are ignored.
 
 Which adapter kind serves it: an ungated AdapterHub LoRA or (IA)3 alone is plain LoRA / (IA)3 (served, and
 merged, by those kinds); everything else (bottleneck adapters, prefixes, gates, unions) is the `adapterhub`
@@ -46,8 +53,11 @@ LINEAR_KEY = re.compile(_BLOCK + r"\.(?P<module>(?:SelfAttention|EncDecAttention
                         r"\.loras\.(?P<name>[^.]+)\.(?P<param>lora_A|lora_B|gate\.weight|gate\.bias)$")
 PREFIX_GATE_KEY = re.compile(_BLOCK + r"\.(?P<attn>SelfAttention|EncDecAttention)\.prefix_tuning\.prefix_gates\."
                              r"(?P<name>[^.]+)\.(?P<param>weight|bias)$")
-POOL_KEY = re.compile(r"\.prefix_tuning\.pool\.prefix_tunings\.(?P<name>[^.]+)\."
+# the pool under one attention layer (`layer` set) or at model level
+POOL_KEY = re.compile(r"(?:(?P<layer>(?:encoder|decoder)\.block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention))"
+                      r"\.prefix_tuning\.pool\.|prefix_tuning\.)prefix_tunings\.(?P<name>[^.]+)\."
                       r"(?P<loc>encoder_prefix|self_prefix|cross_prefix)\.(?P<param>.+)$")
+MODEL_PREFIX = "transformer."  # T5AdapterModel's base_model_prefix: its files hold every key under it
 POOL_PARAMS_MLP = ("wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight",
                    "control_trans.2.bias")
 
@@ -64,28 +74,57 @@ class _Parsed:
         self.bottleneck: dict[str, dict[str, str]] = defaultdict(dict)  # sublayer path -> param -> key
         self.linear: dict[str, dict[str, str]] = defaultdict(dict)  # module path -> param -> key
         self.prefix_gates: dict[str, dict[str, str]] = defaultdict(dict)  # attention path -> param -> key
-        self.pool: dict[str, dict[str, str]] = defaultdict(dict)  # location -> param -> first key
+        # location -> param -> every key holding that pool tensor (model-level and per-layer copies)
+        self.pool: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+
+    def pool_key(self, loc: str, param: str) -> str | None:
+        """The key to read a pool tensor from (its copies are checked equal by _check_pool_copies)."""
+        keys = self.pool[loc].get(param)
+        return keys[0] if keys else None
+
+
+def _model_keys(files: AdapterFiles, where: str) -> dict[str, str]:
+    """key as AdapterHub's loader sees it -> key in the file: a flex-head model's `transformer.` is stripped,
+    which AdapterHub does only when the file's keys have it (a file mixing both forms is refused)."""
+    prefixed = [k.startswith(MODEL_PREFIX) for k in files.tensors]
+    if not any(prefixed):
+        return {k: k for k in files.tensors}
+    if not all(prefixed):
+        odd = next(k for k in files.tensors if not k.startswith(MODEL_PREFIX))
+        raise UnsupportedAdapterError(f"{where}: unexpected tensor {odd!r}: the other keys start with "
+                                      f"{MODEL_PREFIX!r} (a flex-head model's), and AdapterHub's loader then skips "
+                                      "keys without it; re-save the adapter from one model")
+    return {k[len(MODEL_PREFIX):]: k for k in files.tensors}
+
+
+def _attentions(base: BaseDescription) -> set[str]:
+    """The base's attention modules (where AdapterHub hangs the prefix pool and prefix gates)."""
+    return {p.rsplit(".", 1)[0] for p in base.linear_shapes if p.endswith("Attention.q")}
 
 
 def _parse_keys(files: AdapterFiles, cfg: AdapterHubConfig, base: BaseDescription) -> _Parsed:
     where = f"adapter {files.path}"
     out = _Parsed()
-    for key in files.tensors:
-        m = POOL_KEY.search(key)
+    attentions = _attentions(base)
+    for key, stored in _model_keys(files, where).items():
+        m = POOL_KEY.match(key)
         if m:
-            _check_name(m["name"], cfg, key, where)
-            out.pool[m["loc"]].setdefault(m["param"], key)
+            _check_name(m["name"], cfg, stored, where)
+            if m["layer"] is not None and m["layer"] not in attentions:
+                raise AdapterMismatchError(f"{where}: tensor {stored!r} is under {m['layer']}, which base "
+                                           f"{base.name!r} does not have; the adapter was trained for another model")
+            out.pool[m["loc"]][m["param"]].append(stored)
             continue
         m = LINEAR_KEY.match(key) or PREFIX_GATE_KEY.match(key) or BOTTLENECK_KEY.match(key)
         if m is None:
-            raise UnsupportedAdapterError(f"{where}: unexpected tensor {key!r}; AdapterHub adapters for T5 hold "
+            raise UnsupportedAdapterError(f"{where}: unexpected tensor {stored!r}; AdapterHub adapters for T5 hold "
                                           "bottleneck ('.adapters.'), LoRA ('.loras.') and prefix-tuning tensors "
                                           "only (heads and fusion layers are not served)")
-        _check_name(m["name"], cfg, key, where)
+        _check_name(m["name"], cfg, stored, where)
         stack, block, sub = m["stack"], int(m["block"]), int(m["sub"])
         blocks = base.num_layers if stack == "encoder" else base.num_decoder_layers
         if block >= blocks or sub not in SUBLAYER_LOCATIONS[stack]:
-            raise AdapterMismatchError(f"{where}: tensor {key!r} is for {stack} block {block} sublayer {sub}, which "
+            raise AdapterMismatchError(f"{where}: tensor {stored!r} is for {stack} block {block} sublayer {sub}, which "
                                        f"base {base.name!r} does not have ({blocks} {stack} blocks); the adapter "
                                        "was trained for another model")
         place = f"{stack}.block.{block}.layer.{sub}"
@@ -94,11 +133,15 @@ def _parse_keys(files: AdapterFiles, cfg: AdapterHubConfig, base: BaseDescriptio
             if module not in base.linear_shapes:
                 raise AdapterMismatchError(f"{where}: {module} is not a linear of base {base.name!r} (a relu T5 has "
                                            "wi, a gated one wi_0/wi_1); the adapter was trained for another model")
-            out.linear[module][m["param"]] = key
+            out.linear[module][m["param"]] = stored
         elif m.re is PREFIX_GATE_KEY:
-            out.prefix_gates[f"{place}.{m['attn']}"][m["param"]] = key
+            attention = f"{place}.{m['attn']}"
+            if attention not in attentions:
+                raise AdapterMismatchError(f"{where}: prefix gate {stored!r} is on {attention}, which base "
+                                           f"{base.name!r} does not have; the adapter was trained for another model")
+            out.prefix_gates[attention][m["param"]] = stored
         else:
-            out.bottleneck[place][m["param"]] = key
+            out.bottleneck[place][m["param"]] = stored
     if not files.tensors:
         raise UnsupportedAdapterError(f"{where}: {files.weights.name} holds no adapter tensors")
     return out
@@ -253,25 +296,56 @@ def _check_prefix(files, cfg: PrefixConfig, parsed: _Parsed, base: BaseDescripti
                                    f"(encoder_prefix/cross_prefix) describes {locations}; re-save the adapter")
     d, inner = base.d_model, base.num_heads * base.d_kv
     for loc in locations:
-        params, width = parsed.pool[loc], prefix_layers(loc, base) * 2 * inner
-        if cfg.flat:
-            _shape(files, params.get("control_trans"), (cfg.prefix_length * width,), f"{loc} control_trans")
-        else:
-            n, b = cfg.prefix_length, cfg.bottleneck_size
-            for name, shape in zip(POOL_PARAMS_MLP, ((n, d), (b, d), (b,), (width, b), (width,)), strict=True):
-                _shape(files, params.get(name), shape, f"{loc} {name}")
+        width = prefix_layers(loc, base) * 2 * inner
+        n, b = cfg.prefix_length, cfg.bottleneck_size
+        shapes = ({"control_trans": (n * width,)} if cfg.flat else
+                  dict(zip(POOL_PARAMS_MLP, ((n, d), (b, d), (b,), (width, b), (width,)), strict=True)))
+        stray = sorted(set(parsed.pool[loc]) - set(shapes))
+        if stray:
+            raise AdapterMismatchError(f"{where}: prefix tensor {parsed.pool[loc][stray[0]][0]!r} is not part of the "
+                                       f"config's prefix ({'flat' if cfg.flat else 'MLP'}: {', '.join(shapes)}); "
+                                       "re-save the adapter")
+        for name, shape in shapes.items():
+            for key in parsed.pool[loc].get(name) or [None]:
+                _shape(files, key, shape, f"{loc} {name}")
+    _check_pool_copies(files, parsed)
     gates = parsed.prefix_gates
     if not cfg.use_gating:
         if gates:
             raise AdapterMismatchError(f"{where}: prefix gates present but the config says use_gating=false")
         return
     outs = 1 if cfg.shared_gating else 2
+    expected = set()
     for loc in locations:
         stack, sub, attn = PREFIX_LOCATIONS[loc]
         for block in range(prefix_layers(loc, base)):
+            expected.add(f"{stack}.block.{block}.layer.{sub}.{attn}")
             params = gates.get(f"{stack}.block.{block}.layer.{sub}.{attn}", {})
             _shape(files, params.get("weight"), (outs, d), f"{loc} gate of block {block}")
             _shape(files, params.get("bias"), (outs,), f"{loc} gate bias of block {block}")
+    stray = sorted(set(gates) - expected)
+    if stray:
+        raise AdapterMismatchError(f"{where}: a prefix gate on {stray[0]}, where the config "
+                                   "(encoder_prefix/cross_prefix) puts no prefix; re-save the adapter")
+
+
+def _check_pool_copies(files: AdapterFiles, parsed: _Parsed) -> None:
+    """A pool tensor stored under several keys (model-level, per layer) must hold one value: AdapterHub would
+    silently load whichever copy it visits last. Only the copies are read (header-only otherwise)."""
+    copies = [keys for params in parsed.pool.values() for keys in params.values() if len(keys) > 1]
+    if not copies:
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(files.weights), framework="pt") as f:
+        for keys in copies:
+            first = f.get_tensor(keys[0]).to(torch.float32)
+            for other in keys[1:]:
+                if not _same(first, f.get_tensor(other).to(torch.float32)):
+                    raise CorruptAdapterError(
+                        f"adapter {files.path}: {keys[0]!r} and {other!r} are copies of one prefix tensor (AdapterHub "
+                        "shares its prefix pool between the model and every attention layer) but hold different "
+                        "values; keep one copy (or make them equal) and re-save the adapter")
 
 
 # ---- the kind's interface (see adapters/loading.py) ----------------------------------------------------
@@ -332,17 +406,26 @@ def _activation_fn(name: str):
     return get_activation(name)
 
 
-def _prefix_place(cfg: PrefixConfig, loc: str, params: dict[str, str], gates: dict, tensors, base) -> PrefixPlace:
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN (a NaN copy is the NaN check's business, not a conflict)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+def _prefix_place(cfg: PrefixConfig, loc: str, parsed: _Parsed, tensors, base) -> PrefixPlace:
     layers, heads, d_kv, n = prefix_layers(loc, base), base.num_heads, base.d_kv, cfg.prefix_length
+
+    def pool(param: str) -> torch.Tensor:
+        return tensors[parsed.pool_key(loc, param)]
+
+    gates = parsed.prefix_gates
     with torch.no_grad():
         if cfg.flat:
-            flat = tensors[params["control_trans"]]
+            flat = pool("control_trans")
         else:  # the reparametrisation MLP, once, here: wte -> Linear -> act -> Linear
             act = _activation_fn(cfg.non_linearity)
-            h = act(torch.nn.functional.linear(tensors[params["wte.weight"]], tensors[params["control_trans.0.weight"]],
-                                               tensors[params["control_trans.0.bias"]]))
-            flat = torch.nn.functional.linear(h, tensors[params["control_trans.2.weight"]],
-                                              tensors[params["control_trans.2.bias"]])
+            h = act(torch.nn.functional.linear(pool("wte.weight"), pool("control_trans.0.weight"),
+                                               pool("control_trans.0.bias")))
+            flat = torch.nn.functional.linear(h, pool("control_trans.2.weight"), pool("control_trans.2.bias"))
         table = flat.reshape(n, layers * 2, heads, d_kv)
     place = PrefixPlace(keys=table[:, 0::2].transpose(0, 1).contiguous(), values=table[:, 1::2].transpose(0, 1).contiguous())
     if cfg.use_gating:
@@ -410,8 +493,7 @@ def build(spec: AdapterSpec, files: AdapterFiles, tensors: dict[str, torch.Tenso
                            for place, params in parsed.bottleneck.items()}
     prefix = cfg.of(PrefixConfig)
     if prefix is not None:
-        out.prefixes = {loc: _prefix_place(prefix, loc, parsed.pool[loc], parsed.prefix_gates, tensors, base)
-                        for loc in _prefix_locations(prefix)}
+        out.prefixes = {loc: _prefix_place(prefix, loc, parsed, tensors, base) for loc in _prefix_locations(prefix)}
     if not all(math.isfinite(float(t.abs().max())) for p in out.prefixes.values() for t in (p.keys, p.values)):
         raise CorruptAdapterError(f"adapter {files.path}: the prefix MLP gives non-finite keys/values")
     return out

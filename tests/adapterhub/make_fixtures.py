@@ -39,7 +39,7 @@ PROMPTS = [
     "translate English to German: the small grey owl sleeps in the old barn all day long.",
 ]
 # Full float32 logits ([steps, 384], 9 KB a case) are stored for the bases on every prompt and for the
-# adapters on the longest prompt only: all 99 cases would be 0.9 MB, more than the rest of the fixtures.
+# adapters on the longest prompt only: all cases would be about 1 MB, more than the rest of the fixtures.
 # The greedy tokens of every case are in expected.json.
 ADAPTER_LOGIT_PROMPTS = (2,)
 # Every case's greedy choice beats the runner-up by at least this much at every step, so an implementation
@@ -54,6 +54,14 @@ HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.
 KEEP_PICKLE = "prefix_tuning"
 # The fixture that keeps AdapterHub's prediction-head files (the T5 LM head), which the server must ignore.
 KEEP_HEADS = ("seq_bn",)
+# Which of its keys a shared prefix-pool tensor is stored under (AdapterHub's loader finds it under any of them):
+# "first" in state-dict order (the first attention layer's; what `peftserve adapters convert` keeps),
+# "model_level" (the pool's own module, `prefix_tuning.prefix_tunings...`, no layer path), or "save_model"
+# (whatever `safetensors.torch.save_model` keeps of the whole model: the alphabetically first name).
+POOL_KEY_FORMS = {"prefix_model_level": "model_level", "mam_model_level": "model_level",
+                  "prefix_save_model": "save_model"}
+POOL_KEY_PREFIX = {"model_level": "prefix_tuning.prefix_tunings.",
+                   "save_model": "decoder.block.0.layer.0.SelfAttention.prefix_tuning.pool.prefix_tunings."}
 
 COMMON = dict(vocab_size=384, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
 BASES = {
@@ -110,6 +118,10 @@ def adapter_cases(ah) -> list[tuple[str, str, object, str]]:
         ("ia3_gated", g, ah.IA3Config(use_gating=True), "gated scale vectors"),
         ("unipelt", g, unipelt, "gated prefix + seq_bn + LoRA"),
         ("mam", g, ah.MAMConfig(prefix(bottleneck_size=16), ah.ParBnConfig()), "prefix + parallel adapter"),
+        ("prefix_model_level", g, prefix(), "prefix pool stored once, under the model-level key"),
+        ("mam_model_level", g, ah.MAMConfig(prefix(), ah.ParBnConfig(reduction_factor=8)),
+         "MAM, prefix pool under the model-level key"),
+        ("prefix_save_model", g, prefix(flat=True), "flat prefix pool under the name safetensors.save_model keeps"),
         ("relu_seq_bn", "base_relu", ah.SeqBnConfig(), "seq_bn on the ReLU base"),
         ("relu_lora", "base_relu", ah.LoRAConfig(**lora), "LoRA on wi (no wi_1) and wo"),
         ("relu_unipelt", "base_relu", ah.UniPELTConfig(prefix_tuning=prefix()), "UniPELT on the ReLU base"),
@@ -250,10 +262,13 @@ def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if belongs(k)}
 
 
-def dedup_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def dedup_aliases(state: dict[str, torch.Tensor], prefer: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Drop later keys that are the very same tensor as an earlier key (same storage, offset, shape, stride):
-    the server's format stores each shared tensor once, under its first key in state-dict order. A key that
-    only overlaps another's storage as a different view is kept, as its own copy."""
+    each shared tensor is stored once, under its first key in state-dict order, or under its key starting with
+    `prefer` where it has one. A key that only overlaps another's storage as a different view is kept, as its
+    own copy."""
+    if prefer is not None:  # a stable sort: the preferred keys first, otherwise state-dict order
+        state = dict(sorted(state.items(), key=lambda kv: not kv[0].startswith(prefer)))
     kept: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     storages: set[int] = set()
@@ -271,27 +286,53 @@ def dedup_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def save_adapter_dir(model, name: str, path: Path) -> dict:
-    """save_adapter with safetensors where AdapterHub can; else its pickle plus our deduplicated safetensors."""
+    """save_adapter with safetensors where AdapterHub can; else its pickle plus a deduplicated safetensors file
+    (the pool under the key form POOL_KEY_FORMS names)."""
     from safetensors.torch import save_file
 
     heads = name in KEEP_HEADS
+    form = POOL_KEY_FORMS.get(name, "first")
     try:
         model.save_adapter(str(path), name, with_head=heads, use_safetensors=True)
+        if form != "first":
+            raise SystemExit(f"{name}: AdapterHub wrote safetensors itself; there is no pool key form to choose")
         return {"weights_written_by": "adapterhub", "dropped_aliases": 0}
     except RuntimeError as e:
         if "share memory" not in str(e):
             raise
-    # Tensors shared between modules (the prefix pool under every attention layer; adapter_norm_before, which
-    # is also adapter_down.0) make safetensors refuse the state dict.
+    # Tensors shared between modules (the prefix pool under every attention layer and at model level;
+    # adapter_norm_before, which is also adapter_down.0) make safetensors refuse the state dict.
     shutil.rmtree(path)
     model.save_adapter(str(path), name, with_head=heads)
     saved = torch.load(path / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
     mine = adapter_state_dict(model, name)
     if list(saved) != list(mine):
         raise SystemExit(f"{name}: pytorch_adapter.bin keys differ from the model's adapter state dict")
-    kept, dropped = dedup_aliases(mine)
+    if form == "save_model":
+        kept = save_model_keeps(model, name, path)
+        dropped = sorted(set(mine) - set(kept))
+        by = "safetensors.torch.save_model (whole model), adapter keys kept"
+    else:
+        kept, dropped = dedup_aliases(mine, prefer=POOL_KEY_PREFIX.get(form))
+        by = "make_fixtures (deduplicated)"
+    pool = [k for k in kept if ".prefix_tunings." in k]
+    if form != "first" and not (pool and all(k.startswith(POOL_KEY_PREFIX[form]) for k in pool)):
+        raise SystemExit(f"{name}: the prefix pool was not stored in the {form} form: {pool[:2]}")
     save_file(kept, str(path / SAFE_WEIGHTS), metadata={"format": "pt"})
-    return {"weights_written_by": "make_fixtures (deduplicated)", "dropped_aliases": len(dropped)}
+    return {"weights_written_by": by, "dropped_aliases": len(dropped), "pool_key_form": form if pool else None}
+
+
+def save_model_keeps(model, name: str, path: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as `safetensors.torch.save_model(model, ...)` writes them: each group of tensors
+    sharing storage once, under the name it keeps (the alphabetically first complete one)."""
+    from safetensors.torch import load_file, save_model
+
+    whole = path / "whole_model.safetensors"
+    save_model(model, str(whole))
+    belongs = _adapter_filter(model, name)
+    kept = {k: v for k, v in load_file(str(whole)).items() if belongs(k)}
+    whole.unlink()
+    return kept
 
 
 # ---- generation -------------------------------------------------------------------------------------------
@@ -489,6 +530,8 @@ def _readme(expected: dict) -> str:
     v = expected["versions"]
     min_margin = MIN_TOP1_MARGIN
     logit_prompts = ", ".join(map(str, ADAPTER_LOGIT_PROMPTS))
+    n_cases = len(expected["cases"])
+    more_mb = sum(c["steps"] * 384 * 4 for c in expected["cases"] if not c["logits"]) / 1e6
     return f"""# AdapterHub oracle fixtures
 
 Generated by `tests/adapterhub/make_fixtures.py` with AdapterHub `adapters` {v['adapters']}, transformers
@@ -520,9 +563,14 @@ whose random draw leaves a greedy step decided by less than {min_margin} is redr
 (`seed` in expected.json).
 
 Weights are in `adapter.safetensors`. Where AdapterHub cannot write safetensors (tensors shared between
-modules: the prefix pool under every attention layer, `adapter_norm_before` = `adapter_down.0`), the script
-saved AdapterHub's `pytorch_adapter.bin` and wrote `adapter.safetensors` itself with each shared tensor once,
-under its first key in state-dict order (`peftserve adapters convert` writes the same file). Only
+modules: the prefix pool, held at model level and under every attention layer; `adapter_norm_before` =
+`adapter_down.0`), the script saved AdapterHub's `pytorch_adapter.bin` and wrote `adapter.safetensors` itself
+with each shared tensor once, under its first key in state-dict order (`peftserve adapters convert` writes the
+same file; the first attention layer's key for the pool). `prefix_model_level/` and `mam_model_level/` store the
+pool under its model-level key (`prefix_tuning.prefix_tunings.<name>...`, no layer path);
+`prefix_save_model/` under the name `safetensors.torch.save_model` keeps when it saves the whole model
+(`decoder.block.0.layer.0.SelfAttention.prefix_tuning.pool...`, alphabetically first). AdapterHub's
+`load_adapter(use_safetensors=True)` reproduces every adapter from its file (checked by the script). Only
 `prefix_tuning/` keeps the `.bin` (input of the convert test). Only `seq_bn/` keeps AdapterHub's prediction-head
 files (`head_config.json`, `model_head.safetensors`: the T5 LM head), which the server ignores.
 
@@ -538,7 +586,7 @@ files (`head_config.json`, `model_head.safetensors`: the T5 LM head), which the 
 forced full forward vs the incremental logits; nonzero where a gate averages over the decoder sequence).
 `expected_logits.safetensors`: `cases[i].case` -> float32 `[steps, 384]` raw logits of each generate step,
 for the cases with `"logits": true` (the bases on every prompt, the adapters on prompt {logit_prompts}; all
-99 cases would add 0.6 MB).
+{n_cases} cases would add {more_mb:.1f} MB).
 
 Reference = AdapterHub's cached `generate` (greedy, `num_beams=1`, `max_new_tokens=6`, `use_cache=True`), each
 prompt alone (batch of 1, no padding), the plain base with no active adapter.

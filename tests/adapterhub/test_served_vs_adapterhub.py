@@ -5,6 +5,9 @@ fixtures, tests/adapterhub/fixtures; regenerate with make_fixtures.py in the ora
   through AdapterHub's greedy tokens, half the rows joining two steps late (other decoder positions in the
   same step); each step's full logits within 1e-4 of AdapterHub's, and its argmax AdapterHub's token;
 - tokens: the same cases through the Engine's continuous batch (staggered submissions), tokens exactly.
+
+The prefix adapters include every form of AdapterHub's shared pool keys that tools write (POOL_FORMS): the first
+attention layer's, the model-level key's, and the name `safetensors.torch.save_model` keeps.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tests.serve.engine_helpers import staggered
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4
 LATE = 2  # odd rows join this many steps after the even ones
+POOL_FORMS = {"prefix_tuning", "prefix_model_level", "mam_model_level", "prefix_save_model"}  # base_gated's
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,8 @@ def test_mixed_batch_logits_match_adapterhub_generate(expected, logits_ref, base
     cases = [c for c in expected["cases"] if c["base"] == base_name]
     kinds = {pairs[c["adapter"]][0] for c in cases if c["adapter"]}
     assert AdapterKind.ADAPTERHUB in kinds  # the family's own kind is exercised, not only plain LoRA/(IA)3
+    if base_name == "base_gated":
+        assert POOL_FORMS <= {c["adapter"] for c in cases if c["logits"]}
     prompts = [p["input_ids"] for p in expected["prompts"]]
     n = len(cases)
     width = max(len(prompts[c["prompt"]]) for c in cases)
@@ -123,6 +129,8 @@ def test_engine_continuous_batch_gives_adapterhub_tokens(expected, base_name):
             spec = engine.register_adapter(n, FIXTURES / expected["adapters"][n]["dir"])
             assert spec.kind in (AdapterKind.ADAPTERHUB, AdapterKind.LORA, AdapterKind.IA3)
         cases = [c for c in expected["cases"] if c["base"] == base_name]
+        if base_name == "base_gated":
+            assert POOL_FORMS <= {c["adapter"] for c in cases}
         reqs = [GenerationRequest(inputs=expected["prompts"][c["prompt"]]["text"], adapter=c["adapter"],
                                   params=GenerationParams(max_new_tokens=c["steps"])) for c in cases]
         results = asyncio.run(staggered(engine, reqs))
