@@ -66,8 +66,9 @@ def reply_for(exc: BaseException) -> ErrorReply:
         return ErrorReply(413, "too_large", str(exc))
     if AdapterError and isinstance(exc, AdapterError):
         return ErrorReply(400, "validation", str(exc))
-    if isinstance(exc, RegistryError):
-        return ErrorReply(exc.status, _TYPE_BY_STATUS.get(exc.status, "validation"), str(exc))
+    if isinstance(exc, RegistryError):  # a 503 is a backend outage: retry
+        return ErrorReply(exc.status, _TYPE_BY_STATUS.get(exc.status, "validation"), str(exc),
+                          retry_after_s=1.0 if exc.status == 503 else None)
     if isinstance(exc, AuthError):
         return ErrorReply(exc.status, "auth", str(exc))
     if isinstance(exc, engine_errors.AdapterLoadError):

@@ -1,7 +1,12 @@
 """Ingress: the HTTP deployment. Parses and validates, authenticates, writes the registry, and forwards
-generation to the EngineReplica deployment through a handle (routing hint: the adapter name).
+generation to the EngineReplica deployment through a handle (routing key: the adapter name, see replica.py).
 
 The ingress holds no model; it can run on CPU-only nodes with its own replica count.
+
+Faults: any Ray failure between here and an engine replica (its process or node died, it is unreachable,
+the deployment has no healthy replica, back-pressure) is a 503 with Retry-After and a JSON body, never a
+500: the request did not run to completion there and a retry lands on a live replica. A stream that
+already sent tokens ends with an error event instead.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from ray import serve as ray_serve
 
 from serve.app.auth import resolve_token
 from serve.app.config import AppConfig
-from serve.app.http_errors import reply_for
+from serve.app.http_errors import ErrorReply, HTTPProblem, reply_for
 from serve.app.metrics import Metrics
-from serve.app.replica import MetricsPusher, replica_id
+from serve.app.replica import MetricsPusher, replica_id, routing_key
 from serve.registry import AdapterRegistry
 
 log = logging.getLogger("peftserve.app")
@@ -48,33 +53,45 @@ class Ingress:
         return build_api(self)
 
     # ---- Backend (serve/app/routes.py) ------------------------------------------------------------------
-    def _handle(self, adapter: str | None, stream: bool = False):
+    def _handle(self, request: dict, stream: bool = False):
         opts = {"stream": stream}
-        if adapter and self.config.residency_routing:
-            opts["multiplexed_model_id"] = adapter
+        key = routing_key(request)
+        if key and self.config.residency_routing:
+            opts["multiplexed_model_id"] = key
         return self.engine.options(**opts)
 
     async def generate(self, request: dict) -> dict:
         try:
-            return await self._handle(request.get("adapter")).generate.remote(request)
+            return await self._handle(request).generate.remote(request)
         except Exception as e:  # noqa: BLE001 - Ray back-pressure, dead replica: typed replies
-            return {"error": _ray_failure(e)}
+            return {"error": ray_failure(e)}
 
     async def stream(self, request: dict):
-        gen = self._handle(request.get("adapter"), stream=True).stream.remote(request)
+        gen = self._handle(request, stream=True).stream.remote(request)
         try:
             async for event in gen:
                 yield event
         except Exception as e:  # noqa: BLE001
-            yield {"error": _ray_failure(e)}
+            yield {"error": ray_failure(e)}
         finally:
             gen.cancel()  # no-op when finished; frees the engine row when the client went away
 
     async def describe(self) -> dict:
         now = time.monotonic()
         if self._described is None or now - self._described[0] > DESCRIBE_TTL_S:
-            self._described = (now, await self.engine.describe.remote())
+            try:
+                self._described = (now, await self.engine.describe.remote())
+            except Exception as e:  # noqa: BLE001 - no engine replica answers: 503, not 500
+                raise HTTPProblem(ErrorReply(**ray_failure(e))) from None
         return self._described[1]
+
+    async def replicas(self) -> list[dict]:
+        """What every live engine replica last reported (node, sync state, cache): /info's `replicas`."""
+        try:
+            return await self.hub.reports.remote()
+        except Exception as e:  # noqa: BLE001 - the hub is being restarted: /info still answers
+            log.warning("replica reports unavailable: %r", e)
+            return []
 
     async def adapters(self) -> AdapterRegistry:
         """The registry bound to the engine's base (known once an engine replica answers)."""
@@ -90,14 +107,15 @@ class Ingress:
     async def metrics_exposition(self) -> bytes:
         from adapters.kinds import METHODS
 
-        methods: dict[str, int] = {}
-        for r in (await self.adapters()).list():
-            method = r.spec.get("method") or r.kind  # the label is the PEFT method (dora, adalora, p_tuning...)
-            methods[method] = methods.get(method, 0) + 1
+        # the label is the PEFT method (dora, adalora, p_tuning...), counted by the catalog: no snapshot
+        methods = await asyncio.to_thread((await self.adapters()).counts)
         for method in METHODS:
             self.metrics.registered_adapters.labels(method).set(methods.get(method, 0))
-        await self.pusher.push()  # this replica's HTTP counters are fresh; engines push every interval
-        return await self.hub.render.remote()
+        try:
+            await self.pusher.push()  # this replica's HTTP counters are fresh; engines push every interval
+            return await self.hub.render.remote()
+        except Exception as e:  # noqa: BLE001 - the hub is being restarted
+            raise HTTPProblem(ErrorReply(**ray_failure(e))) from None
 
     # ---- startup ---------------------------------------------------------------------------------
     async def _register_demo_adapters(self) -> None:
@@ -114,14 +132,22 @@ class Ingress:
             log.warning("demo adapters not registered: %r", e)
 
 
-def _ray_failure(e: Exception) -> dict:
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError
+def ray_failure(e: BaseException) -> dict:
+    """The reply for an exception raised by a call to an engine replica: Ray's failures are 503s."""
+    from ray.exceptions import RayError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, RayServeException
 
     if isinstance(e, BackPressureError):
-        return {"status": 503, "error_type": "overloaded", "message": "all replicas are at their request "
-                "limit; retry later", "field": None, "retry_after_s": 1.0}
-    if isinstance(e, RayActorError):  # the engine replica died mid-request (crash, OOM kill); Serve replaces it
-        return {"status": 503, "error_type": "overloaded", "message": "the engine replica serving this request "
-                "died; it is being replaced, retry", "field": None, "retry_after_s": 2.0}
+        return _unavailable("all replicas are at their request limit; retry later", 1.0)
+    if isinstance(e, RayTaskError) and not isinstance(e.cause, RayError | RayServeException):
+        return reply_for(e.cause if isinstance(e.cause, Exception) else e).to_dict()  # a bug in the replica
+    if isinstance(e, RayError | RayServeException):
+        # the replica's process or node died, it cannot be reached, or the deployment has no healthy replica:
+        # the request did not finish there, and Serve is replacing the replica
+        return _unavailable(f"the engine replica for this request is unavailable ({type(e).__name__}); "
+                            "it is being replaced, retry", 2.0)
     return reply_for(e).to_dict()
+
+
+def _unavailable(message: str, retry_after_s: float) -> dict:
+    return ErrorReply(503, "overloaded", message, retry_after_s=retry_after_s).to_dict()

@@ -76,7 +76,7 @@ def build_from_args(args) -> tuple[object, dict]:
 
 
 def build_application(config, deployments: dict[str, dict]):
-    from serve.app.builder import MetricsHub, build_app
+    from serve.app.builder import MetricsHub, build_app, hub_args
     from serve.app.ingress import Ingress
     from serve.app.replica import EngineReplica
 
@@ -85,7 +85,7 @@ def build_application(config, deployments: dict[str, dict]):
     # Per-deployment options from the YAML, as `serve run` would apply them.
     args = config.model_dump(mode="json")
     opts = {name: {k: v for k, v in o.items()} for name, o in deployments.items()}
-    hub = MetricsHub.options(**opts.get("MetricsHub", {})).bind(max(60.0, 10 * config.metrics_push_interval_s))
+    hub = MetricsHub.options(**opts.get("MetricsHub", {})).bind(*hub_args(config))
     engine = EngineReplica.options(**opts.get("EngineReplica", {})).bind(args, hub)
     return Ingress.options(**opts.get("Ingress", {})).bind(args, engine, hub)
 

@@ -112,6 +112,12 @@ class Metrics:
                                        ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.store_errors = Counter("peftserve_store_errors_total", "Failed adapter store operations", ["op"],
                                     registry=r)
+        # registry sync (engine replicas): a change's commit -> servable here, and what applying it cost
+        self.sync_lag_seconds = Histogram("peftserve_registry_sync_lag_seconds", "Registry change committed -> "
+                                          "servable on this replica", buckets=LATENCY_BUCKETS, registry=r)
+        self.sync_apply_seconds = Histogram("peftserve_registry_sync_apply_seconds", "Applying one registry "
+                                            "change on this replica (fetch + register)", buckets=FAST_BUCKETS,
+                                            registry=r)
 
     def observe_store(self, store) -> None:
         """Feed the store series from a store that reports its operations (remote stores do)."""
@@ -123,6 +129,10 @@ class Metrics:
         self.store_seconds.labels(op).observe(seconds)
         if not ok:
             self.store_errors.labels(op).inc()
+
+    def observe_sync(self, lag_s: float, apply_s: float) -> None:
+        self.sync_lag_seconds.observe(lag_s)
+        self.sync_apply_seconds.observe(apply_s)
 
     def adapter_label(self, adapter: str | None) -> str:
         if adapter is None:

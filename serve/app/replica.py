@@ -3,10 +3,15 @@
 Requests arrive from the ingress as plain dicts and leave as plain dicts (`{"result"}`, `{"token"}`,
 `{"error"}`), so nothing but data crosses the Ray boundary.
 
-Residency routing: the ingress sends each request with `multiplexed_model_id=<adapter>`. Ray's router
-prefers replicas that report that id; a replica reports the ids that went through `_route_hint`, an LRU
-of names only. It is a hint: every replica can serve every adapter, the engine's own cache decides what
-stays resident, and one batch still mixes any adapters (Ray's multiplexing LRU never unloads anything).
+Adapter-aware routing (Ray Serve model multiplexing): the ingress sends each request with
+`multiplexed_model_id=<adapter>`; Ray's router sends it to a replica that reports that id, else to the
+replica reporting the fewest ids, else to any. A replica reports the adapters it served last (an LRU of
+names, `resident_adapters_hint` long: size it to what the engine keeps resident), so an adapter's requests
+keep landing where its weights already are. Every replica can still serve every adapter, the engine's own
+cache decides what stays resident, and one batch mixes any adapters (the names' LRU unloads nothing).
+
+Each replica reports itself (node, sync state, cache counters) to the MetricsHub with its metrics; the
+ingress lists those reports in /info.
 """
 
 from __future__ import annotations
@@ -23,8 +28,6 @@ from serve.app.metrics import Metrics, PrometheusObserver
 from serve.app.sync import RegistrySync
 
 log = logging.getLogger("peftserve.app")
-# Adapter names a replica advertises for routing (not a residency limit: the engine's cache is).
-ROUTING_HINT_ADAPTERS = int(os.environ.get("PEFTSERVE_ROUTING_HINT_ADAPTERS", "64"))
 
 
 def _fault_injected(fault: str) -> bool:
@@ -41,18 +44,35 @@ def replica_id() -> str:
         return f"pid{os.getpid()}"
 
 
-class MetricsPusher:
-    """Ships this process's metric snapshot to the MetricsHub every `interval_s` (best effort)."""
+def routing_key(request: dict) -> str | None:
+    """The adapter a request is routed by: its adapter, or the first of a combination (None: the base)."""
+    merged = request.get("merged_adapters")
+    return request.get("adapter") or (merged["ids"][0] if merged else None)
 
-    def __init__(self, metrics: Metrics, hub, name: str, interval_s: float):
-        self.metrics, self.hub, self.name, self.interval_s = metrics, hub, name, interval_s
+
+def node_of_this_process() -> tuple[str, str]:
+    """(Ray node id, node IP) of this replica: which machine serves, in /info and in fault tests."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (tests)
+        return "local", "127.0.0.1"
+
+
+class MetricsPusher:
+    """Ships this process's metric snapshot (and its `report()`, if any) to the MetricsHub every `interval_s`
+    (best effort)."""
+
+    def __init__(self, metrics: Metrics, hub, name: str, interval_s: float, report=None):
+        self.metrics, self.hub, self.name, self.interval_s, self.report = metrics, hub, name, interval_s, report
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def push(self) -> None:
-        await self.hub.push.remote(self.name, self.metrics.snapshot())
+        await self.hub.push.remote(self.name, self.metrics.snapshot(), self.report() if self.report else None)
 
     async def _run(self) -> None:
         while True:
@@ -78,24 +98,32 @@ class EngineReplica:
         base = self.engine.base
         self.registry = self.config.open_registry().for_base(base.fingerprint, base.name)
         self.metrics.observe_store(self.registry.store)
-        self.sync = RegistrySync(self.registry, self.engine)
-        self.sync.ensure_current()
-        self.pusher = MetricsPusher(self.metrics, hub, f"engine-{replica_id()}", self.config.metrics_push_interval_s)
-        self.pusher.start()
+        self.sync = RegistrySync(self.registry, self.engine, self.metrics)
+        self.sync.start()
+        self.id, (self.node_id, self.node_ip) = replica_id(), node_of_this_process()
+        self._advertise = None
+        if self.config.residency_routing:  # built here: its LRU length is a config value
+            async def advertise(adapter: str) -> str:
+                return adapter  # a name, not a model: "unloading" it from the LRU frees nothing
 
-    # ---- routing hint --------------------------------------------------------------------------------
-    @ray_serve.multiplexed(max_num_models_per_replica=ROUTING_HINT_ADAPTERS)
-    async def _route_hint(self, adapter: str) -> str:
-        return adapter  # a name, not a model: "unloading" it from the LRU frees nothing
+            self._advertise = ray_serve.multiplexed(
+                max_num_models_per_replica=self.config.resident_adapters_hint)(advertise)
+        self.pusher = MetricsPusher(self.metrics, hub, f"engine-{self.id}", self.config.metrics_push_interval_s,
+                                    report=self.report)
+        self.pusher.start()
 
     async def _prepare(self, request: dict):
         from serve.engine import GenerationParams, GenerationRequest, MergedAdapters
 
         merged = request.get("merged_adapters")
-        hint = request.get("adapter") or (merged["ids"][0] if merged else None)
-        if hint:
-            await self._route_hint(hint)
-        self.sync.ensure_current()
+        key = routing_key(request)
+        if key and self._advertise is not None:
+            await self._advertise(key)
+        names = [request["adapter"]] if request.get("adapter") else list(merged["ids"]) if merged else []
+        versions = request.get("versions") or {}
+        wanted = {name: versions.get(name) for name in names}
+        if not self.sync.satisfied(wanted):  # a catalog read only for what this replica does not hold yet
+            await asyncio.to_thread(self.sync.ensure_current, wanted)
         return GenerationRequest(inputs=request["inputs"], adapter=request.get("adapter"),
                                  params=GenerationParams(**request["params"]), request_id=request.get("request_id"),
                                  merged_adapters=None if merged is None else MergedAdapters(**merged))
@@ -129,9 +157,18 @@ class EngineReplica:
         """What the ingress validates registrations against, plus /info."""
         info = self.engine.info()
         info["base_name"] = info.get("base")
-        info["replica"] = replica_id()
+        info["replica"] = self.id
         info["pid"] = os.getpid()  # which process serves: fault tests and operators match it to logs
         return {"base": self.engine.base_desc, "limits": self.engine.limits, "info": info}
+
+    def report(self) -> dict:
+        """This replica in /info: where it runs, what it holds, how far its registry sync is."""
+        info = self.engine.info()
+        node_cache = getattr(self.registry.store, "cache", None)
+        return {"replica": self.id, "node_id": self.node_id, "node_ip": self.node_ip, "pid": os.getpid(),
+                "sync": self.sync.report(), "adapters": info["adapters"]["registered"],
+                "cache": {k: info["cache"][k] for k in ("hits", "misses", "device_entries", "host_entries")},
+                "queue": info["queue"], "node_cache": None if node_cache is None else str(node_cache.root)}
 
     async def check_health(self) -> None:
         if getattr(self.engine, "_closed", False):
@@ -140,6 +177,9 @@ class EngineReplica:
             raise RuntimeError("fault injected: health check fails (test hook)")
 
     def __del__(self):
+        sync = getattr(self, "sync", None)
+        if sync is not None:
+            sync.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
@@ -162,4 +202,5 @@ class EngineReplica:
         tokens = [self._token(t, self.tokenizer.decode([t]), lp) for t, lp in zip(r.token_ids, logprobs, strict=False)]
         return {"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                 "generated_tokens": r.generated_tokens, "seed": r.seed, "tokens": tokens,
-                "timings": dict(r.timings), "adapters": r.adapters, "merge_strategy": r.merge_strategy}
+                "timings": dict(r.timings), "adapters": r.adapters, "merge_strategy": r.merge_strategy,
+                "served_by": {"replica": self.id, "node_id": self.node_id}}

@@ -58,6 +58,7 @@ class Backend(Protocol):
     def stream(self, request: dict) -> AsyncIterator[dict]: ...  # {"token"}..., then {"result"} | {"error"}
     async def describe(self) -> dict: ...  # {"base": BaseDescription, "limits": AdapterLimits, "info": {...}}
     async def adapters(self) -> AdapterRegistry: ...  # the registry bound to the engine's base
+    async def replicas(self) -> list[dict]: ...  # every engine replica's last report (node, sync, cache)
     async def metrics_exposition(self) -> bytes: ...
 
 
@@ -142,17 +143,29 @@ async def resolve_adapter(backend: Backend, name: str | None):
     return (await backend.adapters()).get(name)
 
 
-async def resolve_merged(backend: Backend, merged: MergedAdaptersIn | None, field: str) -> dict | None:
-    """A combination's ids, each checked like one adapter (400 / 404) before anything is queued; what they
-    may be combined into is the engine's check, against the same registrations (422)."""
+async def resolve_merged(backend: Backend, merged: MergedAdaptersIn | None, field: str) -> tuple[dict | None, dict]:
+    """(engine merged_adapters, {id: version}) of a combination, each id checked like one adapter (400 / 404)
+    before anything is queued; what they may be combined into is the engine's check, against the same
+    registrations (422)."""
     if merged is None:
-        return None
+        return None, {}
     if merged.weights is not None and len(merged.weights) != len(merged.ids):
         raise problem(422, f"{len(merged.ids)} ids but {len(merged.weights)} weights; give one weight per id",
                       field=f"{field}.weights")
-    for name in merged.ids:
-        await resolve_adapter(backend, name)
-    return merged.engine_dict()
+    versions = {name: (await resolve_adapter(backend, name)).version for name in merged.ids}
+    return merged.engine_dict(), versions
+
+
+def versions_of(record) -> dict:
+    """{name: version} the ingress resolved: the replica serves at least that version (read-your-writes)."""
+    return {} if record is None else {record.name: record.version}
+
+
+def served_by(result: dict) -> dict[str, str]:
+    """Which engine replica (and node) answered: response headers for operators and fault tests."""
+    by = result.get("served_by") or {}
+    return {k: str(v) for k, v in (("x-peftserve-replica", by.get("replica")), ("x-peftserve-node",
+                                                                                   by.get("node_id"))) if v}
 
 
 def _tgi_engine_request(req: TGIRequest, adapter: str | None, merged: dict | None = None) -> dict:
@@ -226,13 +239,15 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
     async def run(req: TGIRequest, request: Request, authorization: str | None, x_adapter_id: str | None,
                   stream: bool, as_list: bool):
         _generation_auth(backend, authorization)
-        merged = await resolve_merged(backend, req.parameters.merged_adapters, "parameters.merged_adapters")
+        merged, versions = await resolve_merged(backend, req.parameters.merged_adapters,
+                                                "parameters.merged_adapters")
         name = _tgi_adapter(req, x_adapter_id)
         if merged is not None and name is not None:
             raise problem(422, "give either parameters.adapter_id (or X-Adapter-Id) or parameters.merged_adapters, "
                                "not both", field="parameters.merged_adapters")
         record = await resolve_adapter(backend, name)
         engine_req = _tgi_engine_request(req, name, merged)
+        engine_req["versions"] = versions or versions_of(record)
         [engine_req["inputs"]] = patterned_inputs(record, [req.inputs], req.parameters.apply_pattern)
         if stream:
             return await _tgi_stream(backend, engine_req, request)
@@ -240,7 +255,7 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
         if "error" in reply:
             return error_response(request, ErrorReply(**reply["error"]))
         out = tgi_response(reply["result"], req.parameters.details).model_dump()
-        return [out] if as_list else out
+        return JSONResponse([out] if as_list else out, headers=served_by(reply["result"]))
 
     @app.post("/generate", response_model=TGIResponse, tags=["generation"],
               summary="Generate text (TGI/LoRAX schema); parameters.adapter_id picks the adapter")
@@ -263,37 +278,39 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
 # ---- OpenAI --------------------------------------------------------------------------------------
 
 def _openai_engine_request(req: CompletionRequest, prompt: str, adapter: str | None,
-                           merged: dict | None = None) -> dict:
+                           merged: dict | None = None, versions: dict | None = None) -> dict:
     try:
         stops = req.stops
     except ValueError as e:
         raise problem(422, f"stop: {e}", field="stop") from None
     temperature = 1.0 if req.temperature is None else req.temperature
     return {"inputs": prompt, "adapter": adapter, "merged_adapters": merged, "request_id": uuid.uuid4().hex,
-            "params": {"max_new_tokens": req.max_tokens, "do_sample": temperature > 0,
+            "versions": versions or {}, "params": {"max_new_tokens": req.max_tokens, "do_sample": temperature > 0,
                        "temperature": temperature, "top_p": 1.0 if req.top_p is None else req.top_p,
                        "top_k": 0, "seed": req.seed, "stop": stops, "logprobs": bool(req.logprobs)}}
 
 
-async def _model_to_adapters(backend: Backend, req: CompletionRequest) -> tuple[object | None, dict | None]:
-    """(the adapter's registry record, merged_adapters) for the engine. `model` is the base, an adapter, or adapters joined by '+'
-    (equal weights, linear); with the `merged_adapters` extension, `model` is the base or those ids joined."""
+async def _model_to_adapters(backend: Backend, req: CompletionRequest) -> tuple[object | None, dict | None, dict]:
+    """(the adapter's registry record, merged_adapters, {id: version}) for the engine. `model` is the base, an
+    adapter, or adapters joined by '+' (equal weights, linear); with the `merged_adapters` extension, `model`
+    is the base or those ids joined."""
     model = req.model
     base = (await backend.describe())["info"].get("base_name")
     if req.merged_adapters is not None:
         if model not in (base, "base", "+".join(req.merged_adapters.ids)):
             raise problem(422, f"model {model!r} and merged_adapters disagree; with merged_adapters, set model to the "
                                f"base ({base!r}) or to the ids joined by '+'", field="model")
-        return None, await resolve_merged(backend, req.merged_adapters, "merged_adapters")
+        return None, *await resolve_merged(backend, req.merged_adapters, "merged_adapters")
     if model in (base, "base"):
-        return None, None
+        return None, None, {}
     if "+" in model:
         ids = model.split("+")
         if any(not i for i in ids):
             raise problem(422, f"model {model!r}: a combination is adapter names joined by '+', none empty",
                           field="model")
-        return None, await resolve_merged(backend, MergedAdaptersIn(ids=ids), "model")
-    return await resolve_adapter(backend, model), None
+        return None, *await resolve_merged(backend, MergedAdaptersIn(ids=ids), "model")
+    record = await resolve_adapter(backend, model)
+    return record, None, versions_of(record)
 
 
 def _openai_logprobs(result: dict) -> dict:
@@ -306,16 +323,16 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
     @app.post("/v1/completions", tags=["openai"], summary="OpenAI completions; model = adapter or base name")
     async def completions(req: CompletionRequest, request: Request, authorization: str | None = Header(None)):
         _generation_auth(backend, authorization)
-        record, merged = await _model_to_adapters(backend, req)
+        record, merged, versions = await _model_to_adapters(backend, req)
         adapter = None if record is None else record.name
         prompts = patterned_inputs(record, req.prompts, req.apply_pattern)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             if len(req.prompts) != 1:
                 raise problem(422, "stream=true supports one prompt per request", field="prompt")
-            return await _openai_stream(backend, _openai_engine_request(req, prompts[0], adapter, merged), request,
-                                        req.model, cid, created)
-        replies = await asyncio.gather(*(backend.generate(_openai_engine_request(req, p, adapter, merged))
+            return await _openai_stream(backend, _openai_engine_request(req, prompts[0], adapter, merged, versions),
+                                        request, req.model, cid, created)
+        replies = await asyncio.gather(*(backend.generate(_openai_engine_request(req, p, adapter, merged, versions))
                                          for p in prompts))
         for reply in replies:
             if "error" in reply:
@@ -331,7 +348,7 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
                          "total_tokens": prompt_tokens + completion_tokens}}
         if merged is not None:  # extension: what the combination resolved to
             out.update(_combination_details(results[0]))
-        return out
+        return JSONResponse(out, headers=served_by(results[0]))
 
     @app.get("/v1/models", tags=["openai"], summary="The base model and every registered adapter")
     async def models(authorization: str | None = Header(None)):
@@ -395,14 +412,11 @@ def _add_ops_routes(app: FastAPI, backend: Backend) -> None:
     async def info(authorization: str | None = Header(None)) -> dict[str, Any]:
         _generation_auth(backend, authorization)
         described = await backend.describe()
-        adapters = (await backend.adapters()).list()
-        by_kind: dict[str, int] = {}
-        for r in adapters:
-            by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
+        by_kind = await asyncio.to_thread((await backend.adapters()).counts, "kind")  # counted by the catalog
         cfg = backend.config
-        return {**described["info"], "registry": {"adapters": len(adapters), "by_kind": by_kind,
-                                                  "generation": backend.registry.generation(),
-                                                  **backend.registry.backends()},
+        return {**described["info"], "replicas": await backend.replicas(),
+                "registry": {"adapters": sum(by_kind.values()), "by_kind": by_kind,
+                             "generation": backend.registry.generation(), **backend.registry.backends()},
                 "http_limits": {"max_body_bytes": cfg.max_body_bytes, "max_upload_bytes": cfg.max_upload_bytes},
                 "auth": {"admin": backend.admin_token is not None, "generation": backend.api_token is not None}}
 

@@ -256,11 +256,12 @@ class SQLiteCatalog:
             n = db.total_changes - before
         return n
 
-    def counts(self, base: str) -> dict[str, int]:
-        """Live adapters of `base` per PEFT method (spec.method, else the kind): /metrics without a snapshot."""
-        rows = self._db().execute(f"SELECT COALESCE(json_extract(spec, '$.method'), kind) AS m, COUNT(*) AS n "
-                                  f"FROM ({_LATEST}) GROUP BY m", (base,)).fetchall()
-        return {r["m"]: r["n"] for r in rows}
+    def counts(self, base: str, by: str = "method") -> dict[str, int]:
+        """Live adapters of `base` per kind, or per PEFT method (spec.method, else the kind): /info and
+        /metrics without a snapshot."""
+        key = "kind" if by == "kind" else "COALESCE(json_extract(spec, '$.method'), kind)"
+        rows = self._db().execute(f"SELECT {key} AS k, COUNT(*) AS n FROM ({_LATEST}) GROUP BY k", (base,)).fetchall()
+        return {r["k"]: r["n"] for r in rows}
 
 
 def _bump(db: sqlite3.Connection) -> int:

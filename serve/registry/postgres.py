@@ -146,11 +146,12 @@ class PostgresCatalog:
             rows = c.execute(_CHANGED, (base, base, since)).fetchall()
         return Changes(gen, [_entry(r) for r in rows if r[10] is None], [r[2] for r in rows if r[10] is not None])
 
-    def counts(self, base: str) -> dict[str, int]:
-        """Live adapters of `base` per PEFT method (spec.method, else the kind), counted in the database."""
+    def counts(self, base: str, by: str = "method") -> dict[str, int]:
+        """Live adapters of `base` per kind or per PEFT method (spec.method, else the kind), counted here."""
+        key = "kind" if by == "kind" else "COALESCE(spec->>'method', kind)"
         with self._conn() as c:
-            rows = c.execute(f"SELECT COALESCE(spec->>'method', kind), COUNT(*) FROM ({_LATEST.format(name='')}) t "
-                             "WHERE deleted_at IS NULL GROUP BY 1", (base,)).fetchall()
+            rows = c.execute(f"SELECT {key}, COUNT(*) FROM ({_LATEST.format(name='')}) t WHERE deleted_at IS NULL "
+                             "GROUP BY 1", (base,)).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
     def feed(self) -> ChangeFeed:

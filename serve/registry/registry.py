@@ -158,9 +158,9 @@ class AdapterRegistry:
             self._seen.pop((self.base, name), None)
         return Delta(ch.generation, {e.name: self._record(e) for e in ch.upserts}, ch.removed)
 
-    def counts(self) -> dict[str, int]:
-        """Live adapters of this base per PEFT method, counted by the catalog (no snapshot)."""
-        return self.catalog.counts(self._scope())
+    def counts(self, by: str = "method") -> dict[str, int]:
+        """Live adapters of this base per PEFT method (or `by="kind"`), counted by the catalog (no snapshot)."""
+        return self.catalog.counts(self._scope(), by)
 
     def feed(self):
         """A subscription to catalog changes (`wait(timeout_s)` -> generation | None, `close()`), or None when

@@ -53,7 +53,7 @@ def test_counts_per_method_without_a_snapshot(registry, tmp_path):
         mine.register(f"a{i}", make_adapter(tmp_path / f"a{i}", seed=float(i)), validate)
     mine.delete("a0")
     mine.register("a1", make_adapter(tmp_path / "a1b", seed=9.0), validate, replace=True)  # still one adapter
-    assert mine.counts() == {"lora": 2}
+    assert mine.counts() == mine.counts(by="kind") == {"lora": 2}
 
 
 def test_postgres_feed_announces_each_commit(pg_url, tmp_path):
