@@ -1,8 +1,12 @@
-"""`peftserve serve`: start local Ray and run the Serve app on HOST:PORT until Ctrl-C.
+"""`peftserve serve`: start local Ray (or join a running cluster) and run the Serve app on HOST:PORT until
+Ctrl-C.
+
+    peftserve serve                                         # a local Ray on this machine
+    peftserve serve --ray-address HEAD:6379 --replicas 4    # onto a cluster started with `ray start`
 
 Precedence: command-line flags > the config file's `args:` > defaults. `--config` takes a Serve config
-YAML (deploy/*.yaml: the first application's `args` and per-deployment settings are used) or a bare
-AppConfig mapping.
+YAML (deploy/*.yaml: the first application's `args`, its per-deployment settings and `proxy_location` are
+used) or a bare AppConfig mapping. On a cluster, Ctrl-C removes this app and leaves the cluster running.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="Serve config YAML (deploy/*.yaml)")
     parser.add_argument("--replicas", type=int, default=None, help="engine replicas (overrides the config)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="deploy onto a running Ray cluster (its GCS address, or 'auto'; default: "
+                             "$RAY_ADDRESS, else a local Ray). Every node needs this Python environment and "
+                             "the registry settings (docs/SERVING.md)")
     parser.add_argument("--no-demo-adapters", action="store_true",
                         help="do not register the demo adapters `peftserve train demo` trained (embedded base "
                              "only)")
@@ -34,30 +42,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on Ctrl-C/SIGTERM, seconds in-flight requests get to finish (default 30)")
 
 
-def read_config(path: Path | None) -> tuple[dict, dict[str, dict]]:
-    """(app args, {deployment name: options}) from a Serve config YAML or a bare args mapping."""
+def read_config(path: Path | None) -> tuple[dict, dict[str, dict], str | None]:
+    """(app args, {deployment name: options}, proxy location) from a Serve config YAML or a bare args mapping."""
     import yaml
 
     from serve.engine import ConfigError
 
     if path is None:
-        return {}, {}
+        return {}, {}, None
     try:
         doc = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
     if "applications" not in doc:
-        return doc, {}
+        return doc, {}, None
     app = doc["applications"][0]
     deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
-    return app.get("args") or {}, deployments
+    return app.get("args") or {}, deployments, doc.get("proxy_location")
 
 
 def build_from_args(args) -> tuple[object, dict]:
     from serve.app.config import AppConfig
     from serve.engine import ConfigError
 
-    app_args, deployments = read_config(args.config)
+    app_args, deployments, _ = read_config(args.config)
     if args.base is not None:
         app_args.setdefault("engine", {})["base"] = args.base
     if args.no_demo_adapters:
@@ -71,8 +79,21 @@ def build_from_args(args) -> tuple[object, dict]:
     except ValueError as e:
         raise ConfigError(f"invalid configuration: {e}") from None
     if args.replicas is not None:
-        deployments.setdefault("EngineReplica", {})["num_replicas"] = args.replicas
+        if args.replicas < 1:
+            raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
+        engine = deployments.setdefault("EngineReplica", {})
+        if engine.get("autoscaling_config"):
+            raise ConfigError("--replicas conflicts with the config's autoscaling_config for EngineReplica "
+                              "(min_replicas/max_replicas); drop one of them")
+        engine["num_replicas"] = args.replicas
     return config, deployments
+
+
+def ray_address(args) -> str | None:
+    """The cluster to join: --ray-address, else $RAY_ADDRESS (ray.init would read it anyway), else None."""
+    import os
+
+    return getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
 
 
 def build_application(config, deployments: dict[str, dict]):
@@ -101,6 +122,17 @@ def _registry_label(config) -> str:
             f"node cache {config.registry_path()}")
 
 
+def _warn_without_shared_registry(config) -> None:
+    """Replicas on several nodes share adapters only through PostgreSQL + S3 (or a registry_dir on shared
+    storage); the nodes' own environment may hold the URLs, so this is a warning, not an error."""
+    from serve.registry import resolve_urls
+
+    if resolve_urls(config.registry_url, config.store_url) == (None, None) and config.registry_dir is None:
+        print("peftserve: warning: no registry_url/store_url here; replicas on other nodes see a shared registry "
+              "only if their nodes set PEFTSERVE_REGISTRY_URL and PEFTSERVE_STORE_URL (PostgreSQL + S3)",
+              flush=True)
+
+
 def run(args) -> int:
     import time
 
@@ -108,9 +140,18 @@ def run(args) -> int:
     from serve.app.preflight import preflight
 
     config, deployments = build_from_args(args)
-    config = preflight(config, args.host, args.port)  # every error knowable before Ray starts, in seconds
-    print(f"peftserve: starting Ray and the app on http://{args.host}:{args.port} "
+    address = ray_address(args)
+    # every error knowable before Ray starts, in seconds (on a cluster the proxies bind the port, not we)
+    config = preflight(config, args.host, args.port, check_port=address is None)
+    if address and args.num_cpus is not None:
+        from serve.engine import ConfigError
+
+        raise ConfigError("--num-cpus sizes a local Ray; a cluster's nodes set theirs with `ray start --num-cpus`")
+    where = f"onto the Ray cluster at {address}" if address else "a local Ray"
+    print(f"peftserve: starting the app on {where}, HTTP port {args.port} "
           f"(base: {config.engine.base or 'embedded'}; registry: {_registry_label(config)})", flush=True)
+    if address:
+        _warn_without_shared_registry(config)
     # Installed explicitly: a command started as a background job inherits SIGINT ignored.
     stop = threading.Event()
 
@@ -122,7 +163,8 @@ def run(args) -> int:
     started = False
     try:
         url = local.start(build_application(config, deployments), args.host, args.port, args.num_cpus,
-                          ready_timeout_s=600, stop=stop)
+                          ready_timeout_s=600, stop=stop, address=address,
+                          proxy_location=read_config(args.config)[2])
         on_signal()  # ray.init installs its own SIGTERM handler (it aborts the driver): take it back
         started = True
         print(f"peftserve: ready on {url} (API docs: {url}/docs); Ctrl-C stops", flush=True)
@@ -131,6 +173,6 @@ def run(args) -> int:
     finally:
         print(f"peftserve: shutting down (in-flight requests get up to {args.grace_s:g} s)", flush=True)
         t0 = time.monotonic()
-        local.stop(grace_s=args.grace_s if started else 0.0)
+        local.stop(grace_s=args.grace_s if started else 0.0, joined=address is not None)
         print(f"peftserve: stopped in {time.monotonic() - t0:.1f} s", flush=True)
     return 0

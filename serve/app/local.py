@@ -1,4 +1,5 @@
-"""Run the app on a local Ray: used by `peftserve serve`, the app tests and the benchmarks."""
+"""Run the app on a local Ray, or on a running cluster: used by `peftserve serve`, the app tests and the
+benchmarks."""
 
 from __future__ import annotations
 
@@ -15,19 +16,35 @@ def free_port() -> int:
 
 
 def start(application, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-          ready_timeout_s: float = 120.0, stop=None) -> str:
-    """Start Ray (if needed) and Serve on host:port, deploy `application`, wait for /health; returns the URL."""
+          ready_timeout_s: float = 120.0, stop=None, address: str | None = None,
+          proxy_location: str | None = None) -> str:
+    """Start Ray (or connect to the cluster at `address`) and Serve on host:port, deploy `application`, wait
+    for /health; returns the URL. On a cluster the proxies bind host:port on the nodes (`proxy_location`:
+    Serve's EveryNode by default, HeadOnly, Disabled)."""
     import ray
     from ray import serve as ray_serve
 
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 logging_level="WARNING", log_to_driver=True)
-    ray_serve.start(http_options={"host": host, "port": port})
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                     logging_level="WARNING", log_to_driver=True)
+    ray_serve.start(http_options={"host": host, "port": port},
+                    **({"proxy_location": proxy_location} if proxy_location else {}))
     ray_serve.run(application, name=APP_NAME, route_prefix="/")
-    url = f"http://{host}:{port}"
+    url = f"http://{probe_host(host, address)}:{port}"
     wait_healthy(url, ready_timeout_s, stop)
     return url
+
+
+def probe_host(host: str, address: str | None) -> str:
+    """Where this process reaches the app: the bind address, or for a wildcard bind this machine (a local
+    Ray) or the cluster's head (every cluster runs a proxy there)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    head = (address or "").rsplit(":", 1)[0].removeprefix("ray://")
+    return head if head and head != "auto" else "127.0.0.1"
 
 
 def wait_healthy(url: str, timeout_s: float, stop=None) -> None:
@@ -58,10 +75,11 @@ def redeploy(application, url: str, ready_timeout_s: float = 120.0) -> None:
     wait_healthy(url, ready_timeout_s)
 
 
-def stop(grace_s: float = 0.0) -> None:
+def stop(grace_s: float = 0.0, joined: bool = False) -> None:
     """Shut Serve down (replicas finish their in-flight requests first, for up to their graceful-shutdown
     timeout), then Ray, then any process this Ray session left behind (its dashboard and runtime-env
-    agents outlive `ray.shutdown()`)."""
+    agents outlive `ray.shutdown()`). On a cluster this process `joined`, only this app is removed (and
+    Serve, if no other application runs); the cluster keeps running."""
     import ray
     from ray import serve as ray_serve
 
@@ -69,7 +87,12 @@ def stop(grace_s: float = 0.0) -> None:
     try:
         if grace_s > 0:
             _drain(grace_s)
-        ray_serve.shutdown()
+        if joined:
+            ray_serve.delete(APP_NAME)
+            if not ray_serve.status().applications:
+                ray_serve.shutdown()  # frees the HTTP port on every node for the next deployment
+        else:
+            ray_serve.shutdown()
     finally:
         ray.shutdown()
         if session_dir:

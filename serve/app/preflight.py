@@ -15,8 +15,9 @@ from serve.app.config import AppConfig
 from serve.engine import BaseLoadError, ConfigError, check_base_source
 
 
-def preflight(config: AppConfig, host: str, port: int) -> AppConfig:
-    """Validate `config` for a server on host:port; returns it with loopback-dependent defaults applied."""
+def preflight(config: AppConfig, host: str, port: int, check_port: bool = True) -> AppConfig:
+    """Validate `config` for a server on host:port; returns it with loopback-dependent defaults applied.
+    `check_port=False` on a cluster: Serve's proxies bind the port on the nodes, not this process."""
     if not is_loopback(host):
         config = _secure_defaults(config, host)
     _check_engine(config)
@@ -29,7 +30,8 @@ def preflight(config: AppConfig, host: str, port: int) -> AppConfig:
     for d in config.allowed_source_dirs or []:
         if not Path(d).is_dir():
             raise ConfigError(f"allowed source directory {d} does not exist or is not a directory")
-    _check_port(host, port)
+    if check_port:
+        _check_port(host, port)
     return config
 
 
