@@ -113,14 +113,35 @@ class AdaptedLinear(nn.Module):
         self.cache_gathered = cache_gathered
         self._cache_key = None
         self._cache = Gathered()
-        # a bare nn.Linear (no bias, no hooks): its matmul can be fused with per-row biases
-        self._plain = (type(base_layer) is nn.Linear and base_layer.bias is None
-                       and not base_layer._forward_hooks and not base_layer._forward_pre_hooks)
+        self._plain = self._is_plain(base_layer)
         self._backup: torch.Tensor | None = None  # exact copy of the weight while a slot is merged
         self._merged_bias: torch.Tensor | None = None
         for slots in kinds.values():  # kinds whose slot contents depend on the base weight (DoRA's norm)
             if hasattr(slots, "bind_layer"):
                 slots.bind_layer(self.unmerged_weight)
+
+    @staticmethod
+    def _is_plain(layer: nn.Module) -> bool:
+        """A bare nn.Linear (no bias, no hooks): its matmul can be fused with per-row biases."""
+        return (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
+                and not layer._forward_pre_hooks)
+
+    def replace_base_layer(self, layer: nn.Module) -> None:
+        """Put another implementation of the same linear underneath (an int8 one), keeping every slot. It must
+        take and give this layer's shapes and expose `weight` (its float weight, for DoRA's norms) and `device`."""
+        if (layer.in_features, layer.out_features) != (self.in_features, self.out_features):
+            raise SlotError(f"{self.path}: a {layer.in_features}->{layer.out_features} layer cannot replace "
+                            f"{self.in_features}->{self.out_features}")
+        if self.merged:
+            raise SlotError(f"{self.path}: unmerge before replacing the base layer")
+        self.base_layer = layer
+        self._plain = self._is_plain(layer)
+        self.drop_cache()
+
+    @property
+    def device(self) -> torch.device:
+        layer = self.base_layer
+        return layer.weight.device if isinstance(layer, nn.Linear) else layer.device
 
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight as if nothing were merged (the exact saved copy while a slot is merged)."""
@@ -140,9 +161,9 @@ class AdaptedLinear(nn.Module):
             if not rows.uses(kind):  # one Python check per kind, not per row
                 continue
             if kind == AdapterKind.LORA and rows.combined_lora:  # rows summing weighted LoRAs
-                g = slots.gather_terms(rows.lora_terms, self.weight.device, dtype)
+                g = slots.gather_terms(rows.lora_terms, self.device, dtype)
             else:
-                g = slots.gather(rows.slot_index(kind), self.batch.index_on(kind, self.weight.device), dtype)
+                g = slots.gather(rows.slot_index(kind), self.batch.index_on(kind, self.device), dtype)
             if g is None:
                 continue
             if kind == AdapterKind.BITFIT:
@@ -201,6 +222,9 @@ class AdaptedLinear(nn.Module):
         return self._backup is not None or self._merged_bias is not None
 
     def merge(self, kind: AdapterKind, slot: int) -> bool:
+        if not isinstance(self.base_layer, nn.Linear):
+            raise SlotError(f"{self.path}: its base layer ({type(self.base_layer).__name__}) has no float weight "
+                            "to merge into; serve the adapter per row")
         slots = self.slots[kind.value]
         if not slots.touches(slot):
             return False

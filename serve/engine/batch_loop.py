@@ -56,7 +56,9 @@ class BatchLoop:
         self._running: list[Sequence] = []  # loop thread only, index == KV-cache row
         self._rows_cache = None
         self._merged: tuple[str, int] | None = None  # key of the (IA)3 adapter merged into the weights
-        self.merge_policy = MergePolicy(config.ia3_merge, config.ia3_merge_after_steps, config.dedicated_adapter)
+        # an int8 base has no float weights to merge into: (IA)3 stays per row
+        merge_mode = "never" if config.dtype == "int8" else config.ia3_merge
+        self.merge_policy = MergePolicy(merge_mode, config.ia3_merge_after_steps, config.dedicated_adapter)
         self.counters = {"steps": 0, "tokens": 0, "prefills": 0, "merges": 0, "unmerges": 0, "merge_s": 0.0,
                          "unmerge_s": 0.0, "finished": 0, "failed": 0}
         self._closed = False

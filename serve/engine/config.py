@@ -36,8 +36,10 @@ class EngineConfig(BaseModel):
 
     # --- base and placement ----------------------------------------------------------------------
     base: str | None = Field(None, description="hub id or local T5 directory; None = the embedded tiny base")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="None: bfloat16 on GPU, float32 on CPU. T5 overflows in float16 (refused unless forced)")
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] | None = Field(
+        None, description="None: bfloat16 on GPU, float32 on CPU. T5 overflows in float16 (refused unless forced). "
+                          "int8 (CPU): the base's linears and LM head in int8, everything else and every adapter "
+                          "float32, per row")
     force_fp16: bool = Field(False, description="allow dtype=float16 although T5 activations overflow in it")
     device: str = Field("cpu", description='"cpu", "cuda", "cuda:N", or "auto" (split over all GPUs by budget)')
     device_map: dict[str, str] | None = Field(
@@ -116,6 +118,13 @@ class EngineConfig(BaseModel):
             raise ValueError("default_max_new_tokens must be <= max_new_tokens_cap")
         if self.ia3_merge == "dedicated" and not self.dedicated_adapter:
             raise ValueError('ia3_merge="dedicated" needs dedicated_adapter (the adapter this replica serves)')
+        if self.dtype == "int8":
+            if self.uses_cuda():
+                raise ValueError("dtype int8 runs on the CPU only (torch's quantized linears have no CUDA kernels); "
+                                 "use bfloat16 on GPUs")
+            if self.ia3_merge == "dedicated":
+                raise ValueError('dtype int8 cannot merge adapters into its int8 weights: use ia3_merge "auto" or '
+                                 '"never" (adapters are served per row)')
         return self
 
     # --- resolved values -------------------------------------------------------------------------
@@ -134,6 +143,8 @@ class EngineConfig(BaseModel):
         import torch
 
         name = self.dtype or ("bfloat16" if self.uses_cuda() else "float32")
+        if name == "int8":  # the float dtype of what stays float; the linears are quantized after loading
+            name = "float32"
         if name == "float16" and not self.force_fp16:
             raise ConfigError("dtype float16 is refused: T5 activations overflow in fp16 (inf/NaN outputs). "
                               "Use bfloat16 (GPU default) or float32, or set force_fp16=true to insist.")

@@ -74,8 +74,9 @@ class Engine:
         self.tokenizer = base.tokenizer
         model = base.model
         self.optimizations = optimize_base(model)
-        self.parts = replace(T5Parts.of(model),
-                             head_weight_major=tune_head(model.lm_head.weight, config.max_batch_rows))
+        int8 = config.dtype == "int8"  # the head is quantized below: nothing to tune
+        self.parts = replace(T5Parts.of(model), head_weight_major=frozenset() if int8 else
+                             tune_head(model.lm_head.weight, config.max_batch_rows))
         self.base_desc = BaseDescription.from_model(model, base.name, base.fingerprint)
         self.limits = AdapterLimits(max_rank=config.max_rank, max_virtual_tokens=config.max_virtual_tokens,
                                     max_prefix_tokens=config.max_prefix_tokens,
@@ -86,6 +87,12 @@ class Engine:
                                                     max_virtual_tokens=config.max_virtual_tokens,
                                                     max_prefix_tokens=config.max_prefix_tokens,
                                                     max_bottleneck=config.max_bottleneck))
+        if int8:  # after the slots: adapters stay float32, sized by the float weights
+            from serve.engine import int8 as int8_base
+
+            if (why := int8_base.available()) is not None:
+                raise ConfigError(f"dtype int8 is not available: {why}")
+            self.optimizations.update(int8_base.quantize_linears(model))
         virtual = config.max_virtual_tokens if config.device_slots.get("prompt", 0) else 0
         hub = config.device_slots.get("adapterhub", 0) > 0
         prefixed = hub or config.device_slots.get("prefix", 0) > 0
@@ -361,7 +368,8 @@ class Engine:
         devices = devices_of(self.device_map) if getattr(self, "device_map", None) else [
             str(next(self.base.model.parameters()).device)]
         return {
-            "base": self.base.name, "fingerprint": self.base.fingerprint, "dtype": str(self.parts.dtype),
+            "base": self.base.name, "fingerprint": self.base.fingerprint,
+            "dtype": "int8" if cfg.dtype == "int8" else str(self.parts.dtype),
             "devices": devices, "device_map": getattr(self, "device_map", None),
             "scheduling": cfg.scheduling, "ia3_merge": cfg.ia3_merge,
             "head_weight_major_rows": sorted(self.parts.head_weight_major),

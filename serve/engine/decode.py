@@ -122,9 +122,9 @@ def _dense(dense: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     As in HF, the input of `wo` takes wo's dtype where they differ (`_keep_in_fp32_modules = ["wo"]`)."""
     wi_0 = getattr(dense, "wi_0", None)
     h = dense.act(dense.wi(x)) if wi_0 is None else dense.act(wi_0(x)).mul_(dense.wi_1(x))
-    w = getattr(dense.wo, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point() and h.dtype != w.dtype:
-        h = h.to(w.dtype)
+    wo = getattr(dense.wo, "base_layer", dense.wo)  # through an adapter wrapper
+    if isinstance(wo, torch.nn.Linear) and h.dtype != wo.weight.dtype:  # (an int8 wo takes float32 as it is)
+        h = h.to(wo.weight.dtype)
     return dense.wo(h)
 
 
@@ -408,6 +408,8 @@ def decode_step(parts: T5Parts, cache: KVCache, tokens: torch.Tensor, positions:
     if parts.scale_output is not None:
         h = h * parts.scale_output
     head = parts.model.lm_head
+    if not isinstance(head, torch.nn.Linear):  # the int8 base's head (serve/engine/int8.py), on the CPU
+        return head(h[:, 0].cpu()).float()
     return project_vocab(head.weight, h.to(head.weight.device)[:, 0], parts.head_weight_major).float()
 
 
