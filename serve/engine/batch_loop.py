@@ -21,7 +21,7 @@ import torch
 from serve.engine.cache import BLOCKED as CACHE_BLOCKED
 from serve.engine.cache import LOADING, READY, AdapterCache
 from serve.engine.config import EngineConfig
-from serve.engine.decode import KVCache, T5Parts, decode_step, encode, prefill_cross, sample
+from serve.engine.decode import KVCache, T5Parts, decode_step, encode, prefill_cross
 from serve.engine.detokenize import Detokenizer
 from serve.engine.errors import (
     AdapterLoadError,
@@ -34,6 +34,7 @@ from serve.engine.errors import (
 )
 from serve.engine.merge_policy import MergePolicy
 from serve.engine.observer import EngineObserver, safe_call
+from serve.engine.sampling import sample
 from serve.engine.scheduler import BLOCKED, FAIL, OK, WAIT, admit, encoder_passes
 from serve.engine.sequence import Sequence
 

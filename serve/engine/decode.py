@@ -1,4 +1,5 @@
-"""The decode loop as small functions over explicit state: encode, prefill_cross, decode_step, sample.
+"""The decode loop as small functions over explicit state: encode, prefill_cross, decode_step (token choice:
+serve/engine/sampling.py).
 
 Why not `model.generate` / HF's past_key_values: continuous batching needs rows that join and leave
 between steps at different decoder positions; HF's cache assumes one shared length. We call the model's
@@ -506,50 +507,3 @@ def tune_head(weight: torch.Tensor, max_rows: int, min_elements: int = 1 << 22, 
             if best(lambda h=h: torch.mm(weight, h.T)) < 0.9 * best(lambda h=h: torch.nn.functional.linear(h, weight)):
                 wins.add(m)
     return frozenset(wins)
-
-
-# ---- sampling ----------------------------------------------------------------------------------------
-
-@dataclass
-class SamplingRow:
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator | None
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering of one row's logits [vocab]."""
-    x = logits / max(temperature, 1e-6)
-    if 0 < top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k).values[-1]
-        x = x.masked_fill(x < kth, NEG_INF)
-    if top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # drop a token when the mass before it already reaches top_p (always keeps the first)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), NEG_INF)
-    return x
-
-
-def sample(logits: torch.Tensor, rows: list[SamplingRow], want_logprobs: bool
-           ) -> tuple[list[int], list[float] | None]:
-    """Next token per row: greedy rows argmax; sampled rows draw with their own generator.
-
-    Each row's draw depends only on its own logits and generator, so a fixed seed gives the same text
-    alone or in any batch. Log-probabilities are of the chosen token under the unfiltered distribution.
-    """
-    chosen = logits.argmax(dim=-1)
-    sampled = [i for i, r in enumerate(rows) if r.do_sample and r.temperature > 0]
-    if sampled:
-        chosen = chosen.clone()
-        for i in sampled:
-            r = rows[i]
-            probs = torch.softmax(filter_logits(logits[i], r.temperature, r.top_k, r.top_p), dim=-1)
-            chosen[i] = torch.multinomial(probs.cpu(), 1, generator=r.generator)[0]
-    logprobs = None
-    if want_logprobs:
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
-    return chosen.tolist(), logprobs

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serve.engine.decode import SamplingRow
 from serve.engine.detokenize import Detokenizer, IncrementalText
 from serve.engine.requests import GenerationParams, GenerationRequest, GenerationResult, TokenEvent
+from serve.engine.sampling import SamplingRow
 
 log = logging.getLogger("peftserve.engine")
 

@@ -10,17 +10,15 @@ import torch
 from adapters import encoder_embedding
 from serve.engine.decode import (
     KVCache,
-    SamplingRow,
     T5Parts,
     decode_step,
     encode,
-    filter_logits,
     prefill_cross,
     project_vocab,
-    sample,
     tune_head,
 )
 from serve.engine.optimize import fuse_activations, fuse_rms_norms, optimize_base, transpose_linear_weights
+from serve.engine.sampling import SamplingRow, filter_logits, sample
 
 
 @pytest.fixture(scope="module")
