@@ -38,6 +38,7 @@ class RayNode:
         self.home = work / f"home-{name}"  # this node's PEFTSERVE_HOME: its node cache lives here
         self.env = {**env, "PEFTSERVE_HOME": str(self.home)}
         self.temp_dir: Path | None = None
+        self._old_temp_dirs: list[Path] = []  # of earlier starts (a killed node's logs), removed by stop()
         self.port = free_port() if head_address is None else None
         self.node_id: str | None = None
 
@@ -47,6 +48,8 @@ class RayNode:
 
     def start(self) -> None:
         """`ray start` this node (a fresh temp dir each time: a restarted node is a new Ray node)."""
+        if self.temp_dir is not None:
+            self._old_temp_dirs.append(self.temp_dir)
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"r{self.name[:3]}", dir="/tmp"))  # short: socket paths
         self.marker = uuid.uuid4().hex
         cmd = [RAY, "start", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
@@ -117,8 +120,9 @@ class RayNode:
     def stop(self) -> None:
         self.kill(signal.SIGTERM, 5.0)
         self.kill(signal.SIGKILL, 10.0)
-        if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for d in [*self._old_temp_dirs, self.temp_dir]:
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class RayCluster:

@@ -27,3 +27,22 @@ def test_rayservice_manifest_is_a_valid_multi_node_deployment():
         env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
         assert "secretKeyRef" in env["PEFTSERVE_REGISTRY_URL"]["valueFrom"]
         assert "secretKeyRef" in env["PEFTSERVE_ADMIN_TOKEN"]["valueFrom"]
+
+
+def test_cluster_config_spreads_engine_replicas_and_pins_the_entry_to_the_head():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app.config import AppConfig
+
+    doc = yaml.safe_load((ROOT / "deploy/cluster.yaml").read_text())
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    config = AppConfig.model_validate(app["args"])
+    assert config.registry_url is None and config.store_url is None  # every node's environment holds them
+    deployments = {d["name"]: d for d in app["deployments"]}
+    engine = deployments["EngineReplica"]
+    assert engine["max_replicas_per_node"] == 1
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(engine["autoscaling_config"])
+    for name in ("Ingress", "MetricsHub"):
+        assert "node:__internal_head__" in deployments[name]["ray_actor_options"]["resources"]
+    assert doc["proxy_location"] == "HeadOnly"
