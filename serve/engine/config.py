@@ -57,6 +57,12 @@ class EngineConfig(BaseModel):
     max_stop_sequences: int = Field(4, ge=0)
     max_stop_chars: int = Field(64, ge=1, description="longest accepted stop sequence (characters)")
     max_queue: int = Field(1024, ge=1, description="waiting requests before OverloadedError")
+    # --- decoding breadth (serve/engine/requests.py validates against these) -------------------------
+    max_beams: int = Field(8, ge=1, description="largest accepted num_beams (each beam is a batch row)")
+    max_n: int = Field(8, ge=1, description="largest accepted n / best_of (each candidate is a batch row)")
+    max_top_n_tokens: int = Field(10, ge=0, description="most alternatives per token (top_n_tokens, logprobs: k)")
+    max_logit_bias: int = Field(300, ge=0, description="most tokens one request may bias (logit_bias)")
+    max_grammar_bytes: int = Field(65536, ge=1, description="largest accepted grammar (JSON schema or regex)")
     request_timeout_s: float = Field(120.0, gt=0, description="deadline per request, queue wait included")
 
     # --- scheduling ------------------------------------------------------------------------------

@@ -312,6 +312,14 @@ class KVCache:
         self.cross_bias[dst] = self.cross_bias[src]
         self.source_len[dst] = s
 
+    def copy_rows(self, dst: list[int], src: list[int], target_len: int) -> None:
+        """Beam search: rows `dst` continue rows `src` (all read before any is written). Only the self-attention
+        K/V differ between the beams of one request: their cross K/V and prefixes are the same."""
+        d, s = torch.tensor(dst), torch.tensor(src)
+        for i, dev in enumerate(self.devices):
+            for t in (self.self_k[i], self.self_v[i]):
+                t[d.to(dev), :, :target_len] = t[s.to(dev), :, :target_len]
+
 
 @torch.inference_mode()
 def prefill_cross(parts: T5Parts, cache: KVCache, rows: list[int], encoder_hidden: torch.Tensor,
