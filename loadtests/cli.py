@@ -6,6 +6,8 @@
     peftserve bench --preset cpu-small --threads 1 --only methods   # DoRA, AdaLoRA, P-tuning vs LoRA / prompt
     peftserve bench --preset cpu-small --http start         # start a loopback server, run the locust scenarios
     peftserve bench --preset cpu-small --http http://127.0.0.1:8000   # against a running server
+    peftserve bench --registry [--only sync]                # multi-node registry (PostgreSQL + S3)
+    peftserve bench --routing                               # adapter-aware vs random routing, 2 replicas
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key", default=None, help="API key for a server that requires one")
     parser.add_argument("--registry", action="store_true",
                         help="run the multi-node registry benchmark instead (starts PostgreSQL, an S3 server and "
-                             "two nodes; results in loadtests/results/registry; minutes)")
+                             "two nodes; results in loadtests/results/registry; minutes). --only picks its "
+                             "sections: catalog, cold_load, registration, sync")
+    parser.add_argument("--routing", action="store_true",
+                        help="run the routing benchmark instead: adapter-aware vs random routing, 2 replicas, "
+                             "Zipf over 1,000 adapters (results in loadtests/results/routing; minutes)")
 
 
 def _command(args) -> str:
@@ -72,9 +78,22 @@ def _command(args) -> str:
 
 def run(args) -> int:
     if getattr(args, "registry", False):
+        from loadtests.registry_bench import SECTIONS as REGISTRY_SECTIONS
         from loadtests.registry_bench import run_registry_bench
 
-        run_registry_bench(args.out or Path("loadtests/results/registry"))
+        chosen = REGISTRY_SECTIONS if args.only == ",".join(SECTIONS) else tuple(
+            s.strip() for s in args.only.split(",") if s.strip())
+        unknown = set(chosen) - set(REGISTRY_SECTIONS)
+        if unknown:
+            raise BenchArgumentError(f"unknown registry sections {sorted(unknown)}; choose from "
+                                     f"{', '.join(REGISTRY_SECTIONS)}")
+        run_registry_bench(args.out or Path("loadtests/results/registry"), sections=chosen)
+        return 0
+    if getattr(args, "routing", False):
+        from loadtests.routing import run_routing_bench
+        from serve.engine.base import default_home
+
+        run_routing_bench(args.out or Path("loadtests/results/routing"), args.work or default_home() / "bench")
         return 0
     from loadtests.presets import get_preset
 

@@ -5,6 +5,12 @@
     cold load vs local disk                         S3Store fetch into an empty node cache + safetensors
                                                     load, against a LocalStore object (same bytes)
     catalog reads with N registered adapters        get() / generation() / active() on SQLite vs PostgreSQL
+    incremental sync (`--only sync`)                one server with 2 engine replicas on PostgreSQL + S3:
+                                                    registration -> servable on every replica (each replica's
+                                                    own commit -> registered time), with 1,000 then 100,000
+                                                    adapters in the catalog (bulk rows), and what one change
+                                                    costs: the replica's apply time, the delta query against
+                                                    the snapshot re-read it replaces
 
 Writes results.json and registry.png under loadtests/results/registry/ and prints every number; nothing
 here is asserted (targets belong to benchmarks, not unit tests).
@@ -22,6 +28,8 @@ from pathlib import Path
 
 import boto3
 
+SECTIONS = ("catalog", "cold_load", "registration", "sync")
+
 
 @dataclass(frozen=True)
 class RegistryBenchConfig:
@@ -30,6 +38,9 @@ class RegistryBenchConfig:
     cold_loads: int = 8
     object_bytes: int = 8 << 20  # about a rank-16 LoRA on every linear of flan-t5-small, in fp32
     registrations: int = 20
+    sync_catalog_sizes: tuple[int, ...] = (1_000, 100_000)
+    sync_registrations: int = 40  # per catalog size
+    sync_replicas: int = 2
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -41,13 +52,13 @@ def _summary(xs: list[float]) -> dict:
     return {"p50": _pct(xs, 0.5), "p99": _pct(xs, 0.99), "mean": statistics.fmean(xs), "n": len(xs)}
 
 
-def _entries(n: int):
+def _entries(n: int, base: str = "bench-base", start: int = 0):
     from serve.registry.catalog import CatalogEntry
 
     spec = {"kind": "lora", "rank": 8, "targets": ["q", "v"]}
-    return [(CatalogEntry(base="bench-base", base_name="bench", name=f"adapter-{i:05d}", version=1,
+    return [(CatalogEntry(base=base, base_name="bench", name=f"adapter-{i:06d}", version=1,
                           digest=f"{i:064x}", kind="lora", size_bytes=1 << 20, source="bench", spec=spec,
-                          created_at=time.time()), None) for i in range(n)]
+                          created_at=time.time()), None) for i in range(start, start + n)]
 
 
 def catalog_reads(pg_url: str, work: Path, cfg: RegistryBenchConfig, log) -> dict:
@@ -63,7 +74,7 @@ def catalog_reads(pg_url: str, work: Path, cfg: RegistryBenchConfig, log) -> dic
         rng = random.Random(0)
         get_s, gen_s = [], []
         for _ in range(cfg.catalog_reads):
-            name = f"adapter-{rng.randrange(cfg.catalog_adapters):05d}"
+            name = f"adapter-{rng.randrange(cfg.catalog_adapters):06d}"
             t0 = time.perf_counter()
             assert catalog.get("bench-base", name) is not None
             get_s.append(time.perf_counter() - t0)
@@ -172,6 +183,114 @@ def registration_to_first_token(pg, moto, work: Path, cfg: RegistryBenchConfig, 
     return out
 
 
+def incremental_sync(pg, moto, work: Path, cfg: RegistryBenchConfig, log) -> dict:
+    """Registration -> servable on every replica, and the cost of one change, at each catalog size."""
+    from loadtests.registry_servers import CONFIG, Node, until
+    from serve.engine.base import FINGERPRINT_FILE, build_base
+    from serve.registry.postgres import PostgresCatalog
+
+    base = build_base(work / "tiny-base-sync", "tiny")
+    fingerprint = (base / FINGERPRINT_FILE).read_text().strip()
+    bucket = moto.bucket("sync-src")
+    adapter = _tiny_lora(base, work / "lora-sync")
+    s3 = boto3.client("s3")
+    for p in adapter.iterdir():
+        s3.put_object(Bucket=bucket, Key=f"lora/{p.name}", Body=p.read_bytes())
+    url = pg.database("sync")
+    catalog = PostgresCatalog(url)
+    serve_config = {"applications": [{"name": "peftserve", "route_prefix": "/", "args": CONFIG,
+                                      "import_path": "serve.app.builder:app_builder", "deployments": [
+                                          {"name": "EngineReplica", "ray_actor_options": {"num_cpus": 0.5}},
+                                          {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.25}}]}]}
+    env = {"PEFTSERVE_REGISTRY_URL": url, "PEFTSERVE_STORE_URL": f"s3://{moto.bucket('sync-store')}/registry",
+           **moto.env()}
+    out: dict = {"replicas": cfg.sync_replicas, "sizes": {}}
+    in_catalog = 0
+    node = None
+    try:
+        for size in cfg.sync_catalog_sizes:
+            t0 = time.perf_counter()
+            catalog.import_rows(_entries(size - in_catalog, base=fingerprint, start=in_catalog))
+            log(f"catalog: {size} adapters ({size - in_catalog} rows bulk-inserted in "
+                f"{time.perf_counter() - t0:.1f} s)")
+            in_catalog = size
+            if node is None:  # started once: the catalog grows under the running replicas
+                log(f"starting one server with {cfg.sync_replicas} engine replicas")
+                node = Node("sync", base, work, env, config=serve_config, args=("--replicas", str(cfg.sync_replicas)))
+                node.wait_ready()
+            changes_s, active_s = _catalog_change_cost(catalog, fingerprint)
+            lags, applies = [], []
+            for i in range(cfg.sync_registrations):
+                name = f"sync-{size}-{i}"
+                r = node.register(name, f"s3://{bucket}/lora/")
+                if r.status_code != 201:
+                    raise RuntimeError(f"registration failed: {r.status_code} {r.text}")
+                time.sleep(0.2)
+                if (i + 1) % 10 == 0 or i + 1 == cfg.sync_registrations:
+                    names = {f"sync-{size}-{j}" for j in range(i - (i % 10), i + 1)}
+                    seen, _ = until(lambda n=names, at=node: _applied(at, n, cfg.sync_replicas), 30, step_s=0.5)
+                    if not seen:
+                        raise RuntimeError(f"registrations {sorted(names)} not applied on every replica")
+                    for per_replica in seen.values():
+                        lags.append(max(c["lag_s"] for c in per_replica))  # servable on every replica
+                        applies += [c["apply_s"] for c in per_replica]
+            cell = {"registration_to_every_replica_s": _summary(lags), "apply_one_change_s": _summary(applies),
+                    "delta_query_s": _summary(changes_s), "snapshot_query_s": _summary(active_s)}
+            out["sizes"][str(size)] = cell
+            log(f"{size} adapters: registration -> servable on every replica p50 "
+                f"{cell['registration_to_every_replica_s']['p50'] * 1e3:.0f} ms, p99 "
+                f"{cell['registration_to_every_replica_s']['p99'] * 1e3:.0f} ms; one change applied p50 "
+                f"{cell['apply_one_change_s']['p50'] * 1e3:.1f} ms; delta query p50 "
+                f"{cell['delta_query_s']['p50'] * 1e3:.2f} ms vs snapshot re-read p50 "
+                f"{cell['snapshot_query_s']['p50'] * 1e3:.0f} ms")
+    finally:
+        catalog.close()
+        if node is not None:
+            node.stop()
+    small, large = (out["sizes"][str(n)] for n in (cfg.sync_catalog_sizes[0], cfg.sync_catalog_sizes[-1]))
+    out["large_vs_small"] = {k: large[k]["p50"] / small[k]["p50"] for k in
+                             ("apply_one_change_s", "delta_query_s", "snapshot_query_s",
+                              "registration_to_every_replica_s")}
+    return out
+
+
+def _applied(node, names: set[str], replicas: int) -> dict[str, list[dict]] | None:
+    """{name: [the applied change on each replica]} once every replica reports every name, else None."""
+    reports = node.http.get("/info").json()["replicas"]
+    if len(reports) != replicas:
+        return None
+    found: dict[str, list[dict]] = {}
+    for rep in reports:
+        recent = {c["name"]: c for c in rep["sync"]["recent"]}
+        for name in names:
+            if name not in recent:
+                return None
+            found.setdefault(name, []).append(recent[name])
+    return found
+
+
+def _catalog_change_cost(catalog, base: str, samples: int = 20) -> tuple[list[float], list[float]]:
+    """(seconds of the delta query for one change, seconds of the snapshot re-read it replaces)."""
+    from serve.registry.catalog import CatalogEntry
+
+    delta, snap = [], []
+    for i in range(samples):
+        entry = CatalogEntry(base=base, base_name="bench", name=f"probe-{i}", version=1, digest=f"{i:064x}",
+                             kind="lora", size_bytes=1, source="bench", spec={"kind": "lora"}, created_at=0.0)
+        gen = catalog.generation()
+        catalog.publish(entry, replace=True)
+        t0 = time.perf_counter()
+        assert len(catalog.changes(base, gen).upserts) == 1
+        delta.append(time.perf_counter() - t0)
+        if i < 5:
+            t0 = time.perf_counter()
+            catalog.active(base)
+            snap.append(time.perf_counter() - t0)
+    for i in range(samples):
+        catalog.retire(base, f"probe-{i}")
+    return delta, snap
+
+
 def _tiny_lora(base_dir: Path, out: Path) -> Path:
     """A LoRA of the tiny base (peft), files only (no README)."""
     from peft import LoraConfig, get_peft_model
@@ -192,7 +311,7 @@ def plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     cat = results.get("catalog")
     if cat:
         labels = ["get", "generation", "active"]
@@ -215,14 +334,28 @@ def plot(results: dict, path: Path) -> Path:
         axes[2].bar(["p50", "p99"], [reg["seconds"]["p50"] * 1e3, reg["seconds"]["p99"] * 1e3])
         axes[2].set_ylabel("ms")
         axes[2].set_title("registration on A -> first token on B")
+    sync = results.get("sync")
+    if sync:
+        sizes = list(sync["sizes"])
+        for i, (key, label) in enumerate((("registration_to_every_replica_s", "registration -> every replica p99"),
+                                          ("apply_one_change_s", "apply one change p50"),
+                                          ("delta_query_s", "delta query p50"),
+                                          ("snapshot_query_s", "snapshot re-read p50 (replaced)"))):
+            q = "p99" if key.startswith("registration") else "p50"
+            axes[3].bar([x + 0.2 * i for x in range(len(sizes))], [sync["sizes"][n][key][q] * 1e3 for n in sizes],
+                        width=0.2, label=label)
+        axes[3].set_xticks([x + 0.3 for x in range(len(sizes))], [f"{int(n):,} adapters" for n in sizes])
+        axes[3].set_yscale("log")
+        axes[3].set_ylabel("ms (log)")
+        axes[3].set_title("incremental sync, by catalog size")
+        axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def run_registry_bench(out: Path, cfg: RegistryBenchConfig = RegistryBenchConfig(),
-                       sections=("catalog", "cold_load", "registration")) -> dict:
+def run_registry_bench(out: Path, cfg: RegistryBenchConfig = RegistryBenchConfig(), sections=SECTIONS) -> dict:
     from loadtests.registry_servers import MotoServer, PostgresServer, moto_bin, pg_bin
 
     def log(msg: str) -> None:
@@ -246,6 +379,8 @@ def run_registry_bench(out: Path, cfg: RegistryBenchConfig = RegistryBenchConfig
             results["cold_load"] = cold_loads(f"s3://{moto.bucket('cold')}/objects", work, cfg, log)
         if "registration" in sections:
             results["registration"] = registration_to_first_token(pg, moto, work, cfg, log)
+        if "sync" in sections:
+            results["sync"] = incremental_sync(pg, moto, work, cfg, log)
     finally:
         moto.stop()
         pg.destroy()
@@ -253,7 +388,12 @@ def run_registry_bench(out: Path, cfg: RegistryBenchConfig = RegistryBenchConfig
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    earlier = out / "results.json"
+    if set(sections) != set(SECTIONS) and earlier.exists():  # keep the sections this run did not measure
+        kept = {k: v for k, v in json.loads(earlier.read_text()).items() if k in SECTIONS and k not in sections}
+        results.update(kept)
+        results["kept_from_earlier"] = sorted(kept)
+    earlier.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "registry.png")
     log(f"results: {out}/results.json, {out}/registry.png")
     return results

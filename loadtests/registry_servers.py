@@ -209,19 +209,24 @@ class TcpProxy:
 
 
 class Node:
-    def __init__(self, name: str, base_dir: Path, work: Path, env: dict[str, str]):
+    """`peftserve serve` with its own home and Ray; `config`: a Serve config or AppConfig mapping (default
+    CONFIG), `args`: more command-line flags (e.g. --replicas 2)."""
+
+    def __init__(self, name: str, base_dir: Path, work: Path, env: dict[str, str], config: dict | None = None,
+                 args: tuple[str, ...] = ()):
         self.name, self.port = name, free_port()
         self.home = work / f"home-{name}"
         self.ray_tmp = Path(tempfile.mkdtemp(prefix=f"r{name}", dir="/tmp"))  # short: Ray's socket paths
         self.log = work / f"node-{name}.log"
-        config = work / f"node-{name}.yaml"
-        config.write_text(yaml.safe_dump(CONFIG))
+        config_file = work / f"node-{name}.yaml"
+        config_file.write_text(yaml.safe_dump(config or CONFIG))
         full_env = {**os.environ, **env, "PEFTSERVE_HOME": str(self.home), "PEFTSERVE_ADMIN_TOKEN": ADMIN,
                     "RAY_TMPDIR": str(self.ray_tmp), "PYTHONUNBUFFERED": "1"}
         full_env.pop("RAY_ADDRESS", None)
         self._out = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--base", str(base_dir),
-                                      "--port", str(self.port), "--num-cpus", "2", "--config", str(config), "--grace-s", "2"],
+                                      "--port", str(self.port), "--num-cpus", "2", "--config", str(config_file),
+                                      "--grace-s", "2", *args],
                                      cwd=ROOT, env=full_env, stdout=self._out, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)

@@ -152,8 +152,9 @@ class AdapterRegistry:
         """What changed for this base after generation `since` (one indexed read: its cost grows with the
         changes, not with the catalog)."""
         ch = self.catalog.changes(self._scope(), since)
-        for e in ch.upserts:
-            self._seen[(self.base, e.name)] = e
+        for e in ch.upserts:  # refresh what this process looked up; a bulk import is not cached here
+            if (self.base, e.name) in self._seen:
+                self._seen[(self.base, e.name)] = e
         for name in ch.removed:
             self._seen.pop((self.base, name), None)
         return Delta(ch.generation, {e.name: self._record(e) for e in ch.upserts}, ch.removed)
