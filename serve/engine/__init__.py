@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "MergedAdapters": "requests",
     "GenerationResult": "requests",
     "TokenEvent": "requests",
+    "SequenceOutput": "requests",
     # metrics hooks
     "EngineObserver": "observer",
     "RecordingObserver": "observer",

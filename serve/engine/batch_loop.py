@@ -32,9 +32,11 @@ from serve.engine.errors import (
     RequestTimeoutError,
     UnknownAdapterError,
 )
+from serve.engine.groups import RowGroup
+from serve.engine.logits import LogitsPipeline
 from serve.engine.merge_policy import MergePolicy
 from serve.engine.observer import EngineObserver, safe_call
-from serve.engine.sampling import sample
+from serve.engine.sampling import sample, top_alternatives
 from serve.engine.scheduler import BLOCKED, FAIL, OK, WAIT, admit, encoder_passes
 from serve.engine.sequence import Sequence
 
@@ -50,6 +52,8 @@ class BatchLoop:
         self.config, self.observer, self.parts, self.kv, self.slots = config, observer, parts, kv, slots
         self.cache, self._resolve, self._wake = cache, resolve, wake
         self.detokenizer = Detokenizer(tokenizer)
+        self.vocab = parts.model.config.vocab_size  # the LM head's width (T5 pads it past the tokenizer)
+        self.logits = LogitsPipeline(config.max_batch_rows, parts.decoder_start_token_id, parts.eos_token_id)
         self._inbox: deque[Sequence] = deque()
         self._inbox_lock = threading.Lock()
         self._queued = 0  # waiting + inbox, for the queue bound
@@ -83,6 +87,7 @@ class BatchLoop:
         self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+        self.logits.close()
 
     def enqueue(self, seq: Sequence) -> None:
         with self._inbox_lock:
@@ -135,18 +140,18 @@ class BatchLoop:
         now = time.perf_counter()
         keep = []
         for seq in self._waiting:
-            if seq.cancelled or now > seq.deadline:
+            if seq.gone or now > seq.deadline:
                 self._dequeue(seq)
                 self._fail(seq, None if seq.cancelled else RequestTimeoutError(
                     f"request timed out after {self.config.request_timeout_s} s in the queue"))
             else:
                 keep.append(seq)
         self._waiting = keep
-        gone = [i for i, s in enumerate(self._running) if s.cancelled or now > s.deadline]
+        gone = [i for i, s in enumerate(self._running) if s.gone or now > s.deadline]
         for i in reversed(gone):
             seq = self._running[i]
             self._remove_row(i)
-            self._fail(seq, None if seq.cancelled else RequestTimeoutError(
+            self._fail(seq, None if seq.gone else RequestTimeoutError(
                 f"request timed out after {self.config.request_timeout_s} s"))
 
     def _readiness(self, seq: Sequence) -> str:
@@ -247,19 +252,49 @@ class BatchLoop:
         embeds, mask = self.slots.encoder_inputs(ids.to(emb_dev), mask.to(emb_dev), rows)
         self.slots.set_rows(rows, token_mask=mask)  # gates average over each row's real tokens
         hidden = encode(self.parts, embeds, mask, self.slots.encoder_prefix(rows))
+        # a request of several rows (beams, n / best_of): one encoder pass, its output in each of its rows
+        joining, owner = [], []
+        for i, s in enumerate(seqs):
+            expanded = self._expand(s)
+            joining += expanded
+            owner += [i] * len(expanded)
+        if len(joining) != len(seqs):
+            pick = torch.tensor(owner)
+            hidden, mask = hidden.index_select(0, pick.to(hidden.device)), mask.index_select(0, pick.to(mask.device))
+            rows = self._rows(joining)
+            self.slots.set_rows(rows, token_mask=mask)  # the cross-attention K/V projections run per row
         first = len(self._running)
-        prefill_cross(self.parts, self.kv, list(range(first, first + len(seqs))), hidden, mask)
+        prefill_cross(self.parts, self.kv, list(range(first, first + len(joining))), hidden, mask)
         # prefix tuning: the joining rows' KV prefixes, copied once
-        self.kv.set_prefixes(first, len(seqs), self.slots.decoder_prefixes(rows))
+        self.kv.set_prefixes(first, len(joining), self.slots.decoder_prefixes(rows))
         now = time.perf_counter()
-        for s in seqs:
+        start = self.parts.decoder_start_token_id
+        for s in joining:
             s.t_admit = now
-            s.start()
+            s.start(start, self.vocab)
+            if s.proc is not None:
+                self.logits.join(len(self._running), s.proc, self.vocab, self.kv.cross_bias.device)
             self._running.append(s)
-            safe_call(self.observer, "on_request_admitted", s.adapter, s.method, now - s.t_submit)
+            if s.index == 0:
+                safe_call(self.observer, "on_request_admitted", s.adapter, s.method, now - s.t_submit)
         self.counters["prefills"] += 1
         safe_call(self.observer, "on_prefill", len(seqs), int(mask.sum()), now - t0)
 
+    def _expand(self, seq: Sequence) -> list[Sequence]:
+        """The rows a joining request takes: itself, plus clones for its other beams or candidates (each
+        pins the request's adapters once more, so every row releases its own pins when it leaves)."""
+        if seq.rows == 1:
+            return [seq]
+        group = RowGroup(seq, self.parts.eos_token_id)
+        per_row = seq.cost_tokens // seq.rows
+        for row in group.rows:
+            row.cost_tokens = per_row
+        for _ in group.rows[1:]:
+            for term in seq.terms[:len(seq.slots)]:
+                self.cache.pin(term.key)
+        return group.rows
+
+    @torch.inference_mode()  # the logits are inference tensors; beams and processors update them in place
     def _step(self) -> None:
         t0 = time.perf_counter()
         running = self._running
@@ -269,31 +304,88 @@ class BatchLoop:
         tokens = torch.tensor([s.last_token(start) for s in running], dtype=torch.long)
         positions = torch.tensor([len(s.tokens) for s in running], dtype=torch.long)
         logits = decode_step(self.parts, self.kv, tokens, positions)
-        want_lp = any(s.params.logprobs for s in running)
-        next_ids, logprobs = sample(logits, [s.sampling for s in running], want_lp)
+        groups: dict[int, tuple] = {}  # beam searches in this step: id -> (group, its rows' indices by beam)
+        for i, s in enumerate(running):
+            if s.group is not None and s.group.search is not None:
+                groups.setdefault(id(s.group), (s.group, [None] * len(s.group.rows)))[1][s.index] = i
+        if groups:  # HF's beam search processes (and scores) log-probabilities, not logits
+            beam_rows = torch.tensor([i for _, idx in groups.values() for i in idx], device=logits.device)
+            logits[beam_rows] = torch.log_softmax(logits[beam_rows], dim=-1)
+        scores = self.logits.process(logits, [s.proc for s in running], [len(s.tokens) for s in running])
+        sampling = [None if s.group is not None and s.group.search is not None else s.sampling for s in running]
+        want_lp = any(s.keeps_logprobs for s, r in zip(running, sampling, strict=True) if r is not None)
+        next_ids, logprobs = sample(logits, sampling, want_lp, scores)
+        asking = [i for i, s in enumerate(running) if s.params.top_n_tokens and sampling[i] is not None]
+        tops = dict(zip(asking, top_alternatives(logits, asking, [running[i].params.top_n_tokens for i in asking]),
+                        strict=True))
+        done_groups = [g for g, idx in groups.values() if self._beam_step(g, idx, scores, logits, next_ids)]
+        self.logits.observe([s.proc for s in running], next_ids)
         now = time.perf_counter()
-        finished: list[tuple[int, str]] = []
+        finished: list[tuple[int, str | None]] = []
         for i, s in enumerate(running):
             if s.t_first is None:
                 s.t_first = now
-                safe_call(self.observer, "on_first_token", s.adapter, s.method, now - s.t_submit)
+                if s.index == 0:
+                    safe_call(self.observer, "on_first_token", s.adapter, s.method, now - s.t_submit)
+            if sampling[i] is None:
+                continue  # a beam: its tokens were placed by _beam_step
             reason = s.append(next_ids[i], logprobs[i] if logprobs else None, self.parts.eos_token_id,
-                              self.detokenizer)
+                              self.detokenizer, tops.get(i))
             if reason is not None:
                 finished.append((i, reason))
+        finished += [(i, None) for g in done_groups for i in groups[id(g)][1]]
         n = len(running)
         distinct = len({s.key for s in running})
-        for i, reason in reversed(finished):
+        for i, reason in sorted(finished, key=lambda f: f[0], reverse=True):
             seq = running[i]
             self._remove_row(i)
-            self.counters["finished"] += 1
-            result = seq.result(reason)
-            safe_call(self.observer, "on_request_finished", seq.adapter, seq.method, reason, result.prompt_tokens,
-                      result.generated_tokens, result.timings["total_s"])
-            seq.finish(result, None)
+            self._finished(seq, reason)
         self.counters["steps"] += 1
         self.counters["tokens"] += n
         safe_call(self.observer, "on_step", n, distinct, n, time.perf_counter() - t0)
+
+    def _beam_step(self, group: RowGroup, idx: list[int], scores: torch.Tensor, logprobs: torch.Tensor,
+                   next_ids: list[int]) -> bool:
+        """One beam search step for a request's rows `idx` (by beam): pick the continuations, move each row's
+        KV self-cache and decoding state to the beam it continues, place the new tokens. True when done."""
+        rows = group.rows
+        sel = torch.tensor(idx, device=scores.device)
+        src, toks, lps = group.search.step(scores.index_select(0, sel), logprobs.index_select(0, sel),
+                                           [(r.tokens, r.logprobs) for r in rows])
+        if src != list(range(len(rows))):
+            self.kv.copy_rows(idx, [idx[b] for b in src], len(rows[0].tokens) + 1)
+            self.logits.copy_rows(idx, [idx[b] for b in src])
+            state = [(list(rows[b].tokens), list(rows[b].logprobs), rows[b].proc) for b in src]
+            taken = set()
+            for row, (tokens, lp, proc) in zip(rows, state, strict=True):
+                row.tokens, row.logprobs = tokens, lp
+                row.proc = proc if proc is None or id(proc) not in taken else proc.fork()
+                if proc is not None:
+                    taken.add(id(proc))
+        for row, i, t, lp in zip(rows, idx, toks, lps, strict=True):
+            row.tokens.append(t)
+            row.logprobs.append(lp)
+            next_ids[i] = t
+        return group.search.done
+
+    def _finished(self, seq: Sequence, reason: str | None) -> None:
+        """A row left with `reason` (None: its beam search ended); its request finishes when all its rows have."""
+        group = seq.group
+        if group is None:
+            result = seq.result(reason)
+        elif group.search is not None:
+            if seq.index != 0:
+                return
+            result = group.beam_result(self.detokenizer)
+        else:
+            result = group.row_finished(seq, seq.result(reason))
+            if result is None:
+                return
+        owner = seq if group is None else group.owner
+        self.counters["finished"] += 1
+        safe_call(self.observer, "on_request_finished", owner.adapter, owner.method, result.finish_reason,
+                  result.prompt_tokens, result.generated_tokens, result.timings["total_s"])
+        owner.finish(result, None)
 
     def _remove_row(self, i: int) -> None:
         """Row i leaves: the last row moves into its place (KV cache and list), its pin is released."""
@@ -303,6 +395,7 @@ class BatchLoop:
         if i != last:
             moved = running[last]
             self.kv.move_row(last, i, len(moved.tokens))
+            self.logits.move_row(last, i)
             running[i] = moved
         running.pop()
         self._release(seq)
@@ -349,6 +442,10 @@ class BatchLoop:
         safe_call(self.observer, "on_unmerge", "ia3", dt)
 
     def _fail(self, seq: Sequence, error: BaseException | None) -> None:
+        if seq.group is not None:  # a row of a request of several: the request fails once
+            seq = seq.group.owner
+            if seq.done:
+                return
         self.counters["failed"] += 1
         safe_call(self.observer, "on_request_failed", seq.adapter,
                   "cancelled" if error is None else type(error).__name__)

@@ -52,6 +52,8 @@ from serve.engine.requests import (
     GenerationRequest,
     GenerationResult,
     TokenEvent,
+    check_vocabulary,
+    rows_of,
     validate_params,
     validate_request,
 )
@@ -264,6 +266,13 @@ class Engine:
             specs = [self.adapter_spec(request.adapter)]
         elif request.merged_adapters is not None:  # validated once here, against the registrations
             regs, _, options = self._combination(request)
+    @functools.cached_property
+    def _grammars(self):
+        """Structured output's compiler for this engine's tokenizer (llguidance's tokenizer built on first use)."""
+        from serve.engine.grammar import GrammarCompiler
+
+        return GrammarCompiler(self.tokenizer, self.parts.model.config.vocab_size, self.parts.eos_token_id)
+
             specs = [r.spec for r in regs] if options.strategy == "linear" else []
         # soft prompt or prefix: both hold KV-cache tokens; only a prompt lengthens the encoder pass
         virtual = sum(s.num_virtual_tokens or 0 for s in specs)
@@ -272,17 +281,19 @@ class Engine:
         if len(ids) > cfg.max_input_tokens:
             raise RequestValidationError("inputs", f"{len(ids)} tokens; this server accepts at most "
                                                    f"{cfg.max_input_tokens} input tokens")
-        cost = len(ids) + virtual + params.max_new_tokens
+        rows = rows_of(params)  # beams or sampled candidates: each a row holding the same token budget
+        cost = (len(ids) + virtual + params.max_new_tokens) * rows
         if cost > cfg.max_batch_tokens:
             raise RequestValidationError("params.max_new_tokens",
-                                         f"input ({len(ids)} tokens) + max_new_tokens exceeds the batch token "
-                                         f"budget {cfg.max_batch_tokens}")
+                                         f"input ({len(ids)} tokens) + max_new_tokens, x {rows} rows, exceeds the "
+                                         f"batch token budget {cfg.max_batch_tokens}")
         seed = params.seed
         if seed is None and params.do_sample:
             seed = secrets.randbits(63)
         seq = Sequence(request=request, params=params, input_ids=ids, seed=seed,
                        deadline=time.perf_counter() + cfg.request_timeout_s, cost_tokens=cost,
-                       prefill_tokens=len(ids) + encoder_virtual)
+                       prefill_tokens=len(ids) + encoder_virtual,
+                       grammar=check_vocabulary(params, self.parts.model.config.vocab_size, self._grammars))
         return seq
 
     def generate(self, requests: list[GenerationRequest], timeout: float | None = None
@@ -335,6 +346,9 @@ class Engine:
         """Async iterator: a TokenEvent per generated token, then the GenerationResult.
         Closing the iterator early (client disconnect) frees the row."""
         seq = self.prepare(request)
+        if (seq.params.best_of or 1) > seq.params.n:
+            raise RequestValidationError("params.best_of", "best_of > n cannot stream: the best candidates are "
+                                                           "known only when all have finished")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seq.on_event = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)

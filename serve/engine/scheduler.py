@@ -23,7 +23,8 @@ OK, WAIT, BLOCKED, FAIL = "ok", "wait", "blocked", "fail"
 
 
 class Schedulable(Protocol):
-    cost_tokens: int  # input + soft prompt + max_new_tokens: what it holds while running
+    cost_tokens: int  # input + soft prompt + max_new_tokens (x rows): what it holds while running
+    rows: int  # batch rows it takes once admitted (beams, sampled candidates; usually 1)
     prefill_tokens: int  # input + soft prompt: the size of its encoder pass
     skips: int
 
@@ -57,10 +58,12 @@ def admit(waiting: Iterable[Schedulable], running_rows: int, running_tokens: int
     for req in waiting:
         if rows_left <= 0 or (admitted and req.prefill_tokens > prefill_left):
             break
-        state = readiness(req) if req.cost_tokens <= tokens_left else BLOCKED
+        width = getattr(req, "rows", 1)
+        fits = req.cost_tokens <= tokens_left and width <= rows_left
+        state = readiness(req) if fits else BLOCKED
         if state == OK:
             admitted.append(req)
-            rows_left -= 1
+            rows_left -= width
             tokens_left -= req.cost_tokens
             prefill_left -= req.prefill_tokens
             for old in overtaken:

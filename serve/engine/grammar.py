@@ -1,0 +1,187 @@
+"""Structured output: a row's grammar (JSON schema, any JSON object, or a regex) as a token mask per step,
+computed by llguidance (the Rust parser behind Guidance; no torch dependency, masks in microseconds).
+
+- `check_grammar_shape`: the request's grammar object, normalized (caller's thread, no tokenizer needed).
+- `GrammarCompiler`: one per engine. Builds llguidance's tokenizer once from the engine's tokenizer (ByT5:
+  token ids 3..258 are the bytes 0..255; a fast HF tokenizer, e.g. T5's SentencePiece: through its
+  tokenizer.json), compiles a request's grammar and refuses an invalid one naming the problem (422).
+- `GrammarRow`: one row's matcher and its next-token bitmask. The batch loop consumes each sampled token and
+  computes the next mask on a worker thread while the model step runs (llguidance releases the GIL).
+
+JSON is compact by default (`whitespace: false`): no free whitespace between tokens, so a model cannot spin
+in whitespace and every constrained output ends within the schema's bounds; `"whitespace": true` allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serve.engine.errors import RequestValidationError
+
+TYPES = ("json", "regex", "json_object")
+FIELD = "params.grammar"
+
+
+def check_grammar_shape(grammar, max_bytes: int) -> dict:
+    """{"type": "json", "value": <schema or its JSON text>} | {"type": "regex", "value": "..."} |
+    {"type": "json_object"} -> the same with the schema parsed; RequestValidationError otherwise."""
+    if not isinstance(grammar, dict):
+        raise RequestValidationError(FIELD, f"must be an object {{\"type\", \"value\"}}, got {type(grammar).__name__}")
+    kind = grammar.get("type")
+    if kind not in TYPES:
+        raise RequestValidationError(f"{FIELD}.type", f"must be one of {', '.join(TYPES)}, got {kind!r}")
+    unknown = set(grammar) - {"type", "value", "whitespace"}
+    if unknown:
+        raise RequestValidationError(FIELD, f"unknown keys {sorted(unknown)}; a grammar has type, value, whitespace")
+    whitespace = grammar.get("whitespace", False)
+    if not isinstance(whitespace, bool):
+        raise RequestValidationError(f"{FIELD}.whitespace", "must be true or false")
+    value = grammar.get("value")
+    if kind == "json_object":
+        value = {"type": "object"}
+    elif kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise RequestValidationError(f"{FIELD}.value", f"the JSON schema is not valid JSON: {e}") from None
+        if not isinstance(value, (dict, bool)):
+            raise RequestValidationError(f"{FIELD}.value", "a JSON schema must be an object (or true)")
+    elif not isinstance(value, str) or not value:
+        raise RequestValidationError(f"{FIELD}.value", "a regex grammar's value must be a non-empty string")
+    size = len(value if isinstance(value, str) else json.dumps(value))
+    if size > max_bytes:
+        raise RequestValidationError(f"{FIELD}.value", f"{size} characters; this server accepts grammars of at "
+                                                       f"most {max_bytes} (max_grammar_bytes)")
+    return {"type": kind, "value": value, "whitespace": whitespace}
+
+
+def _byt5_tokens(tokenizer, vocab: int) -> list[bytes]:
+    """ByT5: ids 3..258 are bytes 0..255; the rest (pad, eos, unk, extra ids, head padding) are special,
+    marked as llguidance marks them (a 0xFF byte before the name), so no grammar ever emits them as text."""
+    out = []
+    for i in range(vocab):
+        if 3 <= i < 259:
+            out.append(bytes([i - 3]))
+        else:
+            name = tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else f"<unused_{i}>"
+            out.append(b"\xff" + str(name).encode())
+    return out
+
+
+class _ByteTokens:
+    """What llguidance.TokenizerWrapper reads: token bytes, special ids, EOS and an encoder (bytes -> ids)."""
+
+    bos_token_id = None
+
+    def __init__(self, tokens: list[bytes], eos: int):
+        self.tokens = tokens
+        self.eos_token_id = eos
+        self.special_token_ids = [i for i, t in enumerate(tokens) if t[:1] == b"\xff"]
+
+    def __call__(self, data: bytes) -> list[int]:
+        return [b + 3 for b in data]
+
+
+class GrammarCompiler:
+    """Compiles grammars for one tokenizer and vocabulary (the LM head's width, which T5 pads past the
+    tokenizer). llguidance's tokenizer is built on first use (~1 s for a 32k SentencePiece vocabulary)."""
+
+    def __init__(self, tokenizer, vocab: int, eos: int):
+        self.tokenizer, self.vocab, self.eos = tokenizer, vocab, eos
+        self._ll = None
+        self._lock = threading.Lock()
+
+    def lltokenizer(self):
+        with self._lock:
+            if self._ll is None:
+                self._ll = self._build()
+            return self._ll
+
+    def _build(self):
+        import llguidance
+
+        tok = self.tokenizer
+        if type(tok).__name__.startswith("ByT5"):
+            return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokens(_byt5_tokens(tok, self.vocab),
+                                                                                  self.eos)), n_vocab=self.vocab)
+        if getattr(tok, "is_fast", False):
+            from llguidance.hf import from_tokenizer
+
+            return from_tokenizer(tok, n_vocab=self.vocab, eos_token=self.eos)
+        raise RequestValidationError(FIELD, f"grammars need a fast tokenizer or ByT5's; this base's tokenizer is "
+                                            f"{type(tok).__name__}")
+
+    def compile(self, grammar: dict):
+        """A matcher for `grammar` (check_grammar_shape's form), in its start state; 422 naming the problem."""
+        import llguidance
+
+        kind, value = grammar["type"], grammar["value"]
+        if kind == "regex":
+            text = llguidance.LLMatcher.grammar_from_regex(value)
+        else:
+            try:
+                text = llguidance.LLMatcher.grammar_from_json_schema(
+                    value, defaults={"whitespace_flexible": grammar["whitespace"]})
+            except ValueError as e:
+                raise RequestValidationError(f"{FIELD}.value", f"invalid JSON schema: {e}") from None
+        ll = self.lltokenizer()
+        error = llguidance.LLMatcher.validate_grammar(text, ll)
+        if error:
+            what = "regex" if kind == "regex" else "JSON schema"
+            raise RequestValidationError(f"{FIELD}.value", f"invalid {what}: {error.strip()}")
+        matcher = llguidance.LLMatcher(ll, text, log_level=0)
+        if matcher.is_error():
+            raise RequestValidationError(f"{FIELD}.value", f"invalid grammar: {matcher.get_error()}")
+        return matcher
+
+
+@dataclass
+class GrammarRow:
+    """One row's parser state and the bitmask of tokens it may take next (bit t of word t // 32)."""
+
+    matcher: object
+    mask: np.ndarray
+
+    @classmethod
+    def start(cls, matcher, vocab: int) -> GrammarRow:
+        row = cls(matcher, np.zeros((vocab + 31) // 32, dtype=np.int32))
+        row.fill()
+        return row
+
+    def fill(self) -> None:
+        self.matcher.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
+
+    def advance(self, token: int) -> None:
+        """Take the sampled token and compute the next mask (the worker thread, during the next model step).
+        A token the grammar refuses (only EOS when it was allowed ends a row) leaves the matcher in error:
+        then only EOS stays allowed, so the row ends."""
+        if not self.matcher.is_stopped():
+            self.matcher.consume_token(token)
+        if self.matcher.is_error():
+            self.mask[:] = 0
+            return
+        self.fill()
+
+    def copy(self) -> GrammarRow:
+        """A beam that continues another beam's text takes an independent copy of its parser."""
+        return GrammarRow(self.matcher.deep_copy(), self.mask.copy())
+
+
+def mask_rows(scores: torch.Tensor, rows: list[int], masks: list[np.ndarray], eos: int) -> None:
+    """Set scores of disallowed tokens to -inf in `rows` (in place). A row whose mask allows nothing (its
+    parser stopped or refused a token) may only end: EOS stays allowed."""
+    vocab = scores.shape[-1]
+    words = torch.from_numpy(np.stack(masks))
+    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = bits.reshape(len(rows), -1)[:, :vocab].bool()
+    empty = ~allowed.any(dim=1)
+    if bool(empty.any()):
+        allowed[empty, eos] = True
+    idx = torch.tensor(rows, device=scores.device)
+    scores[idx] = scores[idx].masked_fill(~allowed.to(scores.device), float("-inf"))

@@ -1,0 +1,129 @@
+"""Beam search per row of the continuous batch: tokens equal HF `generate(num_beams=k, ...)`.
+
+One engine, one batch: beam requests of different widths, length penalties and early_stopping modes, on the
+base and on an adapter of every PEFT kind (and BitFit), beside greedy and sampled rows, joining while other
+rows decode. The oracle is HF's generate: on the base and the merged LoRA its own (KV cache, beam reorder);
+for every kind HF's generate loop driven through the kind's reference forward (tests/beam_oracle.py), the
+only way for prefix tuning (peft's generate drops T5 prefixes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
+from tests.beam_oracle import hf_generate, stepped_generate
+from tests.combination_oracle import model_for
+from tests.peft_zoo import ia3, lora, prefix, prompt
+from tests.serve.engine_helpers import staggered
+
+NEW = 7
+TEXTS = ["the quick brown fox", "summarize: engines batch rows", "hello there"]
+SETTINGS = [  # (num_beams, length_penalty, early_stopping, num_return_sequences, EOS bias)
+    (2, 1.0, False, 1, 0.0), (4, 1.0, False, 2, 0.0), (3, 0.5, True, 3, 3.0), (4, 2.0, "never", 1, 3.0),
+    (4, -1.0, False, 2, 4.0), (2, 1.0, True, 1, 5.0)]
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_base, tmp_path_factory):
+    from adapters import BaseDescription
+    from adapters.bitfit import save_bitfit
+
+    root, m = tmp_path_factory.mktemp("beams"), tiny_base.model
+    g = torch.Generator().manual_seed(3)
+    biases = {p: 0.5 * torch.randn(s[1], generator=g)
+              for p, s in BaseDescription.from_model(m, "t", "t").linear_shapes.items() if p.endswith((".q", ".wo"))}
+    return {"lora": lora(m, root / "lora", 61, r=4, target_modules=["q", "v", "wo"]),
+            "ia3": ia3(m, root / "ia3", 62),
+            "bitfit": save_bitfit(root / "bitfit", biases, base_model_name_or_path=tiny_base.name),
+            "prompt": prompt(m, root / "prompt", 63, 4),
+            "prefix": prefix(m, root / "prefix", 64, 5)}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base_dir, zoo):
+    cfg = EngineConfig(base=str(tiny_base_dir), max_batch_rows=64, max_new_tokens_cap=16, max_input_tokens=64,
+                       max_prefix_tokens=8, request_timeout_s=300, ia3_merge="never",
+                       device_slots={"lora": 2, "ia3": 1, "bitfit": 1, "prompt": 1, "prefix": 1})
+    with Engine.from_config(cfg) as e:
+        for name, path in zoo.items():
+            e.register_adapter(name, path)
+        yield e
+
+
+def _params(k, lp, early, ret, eos_bias) -> GenerationParams:
+    return GenerationParams(max_new_tokens=NEW, num_beams=k, length_penalty=lp, early_stopping=early,
+                            num_return_sequences=ret, logit_bias={1: eos_bias} if eos_bias else None)
+
+
+def _hf_kwargs(k, lp, early, ret, eos_bias) -> dict:
+    kw = dict(max_new_tokens=NEW, num_beams=k, length_penalty=lp, early_stopping=early, num_return_sequences=ret)
+    if eos_bias:
+        kw["sequence_bias"] = {(1,): eos_bias}
+    return kw
+
+
+def _outputs(res) -> list[list[int]]:
+    return [s.token_ids for s in res.sequences] if res.sequences else [res.token_ids]
+
+
+def test_beams_on_the_base_equal_hf_generate_beside_other_rows(engine, tiny_base):
+    reqs, expect = [], []
+    for i, setting in enumerate(SETTINGS):
+        text = TEXTS[i % len(TEXTS)]
+        reqs.append(GenerationRequest(text, params=_params(*setting)))
+        expect.append(hf_generate(tiny_base.model, tiny_base.tokenizer, text, **_hf_kwargs(*setting)))
+        # neighbours: greedy and sampled rows, joining and leaving around the beams
+        reqs.append(GenerationRequest(text, params=GenerationParams(max_new_tokens=3 + i % 4)))
+        expect.append(None)
+        reqs.append(GenerationRequest(text, params=GenerationParams(max_new_tokens=5, do_sample=True, seed=i)))
+        expect.append(None)
+    results = asyncio.run(staggered(engine, reqs))
+    for req, res, want in zip(reqs, results, expect, strict=True):
+        if want is not None:
+            assert _outputs(res) == want, req.params
+            assert res.score is not None and (res.sequences is None) == (req.params.num_return_sequences == 1)
+    assert any(w and w[0][-1] == 1 for w in expect), "some beam should end with EOS"
+    # a greedy row is unchanged by beams beside it
+    alone = engine.generate(GenerationRequest(TEXTS[0], params=GenerationParams(max_new_tokens=3)))
+    assert results[1].token_ids == alone.token_ids
+
+
+def test_beams_on_a_merged_lora_equal_peft_generate(engine, tiny_base, zoo):
+    import copy
+
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(copy.deepcopy(tiny_base.model), str(zoo["lora"])).eval()
+    setting = SETTINGS[1]
+    want = hf_generate(pm, tiny_base.tokenizer, TEXTS[1], **_hf_kwargs(*setting))
+    got = engine.generate(GenerationRequest(TEXTS[1], adapter="lora", params=_params(*setting)))
+    assert _outputs(got) == want
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "bitfit", "prompt", "prefix"])
+def test_beams_for_every_kind_equal_hf_beam_search_over_its_reference(engine, tiny_base, zoo, kind):
+    step = model_for(tiny_base.model, [(zoo[kind], 1.0)])
+    settings = [SETTINGS[1], SETTINGS[2]]
+    reqs = [GenerationRequest(TEXTS[i], adapter=kind, params=_params(*s)) for i, s in enumerate(settings)]
+    reqs.append(GenerationRequest(TEXTS[2], params=_params(*SETTINGS[3])))  # a base beam beside them
+    results = asyncio.run(staggered(engine, reqs))
+    for i, s in enumerate(settings):
+        want = stepped_generate(step, tiny_base.model, tiny_base.tokenizer, TEXTS[i], **_hf_kwargs(*s))
+        assert _outputs(results[i]) == want, (kind, s)
+
+
+def test_beam_stream_sends_the_best_beam(engine):
+    async def run():
+        events = []
+        async for ev in engine.stream(GenerationRequest(TEXTS[0], params=_params(*SETTINGS[1]))):
+            events.append(ev)
+        return events
+
+    events = asyncio.run(run())
+    final = events[-1]
+    assert [e.token_id for e in events[:-1]] == final.token_ids
+    assert "".join(e.text for e in events[:-1]) == final.text
