@@ -2,9 +2,9 @@
 computed by llguidance (the Rust parser behind Guidance; no torch dependency, masks in microseconds).
 
 - `check_grammar_shape`: the request's grammar object, normalized (caller's thread, no tokenizer needed).
-- `GrammarCompiler`: one per engine. Builds llguidance's tokenizer once from the engine's tokenizer (ByT5:
-  token ids 3..258 are the bytes 0..255; a fast HF tokenizer, e.g. T5's SentencePiece: through its
-  tokenizer.json), compiles a request's grammar and refuses an invalid one naming the problem (422).
+- `GrammarCompiler`: one per engine. Builds llguidance's tokenizer once from the engine's tokenizer's token
+  bytes (ByT5: ids 3..258 are the bytes 0..255; T5's SentencePiece: each piece with U+2581 as a space,
+  byte-fallback pieces as bytes; other fast tokenizers through their tokenizer.json), compiles a request's grammar and refuses an invalid one naming the problem (422).
 - `GrammarRow`: one row's matcher and its next-token bitmask. The batch loop consumes each sampled token and
   computes the next mask on a worker thread while the model step runs (llguidance releases the GIL).
 
@@ -15,6 +15,7 @@ in whitespace and every constrained output ends within the schema's bounds; `"wh
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 
@@ -61,21 +62,43 @@ def check_grammar_shape(grammar, max_bytes: int) -> dict:
     return {"type": kind, "value": value, "whitespace": whitespace}
 
 
+def _special(name) -> bytes:
+    """How llguidance marks a special token: a 0xFF byte, then its name (never part of any text)."""
+    return b"\xff" + str(name).encode()
+
+
 def _byt5_tokens(tokenizer, vocab: int) -> list[bytes]:
-    """ByT5: ids 3..258 are bytes 0..255; the rest (pad, eos, unk, extra ids, head padding) are special,
-    marked as llguidance marks them (a 0xFF byte before the name), so no grammar ever emits them as text."""
+    """ByT5: ids 3..258 are the bytes 0..255; the rest (pad, eos, unk, extra ids, head padding) are special."""
     out = []
     for i in range(vocab):
         if 3 <= i < 259:
             out.append(bytes([i - 3]))
         else:
-            name = tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else f"<unused_{i}>"
-            out.append(b"\xff" + str(name).encode())
+            out.append(_special(tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else f"<unused_{i}>"))
     return out
 
 
-class _ByteTokens:
-    """What llguidance.TokenizerWrapper reads: token bytes, special ids, EOS and an encoder (bytes -> ids)."""
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _piece_tokens(tokenizer, vocab: int) -> list[bytes]:
+    """SentencePiece (T5): a piece's text with its word marker U+2581 as the space it decodes to, byte-fallback
+    pieces (<0x0A>) as their byte; special ids, and the LM head's ids past the tokenizer, special."""
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for i in range(vocab):
+        if i >= len(tokenizer) or i in special:
+            out.append(_special(tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else f"<unused_{i}>"))
+            continue
+        piece = tokenizer.convert_ids_to_tokens(i)
+        m = _BYTE_PIECE.fullmatch(piece)
+        out.append(bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode())
+    return out
+
+
+class _TokenTable:
+    """What llguidance.TokenizerWrapper reads: token bytes, special ids, EOS, and an encoder bytes -> ids
+    (greedy longest match over the table: any tokenization whose bytes are the text serves llguidance)."""
 
     bos_token_id = None
 
@@ -83,9 +106,24 @@ class _ByteTokens:
         self.tokens = tokens
         self.eos_token_id = eos
         self.special_token_ids = [i for i, t in enumerate(tokens) if t[:1] == b"\xff"]
+        self._ids: dict[bytes, int] = {}
+        for i, t in enumerate(tokens):
+            if t and t[:1] != b"\xff":
+                self._ids.setdefault(t, i)
+        self._longest = max(map(len, self._ids), default=1)
 
     def __call__(self, data: bytes) -> list[int]:
-        return [b + 3 for b in data]
+        ids, i = [], 0
+        while i < len(data):
+            for j in range(min(len(data), i + self._longest), i, -1):
+                tok = self._ids.get(data[i:j])
+                if tok is not None:
+                    ids.append(tok)
+                    i = j
+                    break
+            else:
+                i += 1  # a byte no token spells: nothing to emit for it
+        return ids
 
 
 class GrammarCompiler:
@@ -108,14 +146,17 @@ class GrammarCompiler:
 
         tok = self.tokenizer
         if type(tok).__name__.startswith("ByT5"):
-            return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokens(_byt5_tokens(tok, self.vocab),
-                                                                                  self.eos)), n_vocab=self.vocab)
-        if getattr(tok, "is_fast", False):
-            from llguidance.hf import from_tokenizer
+            tokens = _byt5_tokens(tok, self.vocab)
+        else:
+            if getattr(tok, "is_fast", False):  # byte-level BPE and the like: llguidance reads tokenizer.json
+                from llguidance.hf import from_tokenizer
 
-            return from_tokenizer(tok, n_vocab=self.vocab, eos_token=self.eos)
-        raise RequestValidationError(FIELD, f"grammars need a fast tokenizer or ByT5's; this base's tokenizer is "
-                                            f"{type(tok).__name__}")
+                try:
+                    return from_tokenizer(tok, n_vocab=self.vocab, eos_token=self.eos)
+                except ValueError:  # e.g. T5's Metaspace decoder, which llguidance does not read
+                    pass
+            tokens = _piece_tokens(tok, self.vocab)
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenTable(tokens, self.eos)), n_vocab=self.vocab)
 
     def compile(self, grammar: dict):
         """A matcher for `grammar` (check_grammar_shape's form), in its start state; 422 naming the problem."""
