@@ -8,6 +8,7 @@ from types import ModuleType
 
 from .adapterhub.config import is_adapterhub_config
 from .base import BaseDescription
+from .chat_template import ChatTemplateError, read_chat_template
 from .errors import UnsupportedAdapterError
 from .format import AdapterFiles, load_tensors, read_adapter_files
 from .kinds import PEFT_TYPES, AdapterKind
@@ -54,6 +55,12 @@ def _inspect(path, base: BaseDescription, limits: AdapterLimits | None, name: st
         raise UnsupportedAdapterError(f"adapter {files.path}: {e}") from None
     if pattern is not None:
         spec = dataclasses.replace(spec, input_pattern=pattern.to_dict())
+    try:  # and the chat template its chat requests are rendered with
+        template = read_chat_template(files.config)
+    except ChatTemplateError as e:
+        raise UnsupportedAdapterError(f"adapter {files.path}: {e}") from None
+    if template is not None:
+        spec = dataclasses.replace(spec, chat_template=template)
     return files, module, spec
 
 

@@ -36,6 +36,8 @@ class AdapterSpec:
     # pattern-based fine-tuning: {"pattern", "verbalizer"} from adapter_config.json (adapters/pattern.py); the
     # server fills the pattern with each raw input (serve/app/patterns.py)
     input_pattern: dict | None = None
+    # /v1/chat/completions: the Jinja template turning messages into this adapter's input (adapters/chat_template.py)
+    chat_template: str | None = None
 
     @property
     def method_name(self) -> str:
