@@ -144,7 +144,8 @@ class EngineReplica:
             events = self.engine.stream(await self._prepare(request))
             async for ev in events:
                 if isinstance(ev, TokenEvent):
-                    yield {"token": self._token(ev.token_id, ev.text, ev.logprob)}
+                    yield {"token": self._token(ev.token_id, ev.text, ev.logprob), "sequence": ev.sequence,
+                           "top": self._alternatives(ev.top)}
                 else:
                     yield {"result": self._result(ev)}
         except Exception as e:  # noqa: BLE001
@@ -197,10 +198,23 @@ class EngineReplica:
         return {"id": int(token_id), "text": text, "logprob": None if logprob is None else float(logprob),
                 "special": int(token_id) in self._special}
 
+    def _alternatives(self, top) -> list[dict] | None:
+        """One token's most likely alternatives (top_n_tokens), each as a token dict."""
+        return None if top is None else [self._token(t, self.tokenizer.decode([t]), lp) for t, lp in top]
+
+    def _tokens(self, token_ids, logprobs) -> list[dict]:
+        logprobs = logprobs or [None] * len(token_ids)
+        return [self._token(t, self.tokenizer.decode([t]), lp) for t, lp in zip(token_ids, logprobs, strict=False)]
+
     def _result(self, r) -> dict:
-        logprobs = r.logprobs or [None] * len(r.token_ids)
-        tokens = [self._token(t, self.tokenizer.decode([t]), lp) for t, lp in zip(r.token_ids, logprobs, strict=False)]
+        tops = [self._alternatives(top) for top in r.top_tokens] if r.top_tokens is not None else None
+        sequences = None if r.sequences is None else [
+            {"text": s.text, "finish_reason": s.finish_reason, "generated_tokens": len(s.token_ids),
+             "tokens": self._tokens(s.token_ids, s.logprobs), "score": s.score,
+             "top_tokens": None if s.top_tokens is None else [self._alternatives(t) for t in s.top_tokens]}
+            for s in r.sequences]
         return {"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-                "generated_tokens": r.generated_tokens, "seed": r.seed, "tokens": tokens,
+                "generated_tokens": r.generated_tokens, "seed": r.seed, "tokens": self._tokens(r.token_ids, r.logprobs),
+                "top_tokens": tops, "sequences": sequences, "score": r.score,
                 "timings": dict(r.timings), "adapters": r.adapters, "merge_strategy": r.merge_strategy,
                 "served_by": {"replica": self.id, "node_id": self.node_id}}
