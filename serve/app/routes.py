@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from serve.app import openai_format as oai
 from serve.app.admin_routes import add_admin_routes
 from serve.app.auth import AuthError, check_bearer
 from serve.app.config import AppConfig
@@ -35,6 +36,8 @@ from serve.app.patterns import patterned_inputs
 from serve.app.schemas import (
     OPENAI_FINISH,
     TGI_FINISH,
+    BestOfSequence,
+    ChatCompletionRequest,
     CompletionRequest,
     MergedAdaptersIn,
     TGIDetails,
@@ -83,7 +86,20 @@ def _is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def _wire_field(request: Request, r: ErrorReply) -> ErrorReply:
+    """The engine names request fields as GenerationParams does (params.top_n_tokens); say them as the body
+    the client sent names them (TGI: parameters.top_n_tokens; OpenAI: logprobs / top_logprobs, max_tokens...)."""
+    if not r.field or not r.field.startswith("params."):
+        return r
+    path = request.url.path
+    field = (oai.openai_field(r.field, chat=path.startswith("/v1/chat")) if _is_openai(request)
+             else "parameters." + r.field[len("params."):])
+    message = field + r.message[len(r.field):] if r.message.startswith(r.field) else r.message
+    return ErrorReply(r.status, r.error_type, message, field=field, retry_after_s=r.retry_after_s)
+
+
 def error_response(request: Request, r: ErrorReply) -> JSONResponse:
+    r = _wire_field(request, r)
     body = openai_body(r) if _is_openai(request) else tgi_body(r)
     return JSONResponse(body, status_code=r.status, headers=headers_for(r))
 
@@ -168,13 +184,24 @@ def served_by(result: dict) -> dict[str, str]:
                                                                                    by.get("node_id"))) if v}
 
 
+_TGI_OPTIONAL = ("repetition_penalty", "frequency_penalty", "presence_penalty", "typical_p", "top_n_tokens",
+                 "min_new_tokens", "logit_bias", "num_beams", "length_penalty", "early_stopping",
+                 "num_return_sequences", "no_repeat_ngram_size")
+
+
 def _tgi_engine_request(req: TGIRequest, adapter: str | None, merged: dict | None = None) -> dict:
     p = req.parameters
+    params = {"max_new_tokens": p.max_new_tokens, "do_sample": p.do_sample,
+              "temperature": 1.0 if p.temperature is None else p.temperature,
+              "top_p": 1.0 if p.top_p is None else p.top_p, "top_k": p.top_k or 0,
+              "seed": p.seed, "stop": list(p.stop), "logprobs": p.details, "grammar": p.engine_grammar()}
+    params.update({name: getattr(p, name) for name in _TGI_OPTIONAL if getattr(p, name) is not None})
+    if p.best_of is not None:  # TGI: the best candidate answers, the others come back in details
+        params["n"] = params["best_of"] = p.best_of
+    if p.return_k_alternatives:
+        params["top_n_tokens"] = max(p.top_n_tokens or 0, p.return_k_alternatives)
     return {"inputs": req.inputs, "adapter": adapter, "merged_adapters": merged, "request_id": uuid.uuid4().hex,
-            "params": {"max_new_tokens": p.max_new_tokens, "do_sample": p.do_sample,
-                       "temperature": 1.0 if p.temperature is None else p.temperature,
-                       "top_p": 1.0 if p.top_p is None else p.top_p, "top_k": p.top_k or 0,
-                       "seed": p.seed, "stop": list(p.stop), "logprobs": p.details}}
+            "params": params}
 
 
 def _tgi_adapter(req: TGIRequest, header_adapter: str | None) -> str | None:
@@ -189,13 +216,29 @@ def _combination_details(result: dict) -> dict:
     return {"merged_adapters": result.get("adapters"), "merge_strategy": result.get("merge_strategy")}
 
 
-def tgi_response(result: dict, details: bool) -> TGIResponse:
+def _with_alternatives(tokens: list[dict], tops: list | None) -> list[dict]:
+    """LoRAX's form of the alternatives: on each token."""
+    if not tops:
+        return tokens
+    return [{**t, "alternative_tokens": [{k: a[k] for k in ("id", "text", "logprob")} for a in alts]}
+            for t, alts in zip(tokens, tops, strict=False)]
+
+
+def tgi_response(result: dict, details: bool, alternatives: bool = False) -> TGIResponse:
     out = TGIResponse(generated_text=result["text"])
+    if alternatives:
+        result = {**result, "tokens": _with_alternatives(result["tokens"], result.get("top_tokens"))}
     if details:
+        others = (result.get("sequences") or [])[1:]  # best_of's other candidates, beams' other returns
         out.details = TGIDetails(finish_reason=TGI_FINISH[result["finish_reason"]],
                                  prompt_tokens=result["prompt_tokens"],
                                  generated_tokens=result["generated_tokens"], seed=result.get("seed"),
-                                 tokens=result["tokens"], **_combination_details(result))
+                                 tokens=result["tokens"], top_tokens=result.get("top_tokens") or [],
+                                 best_of_sequences=[BestOfSequence(
+                                     generated_text=s["text"], finish_reason=TGI_FINISH[s["finish_reason"]],
+                                     generated_tokens=s["generated_tokens"], seed=result.get("seed"),
+                                     tokens=s["tokens"], top_tokens=s.get("top_tokens") or []) for s in others]
+                                 or None, **_combination_details(result))
     return out
 
 
@@ -209,17 +252,17 @@ async def _tgi_stream(backend: Backend, engine_req: dict, request: Request) -> R
     async def body():
         # TGI framing: one event per token; the last token's event also carries generated_text and
         # details, so each token is held back until we know whether it is the last one.
-        event, held = first, None
+        event, held, held_top = first, None, None
         try:
             while True:
                 if "token" in event:
                     if held is not None:
-                        yield sse({"token": held, "generated_text": None, "details": None})
-                    held = event["token"]
+                        yield sse({"token": held, "top_tokens": held_top, "generated_text": None, "details": None})
+                    held, held_top = event["token"], event.get("top")
                 elif "result" in event:
                     r = event["result"]
                     last = held or {"id": 0, "text": "", "logprob": None, "special": True}
-                    yield sse({"token": last, "generated_text": r["text"],
+                    yield sse({"token": last, "top_tokens": held_top, "generated_text": r["text"],
                                "details": {"finish_reason": TGI_FINISH[r["finish_reason"]],
                                            "prompt_tokens": r["prompt_tokens"],
                                            "generated_tokens": r["generated_tokens"], "seed": r.get("seed"),
@@ -250,11 +293,15 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
         engine_req["versions"] = versions or versions_of(record)
         [engine_req["inputs"]] = patterned_inputs(record, [req.inputs], req.parameters.apply_pattern)
         if stream:
+            if (req.parameters.best_of or 1) > 1:  # as TGI: the best candidate is known only at the end
+                raise problem(422, "best_of > 1 cannot stream: the best candidate is known only when all have "
+                                   "finished; use /generate", field="parameters.best_of")
             return await _tgi_stream(backend, engine_req, request)
         reply = await backend.generate(engine_req)
         if "error" in reply:
             return error_response(request, ErrorReply(**reply["error"]))
-        out = tgi_response(reply["result"], req.parameters.details).model_dump()
+        out = tgi_response(reply["result"], req.parameters.details,
+                           alternatives=bool(req.parameters.return_k_alternatives)).model_dump(exclude_none=False)
         return JSONResponse([out] if as_list else out, headers=served_by(reply["result"]))
 
     @app.post("/generate", response_model=TGIResponse, tags=["generation"],
@@ -276,19 +323,6 @@ def _add_generation_routes(app: FastAPI, backend: Backend) -> None:
 
 
 # ---- OpenAI --------------------------------------------------------------------------------------
-
-def _openai_engine_request(req: CompletionRequest, prompt: str, adapter: str | None,
-                           merged: dict | None = None, versions: dict | None = None) -> dict:
-    try:
-        stops = req.stops
-    except ValueError as e:
-        raise problem(422, f"stop: {e}", field="stop") from None
-    temperature = 1.0 if req.temperature is None else req.temperature
-    return {"inputs": prompt, "adapter": adapter, "merged_adapters": merged, "request_id": uuid.uuid4().hex,
-            "versions": versions or {}, "params": {"max_new_tokens": req.max_tokens, "do_sample": temperature > 0,
-                       "temperature": temperature, "top_p": 1.0 if req.top_p is None else req.top_p,
-                       "top_k": 0, "seed": req.seed, "stop": stops, "logprobs": bool(req.logprobs)}}
-
 
 async def _model_to_adapters(backend: Backend, req: CompletionRequest) -> tuple[object | None, dict | None, dict]:
     """(the adapter's registry record, merged_adapters, {id: version}) for the engine. `model` is the base, an
@@ -313,42 +347,73 @@ async def _model_to_adapters(backend: Backend, req: CompletionRequest) -> tuple[
     return record, None, versions_of(record)
 
 
-def _openai_logprobs(result: dict) -> dict:
-    toks = result["tokens"]
-    return {"tokens": [t["text"] for t in toks], "token_logprobs": [t["logprob"] for t in toks],
-            "top_logprobs": None, "text_offset": None}
+def _stops(req) -> list[str]:
+    try:
+        return req.stops
+    except ValueError as e:
+        raise problem(422, f"stop: {e}", field="stop") from None
 
 
 def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
     @app.post("/v1/completions", tags=["openai"], summary="OpenAI completions; model = adapter or base name")
     async def completions(req: CompletionRequest, request: Request, authorization: str | None = Header(None)):
         _generation_auth(backend, authorization)
+        _stops(req)
         record, merged, versions = await _model_to_adapters(backend, req)
         adapter = None if record is None else record.name
         prompts = patterned_inputs(record, req.prompts, req.apply_pattern)
+        want_lp = req.logprobs is not None
+        params = oai.engine_params(req, req.max_tokens, want_lp, req.logprobs or 0, req.best_of)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             if len(req.prompts) != 1:
                 raise problem(422, "stream=true supports one prompt per request", field="prompt")
-            return await _openai_stream(backend, _openai_engine_request(req, prompts[0], adapter, merged, versions),
-                                        request, req.model, cid, created)
-        replies = await asyncio.gather(*(backend.generate(_openai_engine_request(req, p, adapter, merged, versions))
+            return await _openai_stream(backend, oai.engine_request(prompts[0], params, adapter, merged, versions),
+                                        request, _completion_chunk(cid, created, req.model), req.stream_options)
+        replies = await asyncio.gather(*(backend.generate(oai.engine_request(p, params, adapter, merged, versions))
                                          for p in prompts))
         for reply in replies:
             if "error" in reply:
                 return error_response(request, ErrorReply(**reply["error"]))
         results = [r["result"] for r in replies]
-        prompt_tokens = sum(r["prompt_tokens"] for r in results)
-        completion_tokens = sum(r["generated_tokens"] for r in results)
         out = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-               "choices": [{"text": r["text"], "index": i, "finish_reason": OPENAI_FINISH[r["finish_reason"]],
-                            "logprobs": _openai_logprobs(r) if req.logprobs is not None else None}
-                           for i, r in enumerate(results)],
-               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}}
+               "choices": oai.completion_choices(results, want_lp), "usage": oai.usage(results)}
         if merged is not None:  # extension: what the combination resolved to
             out.update(_combination_details(results[0]))
         return JSONResponse(out, headers=served_by(results[0]))
+
+    @app.post("/v1/chat/completions", tags=["openai"],
+              summary="OpenAI chat completions: messages rendered by the adapter's chat template (or FLAN-T5's)")
+    async def chat_completions(req: ChatCompletionRequest, request: Request,
+                               authorization: str | None = Header(None)):
+        from adapters.chat_template import ChatTemplateError
+
+        _generation_auth(backend, authorization)
+        _stops(req)
+        record, merged, versions = await _model_to_adapters(backend, req)
+        adapter = None if record is None else record.name
+        try:
+            text = oai.chat_input([{"role": m.role, "content": m.text()} for m in req.messages], record)
+        except ChatTemplateError as e:
+            raise problem(422, str(e), field="messages") from None
+        if not text:
+            raise problem(422, "the messages render to an empty input; send some text", field="messages")
+        [text] = patterned_inputs(record, [text], req.apply_pattern)
+        params = oai.engine_params(req, req.new_tokens, req.logprobs, (req.top_logprobs or 0) if req.logprobs else 0)
+        engine_req = oai.engine_request(text, params, adapter, merged, versions)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return await _openai_stream(backend, engine_req, request, _chat_chunk(cid, created, req.model),
+                                        req.stream_options, chat=True)
+        reply = await backend.generate(engine_req)
+        if "error" in reply:
+            return error_response(request, ErrorReply(**reply["error"]))
+        result = reply["result"]
+        out = {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+               "choices": oai.chat_choices(result, req.logprobs), "usage": oai.usage([result])}
+        if merged is not None:
+            out.update(_combination_details(result))
+        return JSONResponse(out, headers=served_by(result))
 
     @app.get("/v1/models", tags=["openai"], summary="The base model and every registered adapter")
     async def models(authorization: str | None = Header(None)):
@@ -362,25 +427,59 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
         return {"object": "list", "data": data}
 
 
-async def _openai_stream(backend: Backend, engine_req: dict, request: Request, model: str, cid: str,
-                         created: int) -> Response:
+def _completion_chunk(cid: str, created: int, model: str):
+    def chunk(index: int, token: dict | None, top: list | None, finish: str | None) -> dict:
+        logprobs = None
+        if token is not None and token.get("logprob") is not None:
+            logprobs = {"tokens": [token["text"]], "token_logprobs": [token["logprob"]],
+                        "top_logprobs": None if top is None else [{a["text"]: a["logprob"] for a in top}],
+                        "text_offset": None}
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"text": "" if token is None else token["text"], "index": index, "logprobs": logprobs,
+                             "finish_reason": finish}]}
+    return chunk
+
+
+def _chat_chunk(cid: str, created: int, model: str):
+    started: set[int] = set()
+
+    def chunk(index: int, token: dict | None, top: list | None, finish: str | None) -> dict:
+        delta: dict = {}
+        if index not in started:  # a choice's first chunk names the role
+            started.add(index)
+            delta["role"] = "assistant"
+        if token is not None:
+            delta["content"] = token["text"]
+        logprobs = None
+        if token is not None and token.get("logprob") is not None:
+            logprobs = oai.chat_logprobs([token], None if top is None else [top])
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+    return chunk
+
+
+async def _openai_stream(backend: Backend, engine_req: dict, request: Request, chunk, stream_options: dict | None,
+                         chat: bool = False) -> Response:
+    """SSE: one chunk per token (its output's index for n > 1), then each output's finish chunk, [DONE]."""
     events = backend.stream(engine_req)
     first = await anext(events)
     if "error" in first:
         return error_response(request, ErrorReply(**first["error"]))
-
-    def chunk(text: str, finish: str | None) -> dict:
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
     async def body():
         event = first
         try:
             while True:
                 if "token" in event:
-                    yield sse(chunk(event["token"]["text"], None))
+                    yield sse(chunk(event.get("sequence", 0), event["token"], event.get("top"), None))
                 elif "result" in event:
-                    yield sse(chunk("", OPENAI_FINISH[event["result"]["finish_reason"]]))
+                    result = event["result"]
+                    for i, out in enumerate(oai.outputs_of(result)):
+                        yield sse(chunk(i, None, None, OPENAI_FINISH[out["finish_reason"]]))
+                    if (stream_options or {}).get("include_usage"):
+                        last = chunk(0, None, None, None)
+                        last["choices"], last["usage"] = [], oai.usage([result])
+                        yield sse(last)
                     break
                 else:
                     yield sse(openai_body(ErrorReply(**event["error"])))

@@ -267,9 +267,10 @@ def test_admin_token_required_for_writes(http, zoo):
     ('{"inputs": 5}', 422, "inputs"),                                       # wrong type
     ('{"inputs": "x", "parameters": {"top_p": 1.5}}', 422, "parameters.top_p"),
     ('{"inputs": "x", "parameters": {"max_new_tokens": "many"}}', 422, "parameters.max_new_tokens"),
-    ('{"inputs": "x", "parameters": {"max_new_tokens": 100000}}', 422, "params.max_new_tokens"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": 100000}}', 422, "parameters.max_new_tokens"),
     ('{"inputs": "x", "parameters": {"temperature": -1}}', 422, "parameters.temperature"),
-    ('{"inputs": "x", "parameters": {"repetition_penalty": 1.3}}', 422, "parameters"),
+    ('{"inputs": "x", "parameters": {"repetition_penalty": -1.3}}', 422, "parameters.repetition_penalty"),
+    ('{"inputs": "x", "parameters": {"ignore_eos_token": true}}', 422, "parameters"),
     ('{"inputs": "x", "parameters": {"no_such_param": 1}}', 422, "parameters.no_such_param"),
     ('{"inputs": "x", "parameters": {"adapter_id": "nope"}}', 404, None),
     ('{"inputs": "x", "parameters": {"adapter_id": "../x"}}', 400, None),
@@ -292,8 +293,8 @@ def test_body_over_cap_is_413(http):
 def test_openai_bad_input(http):
     r = http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["message"]
-    r = http.post("/v1/completions", json={"model": "lora-a", "prompt": "x", "n": 2})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+    r = http.post("/v1/completions", json={"model": "lora-a", "prompt": "x", "n": 99})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "n" and "max_n" in r.json()["error"]["message"]
 
 
 def _corrupt(tmp_path, zoo):
@@ -486,3 +487,106 @@ def test_restart_keeps_registry_and_overload_timeout_statuses(server, http):
             assert int(r.headers["Retry-After"]) >= 1
     local.redeploy(build(server["args"]), server["url"])
     assert gen(http, adapter="lora-b").json()["generated_text"] == expected
+
+
+# ---- decoding breadth over HTTP: penalties, beams, best_of, alternatives, grammars, chat ---------------
+
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["color", "n"], "additionalProperties": False}
+
+
+def test_tgi_clients_send_penalties_alternatives_best_of_and_grammars(server, http, tiny_base):
+    from lorax import Client as LoraxClient
+    from text_generation import Client
+    from text_generation.types import Grammar
+
+    from tests.beam_oracle import hf_generate
+
+    text = "translate: hello world"
+    c = Client(server["url"], timeout=60)
+    r = c.generate(text, max_new_tokens=8, repetition_penalty=1.5, top_n_tokens=3, decoder_input_details=False)
+    want = hf_generate(tiny_base.model, tiny_base.tokenizer, text, max_new_tokens=8, repetition_penalty=1.5)[0]
+    assert [t.id for t in r.details.tokens] == want
+    assert len(r.details.top_tokens) == len(want) and all(len(alts) == 3 for alts in r.details.top_tokens)
+    best = c.generate(text, max_new_tokens=6, do_sample=True, best_of=3)
+    assert len(best.details.best_of_sequences) == 2
+    g = c.generate(text, max_new_tokens=32, grammar=Grammar(type="json", value=SCHEMA))
+    assert set(json.loads(g.generated_text)) == {"color", "n"}
+    streamed = list(c.generate_stream(text, max_new_tokens=6, top_n_tokens=2))
+    assert all(len(s.top_tokens) == 2 for s in streamed)
+    lorax = LoraxClient(server["url"], timeout=60)
+    lr = lorax.generate(text, max_new_tokens=32, response_format={"type": "json_object", "schema": SCHEMA},
+                        return_k_alternatives=2)
+    assert json.loads(lr.generated_text)["color"] in ("red", "green")
+    assert all(len(t.alternative_tokens) == 2 for t in lr.details.tokens)
+    beams = gen(http, text, max_new_tokens=6, num_beams=3, num_return_sequences=2, details=True).json()
+    want = hf_generate(tiny_base.model, tiny_base.tokenizer, text, max_new_tokens=6, num_beams=3,
+                       num_return_sequences=2)
+    got = [[t["id"] for t in beams["details"]["tokens"]],
+           [t["id"] for t in beams["details"]["best_of_sequences"][0]["tokens"]]]
+    assert got == want
+
+
+def test_openai_completions_n_best_of_logprobs_and_response_format(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["url"] + "/v1", api_key="unused")
+    c = client.completions.create(model="ia3-a", prompt=["a", "b"], max_tokens=5, n=2, seed=3, logprobs=2)
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
+    # a dict by token text: byte tokens that decode alike (partial UTF-8) share a key, so at most 2
+    assert all(1 <= len(top) <= 2 for ch in c.choices for top in ch.logprobs.top_logprobs)
+    assert all(len(ch.logprobs.top_logprobs) == len(ch.logprobs.tokens) for ch in c.choices)
+    best = client.completions.create(model="ia3-a", prompt="a", max_tokens=5, n=1, best_of=3, seed=3)
+    assert len(best.choices) == 1
+    js = client.completions.create(model="ia3-a", prompt="a", max_tokens=32, temperature=0, presence_penalty=0.5,
+                                   extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                       "name": "x", "schema": SCHEMA, "strict": True}}})
+    assert set(json.loads(js.choices[0].text)) == {"color", "n"}
+
+
+def test_openai_chat_completions_stream_n_logprobs_and_templates(server, http, zoo, tmp_path):
+    import shutil
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["url"] + "/v1", api_key="unused")
+    base = client.models.list().data[0].id
+    one = [{"role": "user", "content": "translate: hello world"}]
+    c = client.chat.completions.create(model=base, messages=one, max_tokens=8, temperature=0)
+    assert c.choices[0].message.content == gen(http, max_new_tokens=8).json()["generated_text"]
+    assert c.choices[0].message.role == "assistant" and c.usage.completion_tokens >= 1
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": [{"type": "text", "text": "bye"}]}]
+    c2 = client.chat.completions.create(model=base, messages=talk, max_tokens=8, temperature=0)
+    rendered = "Be brief.\n\nUser: hi\nAssistant: hello\nUser: bye\nAssistant:"
+    assert c2.choices[0].message.content == gen(http, rendered, max_new_tokens=8).json()["generated_text"]
+    chunks = list(client.chat.completions.create(model=base, messages=one, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == c.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
+    lp = client.chat.completions.create(model=base, messages=one, max_tokens=4, temperature=0, logprobs=True,
+                                        top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 for t in content)
+    two = list(client.chat.completions.create(model=base, messages=one, max_tokens=4, n=2, seed=1, stream=True))
+    assert {ch.choices[0].index for ch in two if ch.choices} == {0, 1}
+    js = client.chat.completions.create(model=base, messages=one, max_tokens=32, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}})
+    assert set(json.loads(js.choices[0].message.content)) == {"color", "n"}
+    # an adapter's own template, recorded at registration and shown in GET /adapters
+    chatty = tmp_path / "chatty"
+    shutil.copytree(zoo["lora-b"], chatty)
+    cfg = json.loads((chatty / "adapter_config.json").read_text())
+    cfg["peftserve_chat_template"] = "Q: {{ messages[-1].content }} A:"
+    (chatty / "adapter_config.json").write_text(json.dumps(cfg))
+    assert register(http, "chatty", chatty).status_code == 201
+    assert http.get("/adapters/chatty").json()["spec"]["chat_template"] == cfg["peftserve_chat_template"]
+    c3 = client.chat.completions.create(model="chatty", messages=one, max_tokens=8, temperature=0)
+    assert c3.choices[0].message.content == gen(http, "Q: translate: hello world A:", adapter="chatty",
+                                                max_new_tokens=8).json()["generated_text"]
+    cfg["peftserve_chat_template"] = "{% for m in messages %}"
+    (chatty / "adapter_config.json").write_text(json.dumps(cfg))
+    bad = register(http, "chatty-bad", chatty)
+    assert bad.status_code == 400 and "peftserve_chat_template" in bad.json()["error"]
