@@ -216,10 +216,11 @@ class BatchLoop:
                 joined = set(map(id, self._running))
                 error = PeftServeError(f"generation failed: {e!r}")
                 for seq in admitted:
-                    if id(seq) in joined:
-                        self._remove_row(self._running.index(seq))
-                    else:
-                        self._release(seq)
+                    for row in seq.group.rows if seq.group is not None else [seq]:  # clones hold pins too
+                        if id(row) in joined:
+                            self._remove_row(self._running.index(row))
+                        else:
+                            self._release(row)
                     self._fail(seq, error)
 
     def _rows(self, seqs: list[Sequence]):

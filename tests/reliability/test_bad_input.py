@@ -82,7 +82,7 @@ CASES = [
     Case("repetition-penalty-neg", "/generate", tgi({"repetition_penalty": -1.3}), 422, "repetition_penalty"),
     Case("best-of-over-cap", "/generate", tgi({"best_of": 99}), 422, "max_n"),
     Case("beams-over-cap", "/generate", tgi({"num_beams": 99}), 422, "max_beams"),
-    Case("beams-times-n-over-rows", "/generate", tgi({"num_beams": 8, "best_of": 2}), 422, "best_of"),
+    Case("beams-times-n-over-rows", "/generate", tgi({"num_beams": 4, "best_of": 2}), 422, "row budget"),
     Case("top-n-tokens-over-cap", "/generate", tgi({"top_n_tokens": 99}), 422, "max_top_n_tokens"),
     Case("grammar-bad-regex", "/generate", tgi({"grammar": {"type": "regex", "value": "(x"}}), 422, "regex"),
     Case("grammar-bad-schema", "/generate", tgi({"grammar": {"type": "json", "value": {"type": "frob"}}}), 422,
