@@ -21,6 +21,9 @@ from serve.app.auth import OPEN_ADMIN_FLAG
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, help="hub id or local T5 directory (default: the embedded base)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default=None,
+                        help="base weights: float32 (CPU default), bfloat16 (GPU default), or int8 (CPU: the base's "
+                             "linears in int8, adapters float32 per row); overrides the config's engine.dtype")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--config", type=Path, default=None, help="Serve config YAML (deploy/*.yaml)")
@@ -61,6 +64,19 @@ def read_config(path: Path | None) -> tuple[dict, dict[str, dict], str | None]:
     return app.get("args") or {}, deployments, doc.get("proxy_location")
 
 
+def _one_line(error: ValueError) -> str:
+    """pydantic's multi-line report as `field.path: problem; ...` (a CLI error is one line)."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return " ".join(str(error).split())
+    parts = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        parts.append(f"{where}: {str(err.get('msg', 'invalid value')).removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
 def build_from_args(args) -> tuple[object, dict]:
     from serve.app.config import AppConfig
     from serve.engine import ConfigError
@@ -68,6 +84,8 @@ def build_from_args(args) -> tuple[object, dict]:
     app_args, deployments, _ = read_config(args.config)
     if args.base is not None:
         app_args.setdefault("engine", {})["base"] = args.base
+    if args.dtype is not None:
+        app_args.setdefault("engine", {})["dtype"] = args.dtype
     if args.no_demo_adapters:
         app_args["demo_adapters"] = False
     if args.allow_source_dir:
@@ -77,7 +95,7 @@ def build_from_args(args) -> tuple[object, dict]:
     try:
         config = AppConfig.model_validate(app_args)
     except ValueError as e:
-        raise ConfigError(f"invalid configuration: {e}") from None
+        raise ConfigError(f"invalid configuration: {_one_line(e)}") from None
     if args.replicas is not None:
         if args.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")

@@ -139,7 +139,34 @@ class Engine:
             model.to(config.device)
         engine = cls(config, base, observer)
         engine.device_map = plan
+        engine.warm_up()
         return engine
+
+    def warm_up(self, rows: int = 8, tokens: int = 8) -> float:
+        """One encoder pass and two decoder steps over `rows` base rows, straight through the decode functions
+        (no request, no metrics), so that a server's first request does not pay for first-call work: kernel
+        libraries' lazily built kernels and buffers (MKL, oneDNN primitives for the int8 base), the KV cache's
+        first touch. Runs before `from_config` returns, i.e. before /health reports ready. Returns seconds."""
+        from adapters import RowAdapters
+        from serve.engine.decode import decode_step, encode, prefill_cross
+
+        t0 = time.perf_counter()
+        rows = max(1, min(rows, self.config.max_batch_rows))
+        tokens = max(1, min(tokens, self.config.max_input_tokens))
+        base_rows = RowAdapters.from_rows((None,) * rows)
+        emb_dev = self.slots.embedding.weight.device
+        ids = torch.full((rows, tokens), self.parts.eos_token_id, dtype=torch.long, device=emb_dev)
+        mask = torch.ones(rows, tokens, dtype=torch.long, device=emb_dev)
+        embeds, mask = self.slots.encoder_inputs(ids, mask, base_rows)
+        self.slots.set_rows(base_rows, token_mask=mask)
+        prefill_cross(self.parts, self.kv, list(range(rows)), encode(self.parts, embeds, mask), mask)
+        self.slots.set_rows(base_rows)
+        token = torch.full((rows,), self.parts.decoder_start_token_id, dtype=torch.long)
+        for position in range(min(2, self.config.max_new_tokens_cap)):
+            token = decode_step(self.parts, self.kv, token, torch.full((rows,), position)).argmax(-1)
+        self.slots.set_rows(None)
+        self.warm_up_s = time.perf_counter() - t0
+        return self.warm_up_s
 
     def close(self) -> None:
         """Stop the loop: waiting and running requests fail with EngineClosedError."""
@@ -239,6 +266,13 @@ class Engine:
         return resolve(request.merged_adapters, self._lookup, self.config.max_combined_adapters,
                        self.config.device_slots.get("lora", 0))
 
+    @functools.cached_property
+    def _grammars(self):
+        """Structured output's compiler for this engine's tokenizer (llguidance's tokenizer built on first use)."""
+        from serve.engine.grammar import GrammarCompiler
+
+        return GrammarCompiler(self.tokenizer, self.parts.model.config.vocab_size, self.parts.eos_token_id)
+
     def _resolve_terms(self, seq: Sequence) -> tuple[Term, ...]:
         """The loop thread, at admission: the row's terms against the registrations now (newest versions)."""
         request = seq.request
@@ -266,13 +300,6 @@ class Engine:
             specs = [self.adapter_spec(request.adapter)]
         elif request.merged_adapters is not None:  # validated once here, against the registrations
             regs, _, options = self._combination(request)
-    @functools.cached_property
-    def _grammars(self):
-        """Structured output's compiler for this engine's tokenizer (llguidance's tokenizer built on first use)."""
-        from serve.engine.grammar import GrammarCompiler
-
-        return GrammarCompiler(self.tokenizer, self.parts.model.config.vocab_size, self.parts.eos_token_id)
-
             specs = [r.spec for r in regs] if options.strategy == "linear" else []
         # soft prompt or prefix: both hold KV-cache tokens; only a prompt lengthens the encoder pass
         virtual = sum(s.num_virtual_tokens or 0 for s in specs)
@@ -388,6 +415,7 @@ class Engine:
             "scheduling": cfg.scheduling, "ia3_merge": cfg.ia3_merge,
             "head_weight_major_rows": sorted(self.parts.head_weight_major),
             "optimizations": dict(self.optimizations),
+            "warm_up_s": round(getattr(self, "warm_up_s", 0.0), 3),
             "limits": {"max_batch_rows": cfg.max_batch_rows, "max_batch_tokens": cfg.max_batch_tokens,
                        "max_input_tokens": cfg.max_input_tokens, "max_new_tokens": cfg.max_new_tokens_cap,
                        "max_stop_sequences": cfg.max_stop_sequences, "max_queue": cfg.max_queue,

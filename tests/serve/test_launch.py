@@ -32,6 +32,7 @@ def _serve(args: list[str], home: Path, **kw) -> subprocess.Popen:
     (["--host", "0.0.0.0"], "set PEFTSERVE_ADMIN_TOKEN"),
     (["--config", "/no/such.yaml"], "cannot read config /no/such.yaml"),
     (["--allow-source-dir", "/no/such/adapters"], "allowed source directory /no/such/adapters does not exist"),
+    (["--dtype", "int8", "--config", "deploy/flan-t5-xl-4xa10.yaml"], "dtype int8 runs on the CPU only"),
 ])
 def test_knowable_errors_are_one_line_before_ray_starts(args, needle, tmp_path):
     t0 = time.monotonic()
