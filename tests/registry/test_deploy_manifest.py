@@ -21,6 +21,9 @@ def test_rayservice_manifest_is_a_valid_multi_node_deployment():
     ServeDeploySchema.model_validate(serve_config)
     config = AppConfig.model_validate(serve_config["applications"][0]["args"])
     assert config.store_url.startswith("s3://") and config.registry_url is None  # the password stays in a secret
+    engine = {d["name"]: d for d in serve_config["applications"][0]["deployments"]}["EngineReplica"]
+    assert engine["max_replicas_per_node"] == 1 and "num_replicas" not in engine
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(engine["autoscaling_config"])
     cluster = doc["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for pod in pods:
