@@ -13,6 +13,8 @@ Sections (each can be selected with --only; a failing section is recorded, not f
   engine, rounds alternated (loadtests/methods.py).
 - combinations: a weighted LoRA pair per row next to one LoRA per row; a ties combination's first request
   against a warm one (loadtests/combinations.py).
+- decoding: every row with penalties, or with a JSON grammar, against the same batch plain; beam search 4 on 8
+  requests against 32 greedy rows (loadtests/decoding.py).
 
 A run of some sections (--only) into a directory that holds an earlier results.json of the same preset
 keeps that file's other sections (named under `kept_from_earlier`), so one section can be re-measured
@@ -31,13 +33,13 @@ from pathlib import Path
 
 from loadtests import report
 from loadtests.measure import distribution, machine, quiet_libraries, result_cell, timed_cell
-from loadtests.presets import KINDS, Preset
+from loadtests.presets import KINDS, SECTIONS, Preset
 from loadtests.workload import ensure_base, make_adapters, make_requests, random_texts
 
-SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods", "combinations")
 # section -> its key in results.json
 RESULT_KEYS = {"throughput": "throughput", "swap": "swap", "batching": "batching", "idle": "idle_adapters",
-               "serving": "serving", "methods": "methods", "combinations": "combinations"}
+               "serving": "serving", "methods": "methods", "combinations": "combinations", "runtime": "runtime",
+               "decoding": "decoding"}
 OFFERED_LOAD = 3.0  # batching section: Poisson rate / estimated capacity
 
 
@@ -221,7 +223,7 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
     results["decode_bytes"] = _decode_bytes(preset, base_dir)
     # the serving section alone needs two adapters per kind, not the sweep's hundreds; the methods section
     # writes (or finds cached) its own
-    others = set(sections) - {"methods", "combinations"}
+    others = set(sections) - {"methods", "combinations", "runtime", "decoding"}
     paths = adapters_for(preset, base_dir, work, top=2 if others == {"serving"} else None) if others else {}
     torch_dtype = getattr(torch, preset.dtype)
     capacity = None
@@ -250,6 +252,14 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                 from loadtests.combinations import combinations
 
                 results["combinations"] = combinations(preset, base_dir, work, out)
+            elif section == "runtime":
+                from loadtests.runtime import runtime
+
+                results["runtime"] = runtime(preset, base_dir, work, out)
+            elif section == "decoding":
+                from loadtests.decoding import decoding
+
+                results["decoding"] = decoding(preset, base_dir, work, out)
         except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' numbers
             traceback.print_exc()
             results["skipped"].append({"what": section, "why": f"{type(e).__name__}: {e}"})

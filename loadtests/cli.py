@@ -4,6 +4,7 @@
     peftserve bench --preset tiny --only swap,idle          # some sections (others kept from an earlier run)
     peftserve bench --preset cpu-small --threads 1 --only serving   # HTTP via Ray Serve / in-process engine
     peftserve bench --preset cpu-small --threads 1 --only methods   # DoRA, AdaLoRA, P-tuning vs LoRA / prompt
+    peftserve bench --preset cpu-small --only runtime       # base decode vs CTranslate2, int8, adapters on it
     peftserve bench --preset cpu-small --http start         # start a loopback server, run the locust scenarios
     peftserve bench --preset cpu-small --http http://127.0.0.1:8000   # against a running server
     peftserve bench --registry [--only sync]                # multi-node registry (PostgreSQL + S3)
@@ -16,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods", "combinations")
+from loadtests.presets import SECTIONS
 
 
 class BenchArgumentError(ValueError):

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 KINDS = ("lora", "ia3", "bitfit", "prompt")
+# sections of the in-process run (`peftserve bench --only`), in run order
+SECTIONS = ("throughput", "swap", "batching", "idle", "serving", "methods", "combinations", "runtime",
+            "decoding")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,13 @@ class Preset:
     serving_concurrency: int = 64  # concurrent requests per round (and max_batch_rows on both sides)
     serving_new_tokens: int = 32
     serving_rounds: int = 5  # timed (engine, http) pairs after one untimed warm-up pair
+    # Runtime (issue 23): base decode vs CTranslate2, (rows, input tokens, new tokens) per shape, the first judged;
+    # rounds per cycle and cycles (float32 engine, CTranslate2, int8 engine); training steps of the base whose
+    # greedy outputs the int8/float32 agreement is measured on (loadtests/trained_base.py)
+    runtime_shapes: tuple[tuple[int, int, int], ...] = ((32, 32, 32), (32, 64, 16), (8, 32, 32), (1, 32, 32))
+    runtime_rounds: int = 3
+    runtime_cycles: int = 2
+    trained_base_steps: int = 400
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -69,7 +79,8 @@ PRESETS: dict[str, Preset] = {
         peer_distinct=(1, 4), swap_samples=5, first_token_samples=2, poisson_requests=8, poisson_rate=40.0,
         out_len=(2, 8), max_batch_rows=4, idle_adapters=100, http_adapters=(10,), http_requests=12,
         http_users=2, http_seconds=20.0, http_new_tokens=2, serving_concurrency=8, serving_new_tokens=8,
-        serving_rounds=2,
+        serving_rounds=2, runtime_shapes=((4, 12, 4), (1, 12, 4)), runtime_rounds=1, runtime_cycles=1,
+        trained_base_steps=30,
     ),
     # flan-t5-small shape on 2 CPU cores: a few minutes.
     "cpu-small": Preset(name="cpu-small", base_preset="flan-t5-small", device="cpu", dtype="float32"),
