@@ -38,7 +38,7 @@ class RoutingBenchConfig:
     zipf_s: float = 1.0
     replicas: int = 2
     resident: int = 16  # adapters each replica's host cache holds (and advertises)
-    device_slots: int = 4  # LoRA slots per replica
+    device_slots: int = 8  # LoRA slots per replica
     lora_rank: int = 4
     concurrency: int = 16
     warmup_requests: int = 600
@@ -103,11 +103,22 @@ async def _send(url: str, names: list[str], cfg: RoutingBenchConfig) -> dict:
 
 
 def _cache_counts(url: str) -> dict[str, float]:
-    from loadtests.metrics_scrape import COUNTERS, _sum, scrape
+    """Cache hits/misses per tier summed over replicas, and finished requests per engine replica."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    s = scrape(url)
-    return {f"{what}_{tier}": _sum(s, COUNTERS[what], tier=tier) for what in ("hits", "misses")
-            for tier in ("device", "host")}
+    from loadtests.metrics_scrape import COUNTERS, _sum, parse
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    s = parse(text)
+    out = {f"{what}_{tier}": _sum(s, COUNTERS[what], tier=tier) for what in ("hits", "misses")
+           for tier in ("device", "host")}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == COUNTERS["requests"]:
+                key = f"requests@{sample.labels['replica']}"
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
 
 
 def measure(url: str, warmup: list[str], names: list[str], cfg: RoutingBenchConfig) -> dict:
@@ -119,9 +130,10 @@ def measure(url: str, warmup: list[str], names: list[str], cfg: RoutingBenchConf
     out = asyncio.run(_send(url, names, cfg))
     time.sleep(1.5)
     after = _cache_counts(url)
-    d = {k: after[k] - before[k] for k in after}
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
     lookups = d["hits_device"] + d["misses_device"]  # one device lookup per request (host only on a miss)
-    out["cache"] = d
+    out["requests_per_replica"] = sorted((round(v) for k, v in d.items() if k.startswith("requests@")), reverse=True)
+    out["cache"] = {k: v for k, v in d.items() if not k.startswith("requests@")}
     out["device_hit_rate"] = d["hits_device"] / lookups if lookups else None
     out["resident_hit_rate"] = (d["hits_device"] + d["hits_host"]) / lookups if lookups else None
     out["adapters_per_replica"] = sorted(r["adapters"] for r in httpx.get(f"{url}/info", timeout=30).json()["replicas"])
@@ -171,13 +183,15 @@ def run_routing_bench(out: Path, work: Path, cfg: RoutingBenchConfig = RoutingBe
                     url = local.start(app, port=local.free_port(), num_cpus=2, ready_timeout_s=300)
                     log(f"registering {len(paths)} adapters")
                     _register_all(url, paths)
-                else:
-                    local.redeploy(app, url, ready_timeout_s=300)
+                # fresh replicas for every measured mode: none starts with the adapters its registration
+                # prefetched, each registers what its own requests need
+                local.redeploy(app, url, ready_timeout_s=300)
                 cell = {"round": r, "mode": mode, **measure(url, warmup, measured, cfg)}
                 results["rounds"].append(cell)
                 log(f"round {r} {mode}: device hit {cell['device_hit_rate']:.3f}, resident hit "
                     f"{cell['resident_hit_rate']:.3f}, {cell['requests_per_s']:.1f} req/s, "
-                    f"p99 {cell['p99_latency_s'] * 1e3:.0f} ms, adapters per replica {cell['adapters_per_replica']}, "
+                    f"p99 {cell['p99_latency_s'] * 1e3:.0f} ms, requests per replica {cell['requests_per_replica']}, "
+                    f"adapters per replica {cell['adapters_per_replica']}, "
                     f"statuses {cell['statuses']}")
     finally:
         if url is not None:
