@@ -2,8 +2,8 @@
 
 CTranslate2's converter needs transformers 4 and its own torch; neither may enter the project's venv
 (transformers 5 there). So, as with the AdapterHub oracle (tests/adapterhub/oracle_venv.py):
-- `ct2_python()` builds the venv once (torch 2.13.0 first: pip takes the local CPU wheel where there is one)
-  under $PEFTSERVE_CT2_VENV or ~/.cache/peftserve/ct2-venv, file-locked;
+- `ct2_python()` builds the venv once (loadtests/side_venv.py) under $PEFTSERVE_CT2_VENV or
+  ~/.cache/peftserve/ct2-venv;
 - `convert(base_dir, out)` runs `ct2-transformers-converter` on the same base the engine serves;
 - `Ct2Worker` runs loadtests/ct2_worker.py in that venv and talks JSON lines to it: the model is loaded once
   and the bench alternates rounds between the engine and CTranslate2 in one run.
@@ -11,18 +11,16 @@ CTranslate2's converter needs transformers 4 and its own torch; neither may ente
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from loadtests.side_venv import ensure_venv
+
 CT2_VERSION = "4.8.5"  # the version issue 23 measured against
-TORCH = "torch==2.13.0"
 PINS = (f"ctranslate2=={CT2_VERSION}", "transformers==4.57.6", "sentencepiece", "protobuf")
-READY = ".peftserve-ct2-ready"
 WORKER = Path(__file__).with_name("ct2_worker.py")
 
 
@@ -34,24 +32,7 @@ def venv_dir() -> Path:
 
 def ct2_python(progress=print) -> str:
     """The CTranslate2 venv's python, creating the venv first if needed (a few minutes, once)."""
-    root = venv_dir()
-    python, stamp = root / "bin" / "python", root / READY
-    want = " ".join((TORCH, *PINS))
-    if stamp.is_file() and stamp.read_text() == want:
-        return str(python)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / (root.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.is_file() and stamp.read_text() == want:
-            return str(python)
-        progress(f"building the CTranslate2 venv at {root} (once: {', '.join(PINS)})")
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, TORCH], check=True)
-        subprocess.run([*pip, *PINS], check=True)
-        stamp.write_text(want)
-    return str(python)
+    return ensure_venv(venv_dir(), PINS, progress)
 
 
 def convert(base_dir: Path, out: Path) -> Path:

@@ -10,15 +10,12 @@ so pip takes the local CPU wheel where there is one (a bare `torch` pulls severa
 
 from __future__ import annotations
 
-import fcntl
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from loadtests.side_venv import ensure_venv
+
 PINS = ("transformers==4.57.6", "adapters==1.3.0", "safetensors")
-TORCH = "torch==2.13.0"
-READY = ".peftserve-oracle-ready"
 
 
 def venv_dir() -> Path:
@@ -28,24 +25,7 @@ def venv_dir() -> Path:
 
 def oracle_python() -> str:
     """Path of the oracle venv's python, creating the venv first if needed (file-locked: parallel tests wait)."""
-    root = venv_dir()
-    python = root / "bin" / "python"
-    stamp = root / READY
-    want = " ".join((TORCH, *PINS))
-    if stamp.is_file() and stamp.read_text() == want:
-        return str(python)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / (root.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.is_file() and stamp.read_text() == want:
-            return str(python)
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, TORCH], check=True)
-        subprocess.run([*pip, *PINS], check=True)
-        stamp.write_text(want)
-    return str(python)
+    return ensure_venv(venv_dir(), PINS)
 
 
 if __name__ == "__main__":
