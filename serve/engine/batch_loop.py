@@ -53,7 +53,7 @@ class BatchLoop:
         self.cache, self._resolve, self._wake = cache, resolve, wake
         self.detokenizer = Detokenizer(tokenizer)
         self.vocab = parts.model.config.vocab_size  # the LM head's width (T5 pads it past the tokenizer)
-        self.logits = LogitsPipeline(config.max_batch_rows, parts.decoder_start_token_id, parts.eos_token_id)
+        self.logits = LogitsPipeline(parts.decoder_start_token_id, parts.eos_token_id)
         self._inbox: deque[Sequence] = deque()
         self._inbox_lock = threading.Lock()
         self._queued = 0  # waiting + inbox, for the queue bound
@@ -273,8 +273,6 @@ class BatchLoop:
         for s in joining:
             s.t_admit = now
             s.start(start, self.vocab)
-            if s.proc is not None:
-                self.logits.join(len(self._running), s.proc, self.vocab, self.kv.cross_bias.device)
             self._running.append(s)
             if s.index == 0:
                 safe_call(self.observer, "on_request_admitted", s.adapter, s.method, now - s.t_submit)
@@ -310,6 +308,7 @@ class BatchLoop:
             if s.group is not None and s.group.search is not None:
                 groups.setdefault(id(s.group), (s.group, [None] * len(s.group.rows)))[1][s.index] = i
         if groups:  # HF's beam search processes (and scores) log-probabilities, not logits
+            logits = logits.contiguous()  # the LM head may return a transposed view (decode.project_vocab)
             beam_rows = torch.tensor([i for _, idx in groups.values() for i in idx], device=logits.device)
             logits[beam_rows] = torch.log_softmax(logits[beam_rows], dim=-1)
         scores = self.logits.process(logits, [s.proc for s in running], [len(s.tokens) for s in running])
@@ -355,7 +354,6 @@ class BatchLoop:
                                            [(r.tokens, r.logprobs) for r in rows])
         if src != list(range(len(rows))):
             self.kv.copy_rows(idx, [idx[b] for b in src], len(rows[0].tokens) + 1)
-            self.logits.copy_rows(idx, [idx[b] for b in src])
             state = [(list(rows[b].tokens), list(rows[b].logprobs), rows[b].proc) for b in src]
             taken = set()
             for row, (tokens, lp, proc) in zip(rows, state, strict=True):
@@ -396,7 +394,6 @@ class BatchLoop:
         if i != last:
             moved = running[last]
             self.kv.move_row(last, i, len(moved.tokens))
-            self.logits.move_row(last, i)
             running[i] = moved
         running.pop()
         self._release(seq)

@@ -215,14 +215,18 @@ class GrammarRow:
 
 
 def mask_rows(scores: torch.Tensor, rows: list[int], masks: list[np.ndarray], eos: int) -> None:
-    """Set scores of disallowed tokens to -inf in `rows` (in place). A row whose mask allows nothing (its
-    parser stopped or refused a token) may only end: EOS stays allowed."""
+    """Set scores of disallowed tokens to -inf in `rows` (in place, `scores` contiguous). A row whose mask
+    allows nothing (its parser stopped or refused a token) may only end: EOS stays allowed."""
     vocab = scores.shape[-1]
-    words = torch.from_numpy(np.stack(masks))
-    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
-    allowed = bits.reshape(len(rows), -1)[:, :vocab].bool()
-    empty = ~allowed.any(dim=1)
-    if bool(empty.any()):
-        allowed[empty, eos] = True
+    words = np.stack(masks)
+    allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # bit t of word t // 32
+    empty = ~allowed.any(axis=1)
+    if empty.any():
+        allowed[empty, eos] = 1
+    refused = torch.from_numpy(allowed).to(scores.device) == 0
+    n = len(rows)
+    if rows == list(range(n)):  # rows [0, n): in place on the slice
+        scores[:n].masked_fill_(refused, float("-inf"))
+        return
     idx = torch.tensor(rows, device=scores.device)
-    scores[idx] = scores[idx].masked_fill(~allowed.to(scores.device), float("-inf"))
+    scores.index_copy_(0, idx, scores.index_select(0, idx).masked_fill_(refused, float("-inf")))

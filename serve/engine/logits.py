@@ -8,10 +8,11 @@ start token counts as seen, as in HF), OpenAI's frequency and presence penalties
 minus penalty once seen; generated tokens only), no-repeat n-grams, minimum new tokens (EOS masked), then
 the grammar mask. A batch where no row uses a feature pays nothing for it.
 
-Token counts live on the logits' device as one [max_rows, vocab] tensor indexed by KV-cache row, allocated
-when a row first needs it, and follow the cache's compaction (`move_row`) and beam reordering
-(`copy_rows`). Grammar masks for the next step are computed on a worker thread while the model step runs
-(`observe` starts them, `process` waits for them).
+Penalties are sparse: a row keeps {token: count} of what it generated (a few hundred entries at most, not a
+vocabulary-wide row), so a step gathers only the seen (row, token) scores, penalizes them and scatters them back
+- O(seen tokens), not O(rows x vocab). The state lives on the row and moves with it (the KV cache's compaction
+moves rows, beams fork their parent's). Grammar masks for the next step are computed on a worker thread while
+the model step runs (`observe` starts them, `process` waits for them).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RowLogits:
     # no_repeat_ngram_size: (n-1)-token prefix -> tokens that followed it, over decoder start + generated
     ngrams: dict = field(default_factory=dict)
     history: list[int] = field(default_factory=list)
+    seen: dict[int, int] = field(default_factory=dict)  # generated token -> count (penalties)
 
     @classmethod
     def of(cls, params, start_token: int, grammar: GrammarRow | None = None) -> RowLogits:
@@ -78,15 +80,14 @@ class RowLogits:
         """An independent copy for a beam that continues this row."""
         return RowLogits(self.repetition, self.frequency, self.presence, self.ngram, self.min_new, self.bias,
                          None if self.grammar is None else self.grammar.copy(),
-                         {k: set(v) for k, v in self.ngrams.items()}, list(self.history))
+                         {k: set(v) for k, v in self.ngrams.items()}, list(self.history), dict(self.seen))
 
 
 class LogitsPipeline:
-    """The running rows' logits processing; owned by the batch loop thread (rows = KV-cache rows)."""
+    """The running rows' logits processing; owned by the batch loop thread."""
 
-    def __init__(self, max_rows: int, start_token: int, eos_token: int):
-        self.max_rows, self.start, self.eos = max_rows, start_token, eos_token
-        self.counts: torch.Tensor | None = None  # [max_rows, vocab] float32, once a row needs it
+    def __init__(self, start_token: int, eos_token: int):
+        self.start, self.eos = start_token, eos_token
         self._pending: Future | None = None
         self._worker: ThreadPoolExecutor | None = None
 
@@ -94,23 +95,6 @@ class LogitsPipeline:
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)
 
-    # ---- rows --------------------------------------------------------------------------------------
-    def join(self, row: int, proc: RowLogits, vocab: int, device) -> None:
-        if proc.counts:
-            if self.counts is None:
-                self.counts = torch.zeros(self.max_rows, vocab, dtype=torch.float32, device=device)
-            self.counts[row].zero_()
-
-    def move_row(self, src: int, dst: int) -> None:
-        if self.counts is not None:
-            self.counts[dst] = self.counts[src]
-
-    def copy_rows(self, dst: list[int], src: list[int]) -> None:
-        """Beam reordering: rows `dst` take the counts of rows `src` (read before any is written)."""
-        if self.counts is not None:
-            self.counts[torch.tensor(dst)] = self.counts[torch.tensor(src)]
-
-    # ---- per step ----------------------------------------------------------------------------------
     def process(self, logits: torch.Tensor, procs: list[RowLogits], generated: list[int]) -> torch.Tensor:
         """Processed scores [n, vocab] for rows [0, n) (`generated`: each row's token count so far); `logits`
         itself when no row processes anything."""
@@ -118,7 +102,7 @@ class LogitsPipeline:
         if not active:
             return logits
         self.wait()
-        scores = logits.clone()
+        scores = logits.clone(memory_format=torch.contiguous_format)
         dev = scores.device
         biased = [i for i in active if procs[i].bias is not None]
         if biased:
@@ -129,7 +113,7 @@ class LogitsPipeline:
                               torch.tensor(values, device=dev, dtype=scores.dtype), accumulate=True)
         counted = [i for i in active if procs[i].counts]
         if counted:
-            self._penalize(scores, [procs[i] for i in counted], counted)
+            self._penalize(scores, procs, counted)
         bans = [(i, t) for i in active if procs[i].ngram for t in procs[i].banned()]
         bans += [(i, self.eos) for i in active if generated[i] < procs[i].min_new]
         if bans:
@@ -141,41 +125,48 @@ class LogitsPipeline:
         return scores
 
     def _penalize(self, scores: torch.Tensor, procs: list[RowLogits], rows: list[int]) -> None:
-        n = len(rows)
-        dev = scores.device
-        whole = rows == list(range(n))  # rows [0, n): slices, no gather
-        idx = None if whole else torch.tensor(rows, device=dev)
-        counts = self.counts[:n] if whole else self.counts.index_select(0, idx)
-        x = scores[:n] if whole else scores.index_select(0, idx)
-        seen = counts > 0
-        rep = [p.repetition for p in procs]
-        if any(r != 1.0 for r in rep):
-            r = torch.tensor(rep, device=dev, dtype=x.dtype)[:, None]
-            hit = seen.clone()
-            hit[:, self.start] = True
-            x = torch.where(hit, torch.where(x < 0, x * r, x / r), x)
-        freq, pres = [p.frequency for p in procs], [p.presence for p in procs]
-        if any(freq):
-            x = x - torch.tensor(freq, device=dev, dtype=x.dtype)[:, None] * counts
-        if any(pres):
-            x = x - torch.tensor(pres, device=dev, dtype=x.dtype)[:, None] * seen
-        if whole:
-            scores[:n] = x
-        else:
-            scores.index_copy_(0, idx, x)
+        """The seen (row, token) scores, gathered flat: repetition (seen, decoder start included), then
+        frequency x count and presence once seen."""
+        vocab = scores.shape[-1]
+        flat_idx, counts, rep, freq, pres = [], [], [], [], []
+        for i in rows:
+            p = self._pairs(procs[i])
+            for tok, c in p:
+                flat_idx.append(i * vocab + tok)
+                counts.append(c)
+            m = len(p)
+            q = procs[i]
+            rep += [q.repetition] * m
+            freq += [q.frequency] * m
+            pres += [q.presence] * m
+        if not flat_idx:
+            return
+        dev, dt = scores.device, scores.dtype
+        idx = torch.tensor(flat_idx, device=dev, dtype=torch.long)
+        flat = scores.view(-1)
+        x = flat.index_select(0, idx)
+        r = torch.tensor(rep, device=dev, dtype=dt)
+        x = torch.where(x < 0, x * r, x / r)
+        c = torch.tensor(counts, device=dev, dtype=dt)
+        x = x - torch.tensor(freq, device=dev, dtype=dt) * c - torch.tensor(pres, device=dev, dtype=dt) * (c > 0)
+        flat.index_copy_(0, idx, x)
+
+    def _pairs(self, p: RowLogits) -> list[tuple[int, int]]:
+        """A row's (token, count) pairs to penalize: what it generated, plus the decoder start token (count 0:
+        only the repetition penalty sees it, as HF's does) when it uses one."""
+        pairs = list(p.seen.items())
+        if p.repetition != 1.0 and self.start not in p.seen:
+            pairs.append((self.start, 0))
+        return pairs
 
     def observe(self, procs: list[RowLogits], tokens: list[int]) -> None:
         """The rows' chosen tokens: counts and n-grams now; grammar masks for the next step on the worker."""
-        counted = [(i, t) for i, (p, t) in enumerate(zip(procs, tokens, strict=True)) if p is not None and p.counts]
-        if counted:
-            rows, ids = zip(*counted, strict=True)
-            self.counts.index_put_((torch.tensor(rows, device=self.counts.device),
-                                    torch.tensor(ids, device=self.counts.device)),
-                                   torch.ones(len(rows), device=self.counts.device), accumulate=True)
         grammar = []
         for p, t in zip(procs, tokens, strict=True):
             if p is None:
                 continue
+            if p.counts:
+                p.seen[t] = p.seen.get(t, 0) + 1
             if p.ngram:
                 p.note(t)
             if p.grammar is not None:
