@@ -18,7 +18,7 @@ from loadtests.ray_cluster import ClusterApp, RayCluster
 from loadtests.registry_servers import ADMIN, AUTH, TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINE = {"max_batch_rows": 8, "max_new_tokens_cap": 32, "default_max_new_tokens": 8, "max_queue": 256,
+ENGINE = {"max_batch_rows": 8, "max_new_tokens_cap": 256, "default_max_new_tokens": 8, "max_queue": 256,
           "request_timeout_s": 60, "host_bytes": "64MiB",
           "device_slots": {"lora": 4, "ia3": 1, "bitfit": 1, "prompt": 1, "adapterhub": 1}}
 
@@ -114,6 +114,38 @@ def generate(http: httpx.Client, adapter: str | None, inputs: str = "translate: 
 
 def register(http: httpx.Client, name: str, source: Path, replace: bool = False) -> httpx.Response:
     return http.post("/adapters", json={"name": name, "source": str(source), "replace": replace}, headers=AUTH)
+
+
+class LongStream(threading.Thread):
+    """One streamed request of `tokens` tokens (EOS masked until then); records tokens and how it ended."""
+
+    def __init__(self, url: str, adapter: str, tokens: int = 256):
+        super().__init__(daemon=True)
+        self.url, self.adapter, self.tokens = url, adapter, tokens
+        self.received, self.ending = 0, None  # "done" | ("error", message) | ("transport", repr)
+        self.first_token = threading.Event()
+
+    def run(self) -> None:
+        params = {"max_new_tokens": self.tokens, "min_new_tokens": self.tokens, "adapter_id": self.adapter}
+        try:
+            with httpx.Client(base_url=self.url, timeout=120) as http, http.stream(
+                    "POST", "/generate_stream", json={"inputs": "a long answer", "parameters": params}) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if "error" in event:
+                        self.ending = ("error", event["error"])
+                        return
+                    self.received += 1
+                    self.first_token.set()
+                    if event.get("generated_text") is not None:
+                        self.ending = "done"
+                        return
+        except httpx.HTTPError as e:
+            self.ending = ("transport", repr(e))
+        finally:
+            self.first_token.set()
 
 
 @dataclass

@@ -7,8 +7,8 @@ deploy/cluster.yaml's layout, sharing PostgreSQL + S3:
 - an adapter's requests stay on the replica that holds it (adapter-aware routing);
 - an S3 outage: held adapters keep serving on both nodes, registration is a 503 naming the store, then heals;
 - SIGKILL of the worker node under load: no 500 and no dropped connection, in-flight requests on it get a
-  retryable 503 (or an error event in a stream), the head's replica serves everything within 60 s, no
-  registration is lost, and the replica count returns when the node does;
+  retryable 503, streams that had sent tokens end with an error event, the head's replica serves everything
+  within 60 s, no registration is lost, and the replica count returns when the node does;
 - autoscaling on queue length (min 1 / max 2): a burst scales up, idle scales down.
 
 The tests share one cluster and run in file order (the fault test changes the cluster; the autoscaling
@@ -26,6 +26,7 @@ from loadtests.registry_servers import AUTH
 from tests.peft_zoo import save_peft
 from tests.registry.cluster_app import (
     Load,
+    LongStream,
     generate,
     register,
     replicas_by_node,
@@ -123,8 +124,15 @@ def test_store_outage_on_two_nodes_keeps_held_adapters_serving_then_heals(stack,
 
 
 def test_worker_node_sigkill_under_load_then_it_returns(stack, http):
+    on_worker = [n for n in NAMES if generate(http, n).headers["x-peftserve-node"] == stack.worker.node_id]
+    assert on_worker  # routing keeps these on the worker's replica
     load = Load(stack.app.url, NAMES[:4], clients=6, tokens=32).start()
     time.sleep(3)
+    streams = [LongStream(stack.app.url, on_worker[0]) for _ in range(2)]
+    for st in streams:
+        st.start()
+    for st in streams:
+        assert st.first_token.wait(30)
     killed = time.monotonic()
     stack.worker.kill()  # every process of the node: raylet, workers, agents
     dead = time.monotonic()
@@ -148,6 +156,10 @@ def test_worker_node_sigkill_under_load_then_it_returns(stack, http):
     finally:
         replies = load.stop()
         writer.join()
+    for st in streams:  # streams that had sent tokens end with an error event, not a cut connection
+        st.join(60)
+        assert st.received >= 1 and st.ending[0] == "error" and "unavailable" in st.ending[1], (st.received,
+                                                                                               st.ending)
     failures = [r for r in replies if r.status not in (200, 503) or r.status == 0]
     assert not failures, failures[:5]  # never a 500, never a dropped connection
     for r in replies:
@@ -162,7 +174,8 @@ def test_worker_node_sigkill_under_load_then_it_returns(stack, http):
     listed = {a["name"] for a in http.get("/adapters").json()["adapters"]}
     assert listed >= {*NAMES, "late-0", *registered}
     print(f"node SIGKILL: {sum(r.status == 503 for r in hit)} 503s, "
-          f"{sum(r.stream_error_after_tokens for r in hit)} stream error events of {len(replies)} requests; "
+          f"{sum(r.stream_error_after_tokens for r in hit) + len(streams)} stream error events after tokens, "
+          f"{len(replies) + len(streams)} requests; "
           f"every request served again {recovery - killed:.1f} s after the kill")
 
     stack.worker.start()  # the node returns (a new Ray node on the same machine)
