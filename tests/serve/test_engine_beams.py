@@ -127,3 +127,57 @@ def test_beam_stream_sends_the_best_beam(engine):
     final = events[-1]
     assert [e.token_id for e in events[:-1]] == final.token_ids
     assert "".join(e.text for e in events[:-1]) == final.text
+
+
+AH_ADAPTERS = ("seq_bn", "par_bn", "prefix_tuning", "lora", "ia3", "mam")
+# use_cache=False: AdapterHub 1.3.0 under transformers 4.57 fails in the cache update of its cached generate when
+# called this way; without the cache every step is a full forward of AdapterHub's model (prefixes included).
+# Gated prefixes (prefix_gated, UniPELT) are left out: uncached, AdapterHub averages a decoder gate over every
+# position so far, cached (what it serves, and what the engine matches in test_served_vs_adapterhub.py) over
+# the step's token only.
+AH_GENERATE = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2, "length_penalty": 1.0,
+               "early_stopping": False, "use_cache": False}
+
+
+def test_beams_for_adapterhub_kinds_equal_adapterhubs_generate(tmp_path):
+    """AdapterHub's own `generate(num_beams=3)` (adapters 1.3.0 in its oracle venv) on the committed fixtures,
+    against the engine's beams for the same adapters, all in one batch."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from tests.adapterhub.oracle_venv import oracle_python
+
+    fixtures = Path(__file__).parents[1] / "adapterhub" / "fixtures"
+    expected = json.loads((fixtures / "expected.json").read_text())
+    base_dir = fixtures / expected["bases"]["base_gated"]["dir"]
+    prompts = [p["input_ids"] for p in expected["prompts"][:2]]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"base": str(base_dir), "prompts": prompts, "generate": AH_GENERATE,
+                               "adapters": {n: str(fixtures / expected["adapters"][n]["dir"]) for n in AH_ADAPTERS}}))
+    # outside the repo and without PYTHONPATH: the project's `adapters` package must not shadow AdapterHub's
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([oracle_python(), str(Path(__file__).parents[1] / "adapterhub" / "beam_generate.py"),
+                          str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    want = json.loads(run.stdout.strip().splitlines()[-1])
+    cfg = EngineConfig(base=str(base_dir), max_bottleneck=64, max_prefix_tokens=8, max_batch_rows=64,
+                       max_new_tokens_cap=16, request_timeout_s=300)
+    with Engine.from_config(cfg) as engine:
+        for n in AH_ADAPTERS:
+            engine.register_adapter(n, fixtures / expected["adapters"][n]["dir"])
+        texts = [p["text"] for p in expected["prompts"][:2]]
+        assert [engine.tokenizer(t).input_ids for t in texts] == prompts
+        reqs = [GenerationRequest(t, adapter=n, params=GenerationParams(
+            max_new_tokens=6, num_beams=3, num_return_sequences=2, length_penalty=1.0, early_stopping=False))
+            for n in AH_ADAPTERS for t in texts]
+        results = asyncio.run(staggered(engine, reqs))
+    got = {n: [_outputs(results[i * len(texts) + j]) for j in range(len(texts))] for i, n in enumerate(AH_ADAPTERS)}
+    for n in AH_ADAPTERS:
+        assert got[n] == [[_trim(s) for s in seqs] for seqs in want[n]], n
+
+
+def _trim(tokens: list[int]) -> list[int]:
+    """AdapterHub's returned rows are padded after EOS: generated tokens up to and with EOS."""
+    return tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
