@@ -35,6 +35,9 @@ TARGETS = [
     ("unipelt_vs_base", "{m} distinct: UniPELT / engine base throughput", ">=", 0.8),
     # issue 15: every row a weighted pair of distinct LoRAs against every row one LoRA
     ("lora_pair_vs_lora", "{m} rows: weighted LoRA pair / one LoRA per row throughput", ">=", 0.8),
+    # issue 24: every row with penalties (or a JSON grammar) against the same batch plain
+    ("penalties_vs_plain", "32 rows: every row with penalties / plain throughput", ">=", 0.9),
+    ("grammar_vs_plain", "32 rows: every row with a JSON grammar / plain throughput", ">=", 0.9),
 ]
 METHOD_TARGETS = ("ptuning_vs_prompt", "adalora_vs_lora", "dora_vs_lora", "prefix_vs_base", "seq_bn_vs_base",
                   "unipelt_vs_base")
@@ -89,6 +92,8 @@ def target_values(results: dict) -> dict[str, float | None]:
         "serving_http_vs_engine": (results.get("serving") or {}).get("ratio_median"),
         **{k: methods.get(k) for k in METHOD_TARGETS},
         "lora_pair_vs_lora": ((results.get("combinations") or {}).get("pair_vs_single") or {}).get("measured"),
+        "penalties_vs_plain": ((results.get("decoding") or {}).get("penalties_vs_plain") or {}).get("measured"),
+        "grammar_vs_plain": ((results.get("decoding") or {}).get("grammar_vs_plain") or {}).get("measured"),
     }
 
 
@@ -190,6 +195,10 @@ def markdown(results: dict) -> str:
         from loadtests.combinations import markdown_lines as combination_lines
 
         lines += combination_lines(results["combinations"])
+    if results.get("decoding"):
+        from loadtests.decoding import markdown_lines as decoding_lines
+
+        lines += decoding_lines(results["decoding"])
     for s in results.get("skipped", []):
         lines.append(f"- skipped: {s['what']}: {s['why']}")
     return "\n".join(lines) + "\n"
@@ -293,6 +302,8 @@ def write(results: dict, out_dir: Path) -> dict[str, Path]:
         paths["methods_png"] = Path(results["methods"]["plot"])
     if results.get("combinations", {}).get("plot"):
         paths["combinations_png"] = Path(results["combinations"]["plot"])
+    if results.get("decoding", {}).get("plot"):
+        paths["decoding_png"] = Path(results["decoding"]["plot"])
     return paths
 
 
