@@ -165,9 +165,10 @@ def run(args) -> int:
         from serve.engine import ConfigError
 
         raise ConfigError("--num-cpus sizes a local Ray; a cluster's nodes set theirs with `ray start --num-cpus`")
-    where = f"onto the Ray cluster at {address}" if address else "a local Ray"
-    print(f"peftserve: starting the app on {where}, HTTP port {args.port} "
-          f"(base: {config.engine.base or 'embedded'}; registry: {_registry_label(config)})", flush=True)
+    what = (f"deploying the app onto the Ray cluster at {address}, HTTP port {args.port}" if address else
+            f"starting Ray and the app on http://{args.host}:{args.port}")
+    print(f"peftserve: {what} (base: {config.engine.base or 'embedded'}; registry: {_registry_label(config)})",
+          flush=True)
     if address:
         _warn_without_shared_registry(config)
     # Installed explicitly: a command started as a background job inherits SIGINT ignored.

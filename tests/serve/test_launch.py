@@ -33,6 +33,8 @@ def _serve(args: list[str], home: Path, **kw) -> subprocess.Popen:
     (["--config", "/no/such.yaml"], "cannot read config /no/such.yaml"),
     (["--allow-source-dir", "/no/such/adapters"], "allowed source directory /no/such/adapters does not exist"),
     (["--dtype", "int8", "--config", "deploy/flan-t5-xl-4xa10.yaml"], "dtype int8 runs on the CPU only"),
+    (["--config", "deploy/cluster.yaml", "--replicas", "2"], "--replicas conflicts with the config's autoscaling"),
+    (["--ray-address", "127.0.0.1:1", "--num-cpus", "2"], "--num-cpus sizes a local Ray"),
 ])
 def test_knowable_errors_are_one_line_before_ray_starts(args, needle, tmp_path):
     t0 = time.monotonic()
