@@ -61,16 +61,16 @@ class RowGroup:
             reason = "eos" if h.tokens and h.tokens[-1] == self.eos else "length"
             outputs.append((SequenceOutput(text="".join(pieces), token_ids=h.tokens, finish_reason=reason,
                                            logprobs=h.logprobs if p.logprobs else None, score=h.score), pieces))
-        best, pieces = outputs[0]
-        if owner.on_event is not None:
-            for i, (token, piece) in enumerate(zip(best.token_ids, pieces, strict=False)):
-                if i == len(best.token_ids) - 1:
-                    piece += pieces[-1] if len(pieces) > len(best.token_ids) else ""
-                lp = best.logprobs[i] if best.logprobs else None
-                try:
-                    owner.on_event(TokenEvent(token_id=token, text=piece, logprob=lp, index=i))
-                except Exception:  # noqa: BLE001 - the consumer is gone
-                    break
+        best, _ = outputs[0]
+        if owner.on_event is not None:  # a stream gets each returned beam's tokens now, as output j
+            try:
+                for j, (out, pieces) in enumerate(outputs):
+                    for i, token in enumerate(out.token_ids):
+                        piece = pieces[i] + (pieces[-1] if i == len(out.token_ids) - 1 else "")
+                        lp = out.logprobs[i] if out.logprobs else None
+                        owner.on_event(TokenEvent(token_id=token, text=piece, logprob=lp, index=i, sequence=j))
+            except Exception:  # noqa: BLE001 - the consumer is gone
+                pass
         owner.tokens, owner.text = list(best.token_ids), best.text
         owner.logprobs = list(best.logprobs or [])
         result = owner.result(best.finish_reason)

@@ -122,6 +122,10 @@ class LogitsPipeline:
         grammar = [i for i in active if procs[i].grammar is not None]
         if grammar:
             mask_rows(scores, grammar, [procs[i].grammar.mask for i in grammar], self.eos)
+        if bans or grammar:  # features that disagree (a finished grammar, min_new_tokens) leave nothing: end
+            dead = torch.isneginf(scores[:len(procs)]).all(dim=-1)
+            if bool(dead.any()):
+                scores[dead.nonzero()[:, 0], self.eos] = 0.0
         return scores
 
     def _penalize(self, scores: torch.Tensor, procs: list[RowLogits], rows: list[int]) -> None:

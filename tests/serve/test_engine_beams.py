@@ -125,8 +125,32 @@ def test_beam_stream_sends_the_best_beam(engine):
 
     events = asyncio.run(run())
     final = events[-1]
-    assert [e.token_id for e in events[:-1]] == final.token_ids
-    assert "".join(e.text for e in events[:-1]) == final.text
+    for j, out in enumerate(final.sequences):  # every returned beam, as output j
+        mine = [e for e in events[:-1] if e.sequence == j]
+        assert [e.token_id for e in mine] == out.token_ids
+        assert "".join(e.text for e in mine) == out.text
+    assert final.token_ids == final.sequences[0].token_ids
+
+
+def test_cancelled_beams_and_candidates_free_their_rows_and_pins(engine):
+    async def run():
+        long = GenerationParams(max_new_tokens=16, num_beams=4)
+        sampled = GenerationParams(max_new_tokens=16, do_sample=True, seed=2, n=3)
+        tasks = [asyncio.ensure_future(engine.submit(GenerationRequest(TEXTS[0], adapter="lora", params=p)))
+                 for p in (long, sampled)]
+        await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(200):
+            if not engine.loop.running:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert engine.loop.running == [] and engine.cache.stats().pinned == 0
+    again = engine.generate(GenerationRequest(TEXTS[0], adapter="lora", params=_params(*SETTINGS[0])))
+    assert again.token_ids
 
 
 AH_ADAPTERS = ("seq_bn", "par_bn", "prefix_tuning", "lora", "ia3", "mam")

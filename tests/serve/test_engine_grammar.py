@@ -80,6 +80,12 @@ def test_constrained_beams_parse(engine):
         _check(s.text)
 
 
+def test_a_finished_grammar_ends_the_row_even_under_min_new_tokens(engine):
+    res = engine.generate(GenerationRequest("x", params=GenerationParams(
+        max_new_tokens=16, min_new_tokens=10, grammar={"type": "regex", "value": "ok"})))
+    assert res.text == "ok" and res.finish_reason == "eos"
+
+
 def test_whitespace_can_be_allowed(engine):
     g = {"type": "regex", "value": r"a b"}
     res = engine.generate(GenerationRequest("w", params=GenerationParams(max_new_tokens=16, grammar=g)))
