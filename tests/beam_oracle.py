@@ -6,6 +6,10 @@ search, logits processors, stopping) driven through a model whose forward is `st
 the per-kind references of tests/combination_oracle.py (`model_for`), which is how the prefix-tuning
 reference is built: peft's generate drops T5 prefixes, its forward does not. The cache is off, so every
 step is a full forward of the reference (slow, exact).
+
+Both run on a fresh thread with one torch thread: beside a live engine (whose loop thread holds an OpenMP
+team), a second team on the caller's thread would put more OpenMP threads than cores in the process and
+slow every kernel of both (serve/engine/threads.py).
 """
 
 from __future__ import annotations
@@ -27,14 +31,33 @@ def _strip(out: torch.Tensor, pad: int, eos: int) -> list[list[int]]:
     return seqs
 
 
+def alone(fn):
+    """fn's result, computed on a fresh thread with one torch thread (no second OpenMP team)."""
+    from serve.engine.threads import run_on_fresh_thread
+
+    def one_thread():
+        torch.set_num_threads(1)
+        return fn()
+
+    return run_on_fresh_thread(one_thread, name="test-oracle")
+
+
 def hf_generate(model, tok, text: str, **gen) -> list[list[int]]:
+    return alone(lambda: _hf_generate(model, tok, text, **gen))
+
+
+def stepped_generate(step, base, tok, text: str, **gen) -> list[list[int]]:
+    return alone(lambda: _stepped_generate(step, base, tok, text, **gen))
+
+
+def _hf_generate(model, tok, text: str, **gen) -> list[list[int]]:
     ids = tok([text], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(input_ids=ids.input_ids, attention_mask=ids.attention_mask, do_sample=False, **gen)
     return _strip(out, model.config.pad_token_id, model.config.eos_token_id)
 
 
-def stepped_generate(step, base, tok, text: str, **gen) -> list[list[int]]:
+def _stepped_generate(step, base, tok, text: str, **gen) -> list[list[int]]:
     ids = tok([text], return_tensors="pt").input_ids
     model = copy.deepcopy(base)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest, RequestValidationError
-from tests.beam_oracle import hf_generate
+from tests.beam_oracle import alone, hf_generate
 from tests.serve.engine_helpers import staggered
 
 NEW = 10
@@ -82,7 +82,8 @@ def test_frequency_and_presence_penalties_follow_openai(engine, tiny_base):
                                                                 presence_penalty=p)) for i, (f, p) in enumerate(cases)]
     results = engine.generate(reqs)
     for (f, p), req, res in zip(cases, reqs, results, strict=True):
-        assert res.token_ids == _openai_reference(tiny_base.model, tiny_base.tokenizer, req.inputs, f, p), (f, p)
+        want = alone(lambda r=req, f=f, p=p: _openai_reference(tiny_base.model, tiny_base.tokenizer, r.inputs, f, p))
+        assert res.token_ids == want, (f, p)
 
 
 def test_typical_filter_equals_hf_warper():
@@ -131,7 +132,7 @@ def test_top_n_tokens_are_the_models_alternatives(engine, tiny_base):
     ids = tiny_base.tokenizer([TEXTS[0]], return_tensors="pt").input_ids
     dec = torch.tensor([[0] + res.token_ids[:-1]])
     with torch.no_grad():
-        lp = torch.log_softmax(tiny_base.model(input_ids=ids, decoder_input_ids=dec).logits[0], -1)
+        lp = alone(lambda: torch.log_softmax(tiny_base.model(input_ids=ids, decoder_input_ids=dec).logits[0], -1))
     assert len(res.top_tokens) == len(res.token_ids)
     for t, alts in enumerate(res.top_tokens):
         want = torch.topk(lp[t], 3)
