@@ -318,7 +318,11 @@ class BatchLoop:
         asking = [i for i, s in enumerate(running) if s.params.top_n_tokens and sampling[i] is not None]
         tops = dict(zip(asking, top_alternatives(logits, asking, [running[i].params.top_n_tokens for i in asking]),
                         strict=True))
-        done_groups = [g for g, idx in groups.values() if self._beam_step(g, idx, scores, logits, next_ids)]
+        moves: list[tuple[int, int]] = []  # beam reordering, every request's at once: (row, row it continues)
+        done_groups = [g for g, idx in groups.values() if self._beam_step(g, idx, scores, logits, next_ids, moves)]
+        if moves:
+            filled = max(len(running[dst].tokens) for dst, _ in moves)  # this step's K/V included
+            self.kv.copy_rows([d for d, _ in moves], [s for _, s in moves], filled)
         self.logits.observe([s.proc for s in running], next_ids)
         now = time.perf_counter()
         finished: list[tuple[int, str | None]] = []
@@ -345,15 +349,16 @@ class BatchLoop:
         safe_call(self.observer, "on_step", n, distinct, n, time.perf_counter() - t0)
 
     def _beam_step(self, group: RowGroup, idx: list[int], scores: torch.Tensor, logprobs: torch.Tensor,
-                   next_ids: list[int]) -> bool:
+                   next_ids: list[int], moves: list[tuple[int, int]]) -> bool:
         """One beam search step for a request's rows `idx` (by beam): pick the continuations, move each row's
-        KV self-cache and decoding state to the beam it continues, place the new tokens. True when done."""
+        decoding state to the beam it continues (its KV self-cache: `moves`, copied for all requests at once),
+        place the new tokens. True when done."""
         rows = group.rows
         sel = torch.tensor(idx, device=scores.device)
         src, toks, lps = group.search.step(scores.index_select(0, sel), logprobs.index_select(0, sel),
                                            [(r.tokens, r.logprobs) for r in rows])
         if src != list(range(len(rows))):
-            self.kv.copy_rows(idx, [idx[b] for b in src], len(rows[0].tokens) + 1)
+            moves += [(idx[j], idx[b]) for j, b in enumerate(src) if j != b]
             state = [(list(rows[b].tokens), list(rows[b].logprobs), rows[b].proc) for b in src]
             taken = set()
             for row, (tokens, lp, proc) in zip(rows, state, strict=True):

@@ -67,15 +67,19 @@ class BeamSearch:
         pick = torch.topk(merged_scores, k=k)[1]
         fb, ft = from_beam[0].tolist(), token[0].tolist()
         raw = raw_logprobs[from_beam[0], token[0]].tolist()
-        candidates = [Hypothesis(beams[b][0] + [t], beams[b][1] + [lp], 0.0) for b, t, lp in zip(fb, ft, raw,
-                                                                                                  strict=True)]
-        merged = self.finished + candidates
         self.finished_scores = torch.take_along_dim(merged_scores, pick, dim=1)
         self.is_finished = torch.take_along_dim(merged_finished, pick, dim=1)
-        self.finished = [merged[i] for i in pick[0].tolist()]
-        for h, s in zip(self.finished, self.finished_scores[0].tolist(), strict=True):
+        finished = []
+        for i, score in zip(pick[0].tolist(), self.finished_scores[0].tolist(), strict=True):
+            if i < k:  # an earlier finished slot (or an empty one) stays
+                h = self.finished[i]
+            else:  # a candidate of this step: only the picked ones are built
+                c = i - k
+                h = Hypothesis(beams[fb[c]][0] + [ft[c]], beams[fb[c]][1] + [raw[c]], 0.0)
             if h is not None:
-                h.score = s
+                h.score = score
+            finished.append(h)
+        self.finished = finished
         # g. can running beams still improve on the finished ones?
         self.cur_len += 1
         if self.early_stopping == "never" and self.length_penalty > 0.0:
