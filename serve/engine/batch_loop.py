@@ -319,7 +319,17 @@ class BatchLoop:
         tops = dict(zip(asking, top_alternatives(logits, asking, [running[i].params.top_n_tokens for i in asking]),
                         strict=True))
         moves: list[tuple[int, int]] = []  # beam reordering, every request's at once: (row, row it continues)
-        done_groups = [g for g, idx in groups.values() if self._beam_step(g, idx, scores, logits, next_ids, moves)]
+        done_groups = []
+        if groups:
+            order = [i for _, idx in groups.values() for i in idx]
+            pick = torch.tensor(order, device=scores.device)
+            beam_scores, beam_logprobs = scores.index_select(0, pick), logits.index_select(0, pick)
+            at = 0
+            for g, idx in groups.values():
+                part = slice(at, at + len(idx))
+                at += len(idx)
+                if self._beam_step(g, idx, beam_scores[part], beam_logprobs[part], next_ids, moves):
+                    done_groups.append(g)
         if moves:
             filled = max(len(running[dst].tokens) for dst, _ in moves)  # this step's K/V included
             self.kv.copy_rows([d for d, _ in moves], [s for _, s in moves], filled)
@@ -350,13 +360,12 @@ class BatchLoop:
 
     def _beam_step(self, group: RowGroup, idx: list[int], scores: torch.Tensor, logprobs: torch.Tensor,
                    next_ids: list[int], moves: list[tuple[int, int]]) -> bool:
-        """One beam search step for a request's rows `idx` (by beam): pick the continuations, move each row's
+        """One beam search step for a request's rows `idx` (by beam; `scores` / `logprobs` are theirs, [k, vocab]):
+        pick the continuations, move each row's
         decoding state to the beam it continues (its KV self-cache: `moves`, copied for all requests at once),
         place the new tokens. True when done."""
         rows = group.rows
-        sel = torch.tensor(idx, device=scores.device)
-        src, toks, lps = group.search.step(scores.index_select(0, sel), logprobs.index_select(0, sel),
-                                           [(r.tokens, r.logprobs) for r in rows])
+        src, toks, lps = group.search.step(scores, logprobs, [(r.tokens, r.logprobs) for r in rows])
         if src != list(range(len(rows))):
             moves += [(idx[j], idx[b]) for j, b in enumerate(src) if j != b]
             state = [(list(rows[b].tokens), list(rows[b].logprobs), rows[b].proc) for b in src]

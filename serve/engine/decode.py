@@ -316,9 +316,12 @@ class KVCache:
         """Beam search: rows `dst` continue rows `src` (all read before any is written). Only the self-attention
         K/V differ between the beams of one request: their cross K/V and prefixes are the same."""
         d, s = torch.tensor(dst), torch.tensor(src)
+        on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, dev in enumerate(self.devices):
+            di, si = on.setdefault(dev, (d.to(dev), s.to(dev)))
             for t in (self.self_k[i], self.self_v[i]):
-                t[d.to(dev), :, :target_len] = t[s.to(dev), :, :target_len]
+                filled = t.narrow(2, 0, target_len)
+                filled.index_copy_(0, di, filled.index_select(0, si))
 
 
 @torch.inference_mode()
