@@ -179,6 +179,14 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(ll, text, log_level=0)
         if matcher.is_error():
             raise RequestValidationError(f"{FIELD}.value", f"invalid grammar: {matcher.get_error()}")
+        first = np.zeros((self.vocab + 31) // 32, dtype=np.int32)
+        matcher.unsafe_compute_mask_ptr(first.ctypes.data, first.nbytes)
+        first.view(np.uint32)[self.eos // 32] &= np.uint32(0xFFFFFFFF ^ (1 << (self.eos % 32)))
+        if not first.any() and not matcher.is_accepting():  # (a dead end's mask holds only EOS)
+            # e.g. T5's SentencePiece vocabulary has no token for "{": no JSON object can be written with it
+            raise RequestValidationError(f"{FIELD}.value", "this model's tokenizer has no token that can start "
+                                                           "the grammar's text (it cannot spell its first "
+                                                           "character); this grammar cannot be served here")
         return matcher
 
 

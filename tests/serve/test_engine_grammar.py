@@ -86,6 +86,18 @@ def test_a_finished_grammar_ends_the_row_even_under_min_new_tokens(engine):
     assert res.text == "ok" and res.finish_reason == "eos"
 
 
+def test_a_grammar_the_tokenizer_cannot_spell_is_refused(engine):
+    """The SentencePiece test vocabulary has no token for "€" (no byte fallback), as T5's has none for "{":
+    refused up front with a 422, rather than an empty answer. ByT5 spells every byte."""
+    req = GenerationRequest("x", params=GenerationParams(max_new_tokens=8, grammar={"type": "regex", "value": "€+"}))
+    if type(engine.tokenizer).__name__.startswith("ByT5"):
+        assert engine.generate(req).text.startswith("€")
+        return
+    with pytest.raises(RequestValidationError) as e:
+        engine.prepare(req)
+    assert "cannot spell" in str(e.value)
+
+
 def test_whitespace_can_be_allowed(engine):
     g = {"type": "regex", "value": r"a b"}
     res = engine.generate(GenerationRequest("w", params=GenerationParams(max_new_tokens=16, grammar=g)))
