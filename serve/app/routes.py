@@ -255,7 +255,9 @@ async def _tgi_stream(backend: Backend, engine_req: dict, request: Request) -> R
         event, held, held_top = first, None, None
         try:
             while True:
-                if "token" in event:
+                if "token" in event and event.get("sequence", 0) != 0:
+                    pass  # TGI streams one sequence: other returned beams come only in /generate's details
+                elif "token" in event:
                     if held is not None:
                         yield sse({"token": held, "top_tokens": held_top, "generated_text": None, "details": None})
                     held, held_top = event["token"], event.get("top")
