@@ -526,6 +526,10 @@ def test_tgi_clients_send_penalties_alternatives_best_of_and_grammars(server, ht
     got = [[t["id"] for t in beams["details"]["tokens"]],
            [t["id"] for t in beams["details"]["best_of_sequences"][0]["tokens"]]]
     assert got == want
+    body = {"inputs": text, "parameters": {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2}}
+    with http.stream("POST", "/generate_stream", json=body) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert [e["token"]["id"] for e in events] == want[0]  # the best beam only
 
 
 def test_openai_completions_n_best_of_logprobs_and_response_format(server):
