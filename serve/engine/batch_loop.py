@@ -318,21 +318,7 @@ class BatchLoop:
         asking = [i for i, s in enumerate(running) if s.params.top_n_tokens and sampling[i] is not None]
         tops = dict(zip(asking, top_alternatives(logits, asking, [running[i].params.top_n_tokens for i in asking]),
                         strict=True))
-        moves: list[tuple[int, int]] = []  # beam reordering, every request's at once: (row, row it continues)
-        done_groups = []
-        if groups:
-            order = [i for _, idx in groups.values() for i in idx]
-            pick = torch.tensor(order, device=scores.device)
-            beam_scores, beam_logprobs = scores.index_select(0, pick), logits.index_select(0, pick)
-            at = 0
-            for g, idx in groups.values():
-                part = slice(at, at + len(idx))
-                at += len(idx)
-                if self._beam_step(g, idx, beam_scores[part], beam_logprobs[part], next_ids, moves):
-                    done_groups.append(g)
-        if moves:
-            filled = max(len(running[dst].tokens) for dst, _ in moves)  # this step's K/V included
-            self.kv.copy_rows([d for d, _ in moves], [s for _, s in moves], filled)
+        done_groups = self._beam_steps(list(groups.values()), scores, logits, next_ids) if groups else []
         self.logits.observe([s.proc for s in running], next_ids)
         now = time.perf_counter()
         finished: list[tuple[int, str | None]] = []
@@ -358,12 +344,29 @@ class BatchLoop:
         self.counters["tokens"] += n
         safe_call(self.observer, "on_step", n, distinct, n, time.perf_counter() - t0)
 
+    def _beam_steps(self, groups: list[tuple[RowGroup, list[int]]], scores: torch.Tensor, logprobs: torch.Tensor,
+                    next_ids: list[int]) -> list[RowGroup]:
+        """Every beam request's step: its rows' scores gathered once for all, one KV reorder copy for all.
+        Places the beams' tokens in `next_ids`; returns the requests whose search ended."""
+        pick = torch.tensor([i for _, idx in groups for i in idx], device=scores.device)
+        beam_scores, beam_logprobs = scores.index_select(0, pick), logprobs.index_select(0, pick)
+        moves: list[tuple[int, int]] = []  # (row, the row it continues)
+        done, at = [], 0
+        for group, idx in groups:
+            part = slice(at, at + len(idx))
+            at += len(idx)
+            if self._beam_step(group, idx, beam_scores[part], beam_logprobs[part], next_ids, moves):
+                done.append(group)
+        if moves:
+            filled = max(len(self._running[dst].tokens) for dst, _ in moves)  # this step's K/V included
+            self.kv.copy_rows([d for d, _ in moves], [s for _, s in moves], filled)
+        return done
+
     def _beam_step(self, group: RowGroup, idx: list[int], scores: torch.Tensor, logprobs: torch.Tensor,
                    next_ids: list[int], moves: list[tuple[int, int]]) -> bool:
-        """One beam search step for a request's rows `idx` (by beam; `scores` / `logprobs` are theirs, [k, vocab]):
-        pick the continuations, move each row's
-        decoding state to the beam it continues (its KV self-cache: `moves`, copied for all requests at once),
-        place the new tokens. True when done."""
+        """One request's beam step over its rows `idx` (by beam; `scores` / `logprobs` [k, vocab] are theirs): pick
+        the continuations, give each row the decoding state of the beam it continues (its KV rows: `moves`),
+        place the new tokens. True when the search ended."""
         rows = group.rows
         src, toks, lps = group.search.step(scores, logprobs, [(r.tokens, r.logprobs) for r in rows])
         if src != list(range(len(rows))):
