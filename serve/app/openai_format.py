@@ -107,6 +107,39 @@ def usage(results: list[dict]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def completion_chunk(cid: str, created: int, model: str):
+    """chunk(output index, token dict or None, its alternatives, finish reason) -> a completions stream chunk."""
+    def chunk(index: int, token: dict | None, top: list | None, finish: str | None) -> dict:
+        logprobs = None
+        if token is not None and token.get("logprob") is not None:
+            logprobs = {"tokens": [token["text"]], "token_logprobs": [token["logprob"]],
+                        "top_logprobs": None if top is None else [{a["text"]: a["logprob"] for a in top}],
+                        "text_offset": None}
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"text": "" if token is None else token["text"], "index": index, "logprobs": logprobs,
+                             "finish_reason": finish}]}
+    return chunk
+
+
+def chat_chunk(cid: str, created: int, model: str):
+    """The same for chat: each output's first chunk names the role; content arrives as deltas."""
+    started: set[int] = set()
+
+    def chunk(index: int, token: dict | None, top: list | None, finish: str | None) -> dict:
+        delta: dict = {}
+        if index not in started:  # a choice's first chunk names the role
+            started.add(index)
+            delta["role"] = "assistant"
+        if token is not None:
+            delta["content"] = token["text"]
+        logprobs = None
+        if token is not None and token.get("logprob") is not None:
+            logprobs = chat_logprobs([token], None if top is None else [top])
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+    return chunk
+
+
 # engine field -> OpenAI body field, for validation errors
 OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "grammar": "response_format",
                  "grammar.value": "response_format", "grammar.type": "response_format",

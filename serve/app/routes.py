@@ -371,7 +371,7 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
             if len(req.prompts) != 1:
                 raise problem(422, "stream=true supports one prompt per request", field="prompt")
             return await _openai_stream(backend, oai.engine_request(prompts[0], params, adapter, merged, versions),
-                                        request, _completion_chunk(cid, created, req.model), req.stream_options)
+                                        request, oai.completion_chunk(cid, created, req.model), req.stream_options)
         replies = await asyncio.gather(*(backend.generate(oai.engine_request(p, params, adapter, merged, versions))
                                          for p in prompts))
         for reply in replies:
@@ -405,7 +405,7 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
         engine_req = oai.engine_request(text, params, adapter, merged, versions)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return await _openai_stream(backend, engine_req, request, _chat_chunk(cid, created, req.model),
+            return await _openai_stream(backend, engine_req, request, oai.chat_chunk(cid, created, req.model),
                                         req.stream_options, chat=True)
         reply = await backend.generate(engine_req)
         if "error" in reply:
@@ -427,37 +427,6 @@ def _add_openai_routes(app: FastAPI, backend: Backend) -> None:
                   "root": info.get("base_name"), "parent": info.get("base_name"), "kind": r.kind,
                   "version": r.version} for r in (await backend.adapters()).list()]
         return {"object": "list", "data": data}
-
-
-def _completion_chunk(cid: str, created: int, model: str):
-    def chunk(index: int, token: dict | None, top: list | None, finish: str | None) -> dict:
-        logprobs = None
-        if token is not None and token.get("logprob") is not None:
-            logprobs = {"tokens": [token["text"]], "token_logprobs": [token["logprob"]],
-                        "top_logprobs": None if top is None else [{a["text"]: a["logprob"] for a in top}],
-                        "text_offset": None}
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"text": "" if token is None else token["text"], "index": index, "logprobs": logprobs,
-                             "finish_reason": finish}]}
-    return chunk
-
-
-def _chat_chunk(cid: str, created: int, model: str):
-    started: set[int] = set()
-
-    def chunk(index: int, token: dict | None, top: list | None, finish: str | None) -> dict:
-        delta: dict = {}
-        if index not in started:  # a choice's first chunk names the role
-            started.add(index)
-            delta["role"] = "assistant"
-        if token is not None:
-            delta["content"] = token["text"]
-        logprobs = None
-        if token is not None and token.get("logprob") is not None:
-            logprobs = oai.chat_logprobs([token], None if top is None else [top])
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-    return chunk
 
 
 async def _openai_stream(backend: Backend, engine_req: dict, request: Request, chunk, stream_options: dict | None,
