@@ -228,6 +228,9 @@ def _outputs(p: GenerationParams, cfg: EngineConfig, stop: list[str]) -> dict:
     if not 0 <= top <= cfg.max_top_n_tokens:
         raise RequestValidationError("params.top_n_tokens", f"must be between 0 and {cfg.max_top_n_tokens} (this "
                                                             f"server's max_top_n_tokens), got {top}")
+    if top and beams > 1:
+        raise RequestValidationError("params.top_n_tokens", "alternatives per token are not reported for beam "
+                                                            "search (num_beams > 1)")
     bias = None
     if p.logit_bias:
         if not isinstance(p.logit_bias, dict):

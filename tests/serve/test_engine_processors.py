@@ -150,6 +150,7 @@ def test_top_n_tokens_are_the_models_alternatives(engine, tiny_base):
     ({"num_beams": 4, "n": 4}, "params.num_beams", "row budget"),
     ({"num_beams": 2, "num_return_sequences": 3}, "params.num_return_sequences", "num_beams"),
     ({"top_n_tokens": 11}, "params.top_n_tokens", "max_top_n_tokens"),
+    ({"top_n_tokens": 2, "num_beams": 2}, "params.top_n_tokens", "beam search"),
     ({"min_new_tokens": 40}, "params.min_new_tokens", "max_new_tokens"),
     ({"logit_bias": {999: 1.0}}, "params.logit_bias", "vocabulary"),
     ({"logit_bias": {5: 500}}, "params.logit_bias", "-100 and 100"),
