@@ -60,7 +60,7 @@ class Preset:
     runtime_shapes: tuple[tuple[int, int, int], ...] = ((32, 32, 32), (32, 64, 16), (8, 32, 32), (1, 32, 32))
     runtime_rounds: int = 3
     runtime_cycles: int = 2
-    trained_base_steps: int = 400
+    trained_base_steps: int = 300
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

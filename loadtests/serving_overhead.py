@@ -116,8 +116,43 @@ async def http_round(client, requests: list[Request]) -> dict:
                             for (s, g, f, _), r in zip(done, requests, strict=True))}
 
 
-async def alternate(engine, url: str, requests: list[Request], rounds: int) -> tuple[dict, list[dict]]:
-    """One warm-up pair, then `rounds` timed (engine, http) pairs; returns (warm-up, rounds)."""
+# Where the HTTP side's CPU goes: the server's processes by their Ray process titles
+ROLES = (("proxy", "ray::ProxyActor"), ("ingress", ":Ingress"), ("engine replica", ":EngineReplica"),
+         ("metrics hub", ":MetricsHub"), ("controller", "ray::ServeController"))
+
+
+def cpu_by_role(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each serving process (the server and its Ray processes, found
+    as its descendants: another Ray instance on the machine is not counted) and by this process (the client)."""
+    import psutil
+
+    me = psutil.Process().cpu_times()
+    out = {"client (bench process)": me.user + me.system}
+    if server_pid is None:
+        return out
+    try:
+        root = psutil.Process(server_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            title, t = " ".join(p.cmdline()), p.cpu_times()
+        except psutil.Error:  # exited between the listing and the read
+            continue
+        role = next((name for name, needle in ROLES if needle in title), "other server processes")
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def _cpu_delta(before: dict, after: dict) -> dict:
+    return {k: round(after[k] - before.get(k, 0.0), 4) for k in after}
+
+
+async def alternate(engine, url: str, requests: list[Request], rounds: int,
+                    server_pid: int | None = None) -> tuple[dict, list[dict]]:
+    """One warm-up pair, then `rounds` timed (engine, http) pairs; returns (warm-up, rounds). Each HTTP round
+    records the CPU seconds every serving process used during it (`cpu_s`): the proxy's share, the ingress's."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
@@ -128,7 +163,9 @@ async def alternate(engine, url: str, requests: list[Request], rounds: int) -> t
         out = []
         for i in range(rounds):
             e = await engine_round(engine, requests)
+            before = cpu_by_role(server_pid)
             h = await http_round(client, requests)
+            h["cpu_s"] = _cpu_delta(before, cpu_by_role(server_pid))
             ratio = h["tokens_per_s"] / e["tokens_per_s"] if e["tokens_per_s"] else None
             out.append({"round": i + 1, "engine": e, "http": h, "ratio": ratio})
             log(f"round {i + 1}/{rounds}: engine {e['tokens_per_s']:.1f} tok/s, http {h['tokens_per_s']:.1f} tok/s, "
@@ -136,7 +173,22 @@ async def alternate(engine, url: str, requests: list[Request], rounds: int) -> t
     return warm, out
 
 
+def cpu_shares(rounds: list[dict], cores: int) -> dict:
+    """Median CPU seconds per HTTP round of each serving process, and its share of the round's CPU capacity
+    (wall time x cores): what the proxy, the ingress and the client take from the engine's cores."""
+    roles = sorted({k for r in rounds for k in r["http"].get("cpu_s", {})})
+    out = {}
+    for role in roles:
+        secs = [r["http"]["cpu_s"].get(role, 0.0) for r in rounds if "cpu_s" in r["http"]]
+        shares = [r["http"]["cpu_s"].get(role, 0.0) / (r["http"]["seconds"] * cores) for r in rounds
+                  if "cpu_s" in r["http"]]
+        out[role] = {"cpu_s_median": statistics.median(secs), "share_median": statistics.median(shares)}
+    return out
+
+
 def summarize(rounds: list[dict]) -> dict:
+    import os
+
     eng = [r["engine"]["tokens_per_s"] for r in rounds]
     http = [r["http"]["tokens_per_s"] for r in rounds]
     ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
@@ -147,7 +199,8 @@ def summarize(rounds: list[dict]) -> dict:
             "engine_tokens_per_s_median": statistics.median(eng) if eng else None,
             "http_tokens_per_s_median": statistics.median(http) if http else None,
             "target": TARGET, "target_applies_to": "ratio_median",
-            "met": None if median is None else median >= TARGET}
+            "met": None if median is None else median >= TARGET,
+            "http_cpu_by_process": cpu_shares(rounds, os.cpu_count() or 1)}
 
 
 def serving(preset: Preset, base_dir: Path, work: Path, paths: dict[str, dict[str, Path]], out_dir: Path) -> dict:
@@ -169,7 +222,7 @@ def serving(preset: Preset, base_dir: Path, work: Path, paths: dict[str, dict[st
         engine = Engine.from_config(EngineConfig(**fields))
         for name, path in adapters.items():
             engine.register_adapter(name, str(path))
-        warm, rounds = asyncio.run(alternate(engine, server.url, requests, preset.serving_rounds))
+        warm, rounds = asyncio.run(alternate(engine, server.url, requests, preset.serving_rounds, server.proc.pid))
     finally:
         if engine is not None:
             engine.close()
@@ -243,5 +296,11 @@ def markdown_lines(s: dict) -> list[str]:
         lines.append(f"| {r['round']} | {e['tokens_per_s']:.1f} | {h['tokens_per_s']:.1f} | {f(r['ratio'])} | "
                      f"{', '.join(f'{k}: {v}' for k, v in h['statuses'].items())} | "
                      f"{e['complete']}/{e['requests']} / {h['complete']}/{h['requests']} |")
+    shares = s.get("http_cpu_by_process") or {}
+    if shares:
+        lines += ["", "CPU used during an HTTP round, by process (median over rounds; share of wall time x cores):", "",
+                  "| process | CPU s | share |", "|---|---|---|"]
+        for role, v in sorted(shares.items(), key=lambda kv: -kv[1]["cpu_s_median"]):
+            lines.append(f"| {role} | {v['cpu_s_median']:.3f} | {v['share_median']:.1%} |")
     return lines
 

@@ -93,8 +93,7 @@ class EngineReplica:
         self.config = AppConfig.model_validate(config)
         self.metrics = Metrics(self.config.adapter_metric_labels)
         self.engine = Engine.from_config(self.config.engine, observer=PrometheusObserver(self.metrics))
-        self.tokenizer = self.engine.tokenizer
-        self._special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        self.detokenizer = self.engine.detokenizer  # token texts read once per id, not per generated token
         base = self.engine.base
         self.registry = self.config.open_registry().for_base(base.fingerprint, base.name)
         self.metrics.observe_store(self.registry.store)
@@ -196,15 +195,17 @@ class EngineReplica:
 
     def _token(self, token_id: int, text: str, logprob: float | None) -> dict:
         return {"id": int(token_id), "text": text, "logprob": None if logprob is None else float(logprob),
-                "special": int(token_id) in self._special}
+                "special": int(token_id) in self.detokenizer.special}
 
     def _alternatives(self, top) -> list[dict] | None:
         """One token's most likely alternatives (top_n_tokens), each as a token dict."""
-        return None if top is None else [self._token(t, self.tokenizer.decode([t]), lp) for t, lp in top]
+        text = self.detokenizer.token_text
+        return None if top is None else [self._token(t, text(t), lp) for t, lp in top]
 
     def _tokens(self, token_ids, logprobs) -> list[dict]:
         logprobs = logprobs or [None] * len(token_ids)
-        return [self._token(t, self.tokenizer.decode([t]), lp) for t, lp in zip(token_ids, logprobs, strict=False)]
+        text = self.detokenizer.token_text
+        return [self._token(t, text(t), lp) for t, lp in zip(token_ids, logprobs, strict=False)]
 
     def _result(self, r) -> dict:
         tops = [self._alternatives(top) for top in r.top_tokens] if r.top_tokens is not None else None

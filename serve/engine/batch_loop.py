@@ -45,13 +45,14 @@ log = logging.getLogger("peftserve.engine")
 
 class BatchLoop:
     def __init__(self, config: EngineConfig, observer: EngineObserver, parts: T5Parts, kv: KVCache, slots,
-                 cache: AdapterCache, tokenizer, resolve: Callable[[Sequence], tuple], wake: threading.Event) -> None:
+                 cache: AdapterCache, detokenizer: Detokenizer, resolve: Callable[[Sequence], tuple],
+                 wake: threading.Event) -> None:
         """`resolve(seq)` -> the row's terms (serve/engine/combinations.py: cache key, kind, weight), raising a
         PeftServeError when its adapters are gone; `wake` is set by anyone with news for the loop (a request,
         a cancel, a removal, a finished background load)."""
         self.config, self.observer, self.parts, self.kv, self.slots = config, observer, parts, kv, slots
         self.cache, self._resolve, self._wake = cache, resolve, wake
-        self.detokenizer = Detokenizer(tokenizer)
+        self.detokenizer = detokenizer
         self.vocab = parts.model.config.vocab_size  # the LM head's width (T5 pads it past the tokenizer)
         self.logits = LogitsPipeline(parts.decoder_start_token_id, parts.eos_token_id)
         self._inbox: deque[Sequence] = deque()

@@ -36,6 +36,7 @@ from serve.engine.combinations import (
 )
 from serve.engine.config import EngineConfig
 from serve.engine.decode import KVCache, T5Parts, tune_head
+from serve.engine.detokenize import Detokenizer
 from serve.engine.device_map import apply_device_map, devices_of, plan_device_map
 from serve.engine.errors import (
     AdapterExistsError,
@@ -111,7 +112,8 @@ class Engine:
         self.derived = DerivedAdapters(self.cache, config.max_derived_adapters)
         self._version = 0
         self.device_map: dict[str, str] | None = None
-        self.loop = BatchLoop(config, self.observer, self.parts, self.kv, self.slots, self.cache, self.tokenizer,
+        self.detokenizer = Detokenizer(self.tokenizer)  # shared with the serving layer (token texts, special ids)
+        self.loop = BatchLoop(config, self.observer, self.parts, self.kv, self.slots, self.cache, self.detokenizer,
                               self._resolve_terms, self._wake)
 
     # ---- construction ------------------------------------------------------------------------------

@@ -26,6 +26,15 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.size = len(tokenizer)
         self.special = frozenset(tokenizer.all_special_ids)
+        self._texts: dict[int, str] = {}
+
+    def token_text(self, token: int) -> str:
+        """One token's own text, special tokens included (what TGI's `details.tokens` show), read once per id:
+        a response's details would otherwise cost a tokenizer call per generated token."""
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token]) if 0 <= token < self.size else ""
+        return text
 
     def keeps(self, token: int) -> bool:
         return 0 <= token < self.size and token not in self.special

@@ -56,3 +56,11 @@ def test_random_ids_with_special_and_out_of_vocabulary_ids(tiny_base, sp_tokeniz
             ids = [rng.randrange(len(tok) + 40) for _ in range(rng.randrange(1, 30))]
             assert "".join(_pieces(detok, ids)) == tok.decode([i for i in ids if i < len(tok)],
                                                               skip_special_tokens=True)
+
+
+def test_token_text_is_the_tokens_own_decode_read_once(tiny_base, sp_tokenizer):
+    for tok in (tiny_base.tokenizer, sp_tokenizer):
+        detok = Detokenizer(tok)
+        ids = [*tok("café, JSON!").input_ids, len(tok) + 3]
+        assert [detok.token_text(i) for i in ids] == [tok.decode([i]) for i in ids[:-1]] + [""]
+        assert detok.token_text(ids[0]) is detok.token_text(ids[0])  # memoized
