@@ -219,7 +219,11 @@ def run(preset: Preset, out: Path, work: Path, command: str, sections: tuple[str
                      "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "skipped": [], "note": "Other processes shared this machine's cores: expect noise; "
                                             "ratios are measured within one run."}
-    base_dir = ensure_base(work, preset.base_preset, preset.seed)
+    from serve.engine.threads import run_on_fresh_thread
+
+    # building the base runs torch kernels: on a thread that exits, so this thread never holds an OpenMP team
+    # beside the engines' loop threads (serve/engine/threads.py)
+    base_dir = run_on_fresh_thread(ensure_base, work, preset.base_preset, preset.seed)
     results["decode_bytes"] = _decode_bytes(preset, base_dir)
     # the serving section alone needs two adapters per kind, not the sweep's hundreds; the methods section
     # writes (or finds cached) its own

@@ -102,9 +102,9 @@ def runtime(preset: Preset, base_dir: Path, work: Path, out_dir: Path) -> dict:
     paths = run_on_fresh_thread(_adapters, preset, base_dir, work, kinds_n)
     trained = run_on_fresh_thread(ensure_trained_base, work, preset, progress=log)
     ct2_base, ct2_trained = (ct2.convert(b, work / "ct2" / b.name) for b in (base_dir, trained))
-    from serve.engine.base import load_base
+    from transformers import AutoTokenizer
 
-    tokenizer = load_base(str(base_dir)).tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)  # not load_base: no torch kernel on this thread, ever
     inputs = {s: _inputs(tokenizer, s[0], s[1], preset.seed + i) for i, s in enumerate(shapes)}
     rates: dict[tuple, list[float]] = {}
     outputs: dict[tuple, list] = {}
