@@ -315,7 +315,9 @@ def _summarize(preset, shapes, judged, kinds_n, rates, outputs, agree, engine_in
         row["engine_int8_vs_engine_float32"] = ei / ef if ei and ef else None
         by_shape.append(row)
     base32 = best[("engine", "float32", judged)]
-    roofline = adapter_rooflines(base_dir, paths, judged, preset.lora_rank)
+    f32 = profile.get("float32", {})
+    roofline = adapter_rooflines(base_dir, paths, judged, preset.lora_rank,
+                                 f32.get("encoder_pass", {}).get("wall_ms"), f32.get("decode_step", {}).get("wall_ms"))
     earlier = _earlier_ratios(work)
     kinds = []
     for k in KIND_CELLS:
@@ -354,11 +356,17 @@ def _summarize(preset, shapes, judged, kinds_n, rates, outputs, agree, engine_in
             "rates_runs": {"|".join(map(str, k)): v for k, v in rates.items()}}
 
 
-def adapter_rooflines(base_dir: Path, paths: dict, shape, rank: int) -> dict[str, dict]:
+def adapter_rooflines(base_dir: Path, paths: dict, shape, rank: int, encoder_ms: float | None = None,
+                      step_ms: float | None = None) -> dict[str, dict]:
     """Per kind: bytes one decoder step reads for the base (decoder linears, LM head, the rows' KV cache at
     mid-sequence) and what `distinct` adapters of the kind add (their decoder-side tensors, from the files'
     headers; soft prompts widen every row's cross-attention keys/values, prefixes add self-attention keys/values
-    per row). roofline = base / (base + added): the ratio a memory-bound step could not beat."""
+    per row). step_roofline = base / (base + added): the ratio a memory-bound step could not beat.
+
+    A request is one encoder pass and `new` steps. With the measured encoder pass and step times (the profile),
+    roofline = (encoder + new x step) / (encoder x input growth + new x step / step_roofline): the encoder is
+    compute-bound, and soft prompts lengthen its input by their virtual tokens (the others leave it as is).
+    The faster the decoder step, the larger the encoder's share, and the more a soft prompt costs."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -371,7 +379,7 @@ def adapter_rooflines(base_dir: Path, paths: dict, shape, rank: int) -> dict[str
     base = decode_step_bytes(cfg, 0, rank, elem)["base_bytes"] + rows * kv_row * (tokens + new // 2)
     out = {}
     for kind, ps in paths.items():
-        added = 0
+        added, growth = 0, 1.0
         for p in ps:
             for f in p.glob("*.safetensors"):
                 with safe_open(str(f), "pt") as st:
@@ -381,7 +389,12 @@ def adapter_rooflines(base_dir: Path, paths: dict, shape, rank: int) -> dict[str
         if kind in ("prompt", "prefix"):  # no decoder weights: each row reads its virtual tokens' keys and values
             virtual = int(json.loads((ps[0] / "adapter_config.json").read_text()).get("num_virtual_tokens", 0))
             added = rows * kv_row * virtual
-        out[kind] = {"base_step_bytes": base, "adapter_step_bytes": added, "roofline": base / (base + added)}
+            growth = (tokens + virtual) / tokens if kind == "prompt" else 1.0
+        step_roofline = base / (base + added)
+        roofline = step_roofline if not (encoder_ms and step_ms) else \
+            (encoder_ms + new * step_ms) / (encoder_ms * growth + new * step_ms / step_roofline)
+        out[kind] = {"base_step_bytes": base, "adapter_step_bytes": added, "step_roofline": step_roofline,
+                     "encoder_input_growth": growth, "roofline": roofline}
     return out
 
 
