@@ -28,7 +28,8 @@ def start(application, host: str = "127.0.0.1", port: int = 8000, num_cpus: int 
         if address:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+            # "local": a new instance, never a cluster some `ray start` left on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                      logging_level="WARNING", log_to_driver=True)
     ray_serve.start(http_options={"host": host, "port": port},
                     **({"proxy_location": proxy_location} if proxy_location else {}))
