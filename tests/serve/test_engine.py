@@ -282,3 +282,25 @@ def test_static_scheduling_gives_the_same_outputs(tiny_base_dir, zoo, engine):
             got = asyncio.run(staggered(eng, reqs))
         assert [g.token_ids for g in got] == expected, mode
         assert (watcher.joined_running_batch > 0) == joins, mode
+
+
+def test_warm_up_runs_before_start_returns_and_leaves_no_state(tiny_base_dir, zoo):
+    """The warm-up (an encoder pass and decoder steps, before from_config returns, i.e. before /health is ready)
+    runs outside the request path and leaves the batch as it found it: the same requests give the same tokens
+    and log-probabilities after another warm-up as before it."""
+    eng = Engine.from_config(small_config(tiny_base_dir))
+    try:
+        assert eng.info()["warm_up_s"] > 0
+        assert eng.loop.counters["prefills"] == 0  # no request was served to warm up
+        for name in ("lora_a", "prompt"):
+            eng.register_adapter(name, zoo[name])
+        reqs = lambda: [GenerationRequest(t, adapter=a, params=GenerationParams(max_new_tokens=6, logprobs=True))  # noqa: E731
+                        for t, a in zip(INPUTS, [None, "lora_a", "prompt", None], strict=True)]
+        before = eng.generate(reqs())
+        eng.warm_up(rows=4, tokens=5)
+        after = eng.generate(reqs())
+        assert [r.token_ids for r in after] == [r.token_ids for r in before]
+        for a, b in zip(after, before, strict=True):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    finally:
+        eng.close()
