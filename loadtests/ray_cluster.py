@@ -195,12 +195,8 @@ class ClusterApp:
         return self.http.get("/info").json()["replicas"]
 
     def stop(self) -> None:
+        from loadtests.registry_servers import stop_server_process
+
         self.http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_server_process(self.proc)
         self._out.close()

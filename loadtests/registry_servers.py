@@ -35,6 +35,18 @@ PG_USER, PG_PASSWORD = "peft", "pg-Secret-7f3a9"
 AWS_KEY_ID, AWS_SECRET = "AKIAPEFTSERVETEST", "aws-Secret-Key-91c2e"
 
 
+def stop_server_process(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM (the launcher drains and exits), then SIGKILL to the process group if it hangs: a `peftserve
+    serve` child started with start_new_session=True, Ray's processes included."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 def pg_bin() -> Path | None:
     for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
         if (Path(d) / "initdb").exists() and (Path(d) / "pg_ctl").exists():
@@ -243,13 +255,7 @@ class Node:
 
     def stop(self) -> None:
         self.http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_server_process(self.proc)
         self._out.close()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 

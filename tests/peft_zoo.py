@@ -1,5 +1,6 @@
 """Real PEFT adapters with random, non-trivial weights, saved with save_pretrained: the one place tests
-make them (`save_peft` + `redraw` for any config; `lora`, `ia3`, `prompt` for the usual shapes)."""
+make them (`save_peft` + `redraw` for any config; `lora`, `ia3`, `prompt`... for the usual shapes; `bitfit` in the
+project's own format)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ def prompt(model, out, seed, num_virtual_tokens, **kw):
 
     cfg = PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=num_virtual_tokens, **kw)
     return save_peft(model, cfg, out, seed, init=redraw("prompt_encoder", torch.randn_like))
+
+
+def bitfit(model, out, seed, base_name: str, suffixes=(".q", ".wo")):
+    """A BitFit adapter in the project's format (adapters/bitfit.py; PEFT has no BitFit): biases of 0.5 x N(0, 1)
+    on the linears whose paths end with `suffixes`."""
+    from adapters import BaseDescription
+    from adapters.bitfit import save_bitfit
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = BaseDescription.from_model(model, "t", "t").linear_shapes
+    biases = {p: 0.5 * torch.randn(s[1], generator=g) for p, s in shapes.items() if p.endswith(suffixes)}
+    return save_bitfit(out, biases, base_model_name_or_path=base_name)
 
 
 def dora(model, out, seed, **kw):

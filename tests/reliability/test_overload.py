@@ -31,18 +31,22 @@ def test_flood_beyond_queue_is_503_with_retry_after_and_no_restart(server, http,
 
     async def flood(n: int):
         async with httpx.AsyncClient(base_url=server["url"], timeout=120) as c:
+            # each request holds all 4 rows (4 beams) for all 256 steps (min_new_tokens: whatever its adapter
+            # makes of EOS), so the engine cannot drain the flood as fast as it arrives, even on a loaded
+            # machine where the requests take long to pass the proxy and the ingress
             return await asyncio.gather(*(c.post("/generate", json={"inputs": prompt, "parameters": {
-                "adapter_id": ("lora-a", "ia3-a", None)[i % 3], **LONG}}) for i in range(n)))
+                "adapter_id": ("lora-a", "ia3-a", None)[i % 3], **LONG, "min_new_tokens": 256, "num_beams": 4}})
+                for i in range(n)))
 
     t0 = time.monotonic()
-    rs = asyncio.run(flood(48))  # 4 running rows + 12 queue places: most of these cannot be held
+    rs = asyncio.run(flood(48))  # 1 running request (4 rows) + 12 queue places: most of these cannot be held
     statuses = [r.status_code for r in rs]
     record("overload_requests", len(rs))
     record("overload_503", statuses.count(503))
     record("overload_5xx_other_than_503", sum(s >= 500 and s != 503 for s in statuses))
     record("overload_flood_seconds", round(time.monotonic() - t0, 2))
     assert set(statuses) <= {200, 503}, statuses
-    assert statuses.count(503) >= 5 and statuses.count(200) >= 16, statuses  # 16 = 4 rows + 12 queue places
+    assert statuses.count(503) >= 5 and statuses.count(200) >= 13, statuses  # 13 = 1 running + 12 queue places
     for r in rs:
         if r.status_code == 503:
             assert int(r.headers["Retry-After"]) >= 1 and "retry" in r.json()["error"].lower()

@@ -13,7 +13,7 @@ import torch
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
 from serve.engine.errors import AdapterExistsError, UnknownAdapterError
 from serve.engine.observer import RecordingObserver
-from tests.peft_zoo import redraw, save_peft
+from tests.peft_zoo import bitfit, redraw, save_peft
 from tests.serve.engine_helpers import staggered
 
 ALL_LINEAR = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
@@ -21,9 +21,6 @@ ALL_LINEAR = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 
 def make_adapters(base, root: Path) -> dict[str, Path]:
     from peft import IA3Config, LoraConfig, PromptTuningConfig
-
-    from adapters import BaseDescription
-    from adapters.bitfit import save_bitfit
 
     m = base.model
     z = {
@@ -36,10 +33,7 @@ def make_adapters(base, root: Path) -> dict[str, Path]:
         "prompt": save_peft(m, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=5),
                              root / "prompt", 4, init=redraw("prompt_encoder", torch.randn_like)),
     }
-    g = torch.Generator().manual_seed(5)
-    shapes = BaseDescription.from_model(m, "t", "t").linear_shapes
-    biases = {p: 0.5 * torch.randn(s[1], generator=g) for p, s in shapes.items() if p.endswith((".q", ".wo"))}
-    z["bitfit"] = save_bitfit(root / "bitfit", biases, base_model_name_or_path=base.name)
+    z["bitfit"] = bitfit(m, root / "bitfit", 5, base.name)
     return z
 
 

@@ -15,7 +15,7 @@ import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
 from tests.combination_oracle import add_bitfit, greedy
-from tests.peft_zoo import adalora, dora, ia3, lora, prefix, prompt, ptuning
+from tests.peft_zoo import adalora, bitfit, dora, ia3, lora, prefix, prompt, ptuning
 from tests.serve.engine_helpers import staggered
 
 NEW_TOKENS = 6
@@ -24,18 +24,12 @@ INPUTS = ["the quick brown fox", "summarize: engines batch rows", "hello there",
 
 @pytest.fixture(scope="module")
 def zoo(tiny_base, tmp_path_factory):
-    from adapters import BaseDescription
-    from adapters.bitfit import save_bitfit
-
     root, m = tmp_path_factory.mktemp("all-kinds"), tiny_base.model
-    g = torch.Generator().manual_seed(7)
-    biases = {p: 0.5 * torch.randn(s[1], generator=g)
-              for p, s in BaseDescription.from_model(m, "t", "t").linear_shapes.items() if p.endswith((".q", ".wo"))}
     return {"lora": lora(m, root / "lora", 51, r=4, target_modules=["q", "v", "wo"]),
             "dora": dora(m, root / "dora", 52, r=4, target_modules=["q", "k", "v", "o", "wi_0", "wo"]),
             "adalora": adalora(m, root / "adalora", 53),
             "ia3": ia3(m, root / "ia3", 54),
-            "bitfit": save_bitfit(root / "bitfit", biases, base_model_name_or_path=tiny_base.name),
+            "bitfit": bitfit(m, root / "bitfit", 7, tiny_base.name),
             "prompt": prompt(m, root / "prompt", 55, 4),
             "ptuning": ptuning(m, root / "ptuning", 56, 5),
             "ptuning_lstm": ptuning(m, root / "ptuning_lstm", 57, 3, encoder="LSTM", num_transformer_submodules=1),

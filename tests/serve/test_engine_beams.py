@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from serve.engine import Engine, EngineConfig, GenerationParams, GenerationRequest
 from tests.beam_oracle import hf_generate, stepped_generate
 from tests.combination_oracle import model_for
-from tests.peft_zoo import ia3, lora, prefix, prompt
+from tests.peft_zoo import bitfit, ia3, lora, prefix, prompt
 from tests.serve.engine_helpers import staggered
 
 NEW = 7
@@ -29,16 +28,10 @@ SETTINGS = [  # (num_beams, length_penalty, early_stopping, num_return_sequences
 
 @pytest.fixture(scope="module")
 def zoo(tiny_base, tmp_path_factory):
-    from adapters import BaseDescription
-    from adapters.bitfit import save_bitfit
-
     root, m = tmp_path_factory.mktemp("beams"), tiny_base.model
-    g = torch.Generator().manual_seed(3)
-    biases = {p: 0.5 * torch.randn(s[1], generator=g)
-              for p, s in BaseDescription.from_model(m, "t", "t").linear_shapes.items() if p.endswith((".q", ".wo"))}
     return {"lora": lora(m, root / "lora", 61, r=4, target_modules=["q", "v", "wo"]),
             "ia3": ia3(m, root / "ia3", 62),
-            "bitfit": save_bitfit(root / "bitfit", biases, base_model_name_or_path=tiny_base.name),
+            "bitfit": bitfit(m, root / "bitfit", 3, tiny_base.name),
             "prompt": prompt(m, root / "prompt", 63, 4),
             "prefix": prefix(m, root / "prefix", 64, 5)}
 
