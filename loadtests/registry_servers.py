@@ -278,11 +278,20 @@ class Node:
 
 
 def until(check, timeout_s: float, step_s: float = 0.05):
-    """Poll `check()` until it returns a truthy value; returns (value, seconds waited)."""
+    """(value, seconds): poll `check()` until truthy or `timeout_s` (an HTTP error counts as not yet). seconds:
+    from the start to when the check that succeeded was issued (a change served "within 2 s" is one that a
+    request sent by then gets, however long that request then takes on a loaded machine); on a timeout, the
+    time spent."""
     t0 = time.monotonic()
     while True:
-        value = check()
-        if value or time.monotonic() - t0 > timeout_s:
+        issued = time.monotonic() - t0
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value, issued
+        if time.monotonic() - t0 > timeout_s:
             return value, time.monotonic() - t0
         time.sleep(step_s)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from loadtests import registry_servers
 from loadtests.ray_cluster import ClusterApp, RayCluster
 from loadtests.registry_servers import ADMIN, AUTH, TcpProxy
 
@@ -93,16 +94,8 @@ def replicas_by_node(http: httpx.Client) -> dict[str, list[dict]]:
 
 
 def until(check, timeout_s: float, step_s: float = 0.2):
-    """(value, seconds): poll `check()` until truthy or `timeout_s`."""
-    t0 = time.monotonic()
-    while True:
-        try:
-            value = check()
-        except httpx.HTTPError:
-            value = None
-        if value or time.monotonic() - t0 > timeout_s:
-            return value, time.monotonic() - t0
-        time.sleep(step_s)
+    """loadtests.registry_servers.until, polling /info-sized checks less often (a cluster's replicas answer them)."""
+    return registry_servers.until(check, timeout_s, step_s)
 
 
 def generate(http: httpx.Client, adapter: str | None, inputs: str = "translate: scale out", tokens: int = 8):
