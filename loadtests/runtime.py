@@ -6,8 +6,8 @@ what adapters cost on the faster base. One run, same base, same input ids, same 
   (the bench base's EOS row is zeroed, CTranslate2 gets min = max decoding length);
 - shapes (rows, input tokens, new tokens): the preset's `runtime_shapes`, the first one judged;
 - adapters on the float32 base at the first shape: 32 distinct adapters of every kind, each cell's ratio to the
-  base beside the byte roofline of the decoder step (base bytes / (base + adapter bytes): adapters cannot cost
-  less than reading their bytes) and the previous run's figure; LoRA on the int8 base too;
+  base beside its roofline (a decoder step cannot cost less than reading the adapters' bytes, and soft prompts
+  lengthen the encoder's input: `adapter_rooflines`) and the previous run's figure; LoRA on the int8 base too;
 - agreement: greedy tokens of int8 against float32 (engine and CTranslate2 alike), and of the engine against
   CTranslate2 in float32 (the same model: a check that both do the same work), on held-out prompts of a
   trained base of the same shape (loadtests/trained_base.py) and on the random bench base;
@@ -446,7 +446,7 @@ def plot(result: dict, out: Path) -> Path:
     kinds = [k for k in result["kinds"] if k["ratio_to_base"] is not None]
     xs = range(len(kinds))
     bx.bar(xs, [k["ratio_to_base"] for k in kinds], color="tab:blue", label="now / engine float32 base")
-    bx.scatter(xs, [k["roofline"] for k in kinds], color="black", marker="_", s=300, label="byte roofline")
+    bx.scatter(xs, [k["roofline"] for k in kinds], color="black", marker="_", s=300, label="roofline (adapter bytes, encoder work)")
     bx.scatter([x for x, k in zip(xs, kinds, strict=True) if k["previous_ratio"]],
                [k["previous_ratio"] for k in kinds if k["previous_ratio"]], color="tab:red", marker="x",
                label="before issue 23")
