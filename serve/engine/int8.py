@@ -31,20 +31,29 @@ from torch import nn
 ENGINE = "onednn"
 _SCRATCH = threading.local()  # per thread: the engine's loop thread owns its buffers, and they die with it
 _SCRATCH_ROWS = 256  # buffers grow in steps of this many rows
+_SCRATCH_MAX_ROWS = 4096  # larger calls (long encoder passes) get a buffer of their own: nothing that size is kept
 
 
 def _scaled_rows(n: int, width: int) -> torch.Tensor:
     """A [2 + n, width] view of this thread's scratch buffer for `width`-wide inputs whose first two rows hold
     +1 and -1 (written once, at allocation): the caller writes its n scaled rows after them. One buffer per
     width and thread, shared by every Int8Linear of that width: calls on one thread never overlap, and
-    allocating and filling a fresh input per call cost 10-15 % of a 32-row call."""
+    allocating and filling a fresh input per call cost 10-15 % of a 32-row call. At most `_SCRATCH_MAX_ROWS` rows
+    are kept per width (16 MiB at width 1024)."""
+    if n + 2 > _SCRATCH_MAX_ROWS:
+        return _with_span_rows(torch.empty(n + 2, width))
     pool = _SCRATCH.__dict__.setdefault("pool", {})
     buf = pool.get(width)
     if buf is None or buf.shape[0] < n + 2:
-        buf = torch.zeros(-(-(n + 2) // _SCRATCH_ROWS) * _SCRATCH_ROWS, width)
-        buf[0, 0], buf[1, 0] = 1.0, -1.0
-        pool[width] = buf
+        buf = pool[width] = _with_span_rows(torch.zeros(min(-(-(n + 2) // _SCRATCH_ROWS) * _SCRATCH_ROWS,
+                                                            _SCRATCH_MAX_ROWS), width))
     return buf[:n + 2]
+
+
+def _with_span_rows(buf: torch.Tensor) -> torch.Tensor:
+    buf[:2] = 0.0
+    buf[0, 0], buf[1, 0] = 1.0, -1.0
+    return buf
 
 
 @contextlib.contextmanager
