@@ -12,8 +12,8 @@ Activations are quantized per row. The kernel takes one (min, max) range per cal
 its batch-mates would keep only a few of its 256 levels (measured: 10-100 % error on such rows) and a row's
 result would depend on who shares its batch. Each row is therefore divided by its own largest magnitude
 first, two fixed rows holding +1 and -1 go before them (in a per-thread scratch buffer) so that every call's
-range is exactly [-1, 1], and the output rows are multiplied back: per-row 8-bit quantization (1.1-2 % error on every row) on a grid that never
-depends on the batch-mates. (A row's float32 inputs may still differ from its solo run by a float rounding,
+range is exactly [-1, 1], and the output rows are multiplied back: per-row 8-bit quantization (1.1-2 % error
+on every row) on a grid that never depends on the batch-mates. (A row's float32 inputs may still differ from its solo run by a float rounding,
 e.g. when padding changes how a sum is blocked; a value right at a rounding boundary then lands one level
 apart.) CPU only: CUDA has no kernel behind these ops, and `EngineConfig` refuses
 `dtype: int8` with a CUDA device.
