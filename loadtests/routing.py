@@ -63,10 +63,10 @@ def app_args(cfg: RoutingBenchConfig, base: Path, registry_dir: Path, adapter_by
 
 
 def application(cfg: RoutingBenchConfig, args: dict):
+    from serve.app.builder import build_app
     from serve.app.config import AppConfig
-    from serve.app.launch import build_application
 
-    return build_application(AppConfig.model_validate(args), {
+    return build_app(AppConfig.model_validate(args), {
         "EngineReplica": {"num_replicas": cfg.replicas, "ray_actor_options": {"num_cpus": 0.5}},
         "Ingress": {"ray_actor_options": {"num_cpus": 0.25}}, "MetricsHub": {"ray_actor_options": {"num_cpus": 0}}})
 

@@ -1,4 +1,5 @@
-"""The Ray Serve application: Ingress (HTTP) -> EngineReplica (one Engine per replica) + MetricsHub.
+"""The Ray Serve application: Ingress (HTTP) -> EngineReplica (one Engine per replica) + MetricsHub, or with
+`topology: combined` EngineReplicas that answer HTTP themselves (serve/app/combined.py) + MetricsHub.
 
     serve run deploy/local.yaml                 # or: peftserve serve [--config FILE]
 
@@ -48,13 +49,38 @@ class MetricsHub:
         return self.store.replicas()
 
 
-def build_app(config: AppConfig):
+def build_app(config: AppConfig, deployments: dict[str, dict] | None = None):
+    """The application for `config`; `deployments`: per-deployment Ray options ({name: options}, from the YAML's
+    `deployments:`, as `serve run` would apply them)."""
+    opts = deployments or {}
+    check_deployments(config, opts)
+    args = config.model_dump(mode="json")
+    hub = MetricsHub.options(**opts.get("MetricsHub", {})).bind(*hub_args(config))
+    if config.topology == "combined":
+        from serve.app.combined import CombinedReplica
+
+        return CombinedReplica.options(**opts.get("EngineReplica", {})).bind(args, hub)
     from serve.app.ingress import Ingress
     from serve.app.replica import EngineReplica
 
-    args = config.model_dump(mode="json")
-    hub = MetricsHub.bind(*hub_args(config))
-    return Ingress.bind(args, EngineReplica.bind(args, hub), hub)
+    engine = EngineReplica.options(**opts.get("EngineReplica", {})).bind(args, hub)
+    return Ingress.options(**opts.get("Ingress", {})).bind(args, engine, hub)
+
+
+def check_deployments(config: AppConfig, deployments: dict[str, dict]) -> None:
+    """Options for a deployment this topology does not have are a config error, not silently ignored."""
+    unknown = sorted(set(deployments) - set(deployment_names(config)))
+    if unknown:
+        from serve.engine import ConfigError
+
+        raise ConfigError(f"deployments: {', '.join(unknown)} is not part of the app with topology: "
+                          f"{config.topology} (its deployments: {', '.join(deployment_names(config))})")
+
+
+def deployment_names(config: AppConfig) -> list[str]:
+    """The app's deployments; the first answers HTTP (the shutdown drain asks it what is in flight)."""
+    return ["EngineReplica", "MetricsHub"] if config.topology == "combined" else ["Ingress", "EngineReplica",
+                                                                                  "MetricsHub"]
 
 
 def hub_args(config: AppConfig) -> tuple[float, float]:

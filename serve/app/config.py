@@ -7,6 +7,7 @@ section, where `serve run`/`serve deploy` expect them; everything peftserve-spec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,6 +44,12 @@ class AppConfig(BaseModel):
     adapter_metric_labels: list[str] = Field(default_factory=list, max_length=256,
                                              description="adapters that get their own metric label")
     metrics_push_interval_s: float = Field(1.0, gt=0, le=60)
+    topology: Literal["split", "combined"] = Field(
+        "split", description="split: an Ingress deployment answers HTTP and forwards to EngineReplica deployments "
+                             "(adapter-aware routing; a dead engine replica is a 503 with Retry-After). combined: "
+                             "each EngineReplica answers HTTP itself, one hop and one process fewer per request; "
+                             "Ray's proxy picks the replica (by queue length, or by the serve_multiplexed_model_id "
+                             "header where the client sends one). See docs/SERVING.md")
     residency_routing: bool = Field(True, description="route requests to replicas that recently served "
                                                       "their adapter (Ray multiplexed-model routing)")
     resident_adapters_hint: int = Field(64, ge=1, description="adapters each replica advertises as resident")

@@ -1,5 +1,7 @@
-"""Ingress: the HTTP deployment. Parses and validates, authenticates, writes the registry, and forwards
-generation to the EngineReplica deployment through a handle (routing key: the adapter name, see replica.py).
+"""Ingress: the HTTP deployment of the split topology. Parses and validates, authenticates, writes the registry,
+and forwards generation to the EngineReplica deployment through a handle (routing key: the adapter name, see
+replica.py). `HttpFront` is what answering HTTP needs in whichever process does it: the Ingress here, or each
+EngineReplica itself in the combined topology (serve/app/combined.py).
 
 The ingress holds no model; it can run on CPU-only nodes with its own replica count.
 
@@ -28,21 +30,20 @@ log = logging.getLogger("peftserve.app")
 DESCRIBE_TTL_S = 5.0  # /info and /health freshness; base description never changes
 
 
-@ray_serve.deployment(name="Ingress", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
-@ray_serve.ingress()
-class Ingress:
-    async def __init__(self, config: dict, engine, hub):
-        self.config = AppConfig.model_validate(config)
-        self.engine, self.hub = engine, hub
+class HttpFront:
+    """The HTTP side of a deployment (serve/app/routes.py is its API): bearer tokens, the in-flight count the
+    shutdown drain waits on, /info's replica list, /metrics, and the demo adapters at start. The class that
+    mixes it in sets `config`, `metrics`, `registry`, `pusher` and implements generate/stream/describe/
+    adapters (routes.Backend), then calls `_start_http(hub)` at the end of its __init__."""
+
+    config: AppConfig
+    metrics: Metrics
+    pusher: MetricsPusher
+
+    def _start_http(self, hub) -> None:
+        self.hub = hub
         self.admin_token = resolve_token(self.config.admin_token, "PEFTSERVE_ADMIN_TOKEN")
         self.api_token = resolve_token(self.config.api_token, "PEFTSERVE_API_TOKEN")
-        self.metrics = Metrics(self.config.adapter_metric_labels)
-        self.registry = self.config.open_registry()
-        self.metrics.observe_store(self.registry.store)
-        self.pusher = MetricsPusher(self.metrics, hub, f"ingress-{replica_id()}", self.config.metrics_push_interval_s)
-        self.pusher.start()
-        self._described: tuple[float, dict] | None = None
-        self._bound: AdapterRegistry | None = None
         self.http_in_flight = [0]
         if self.config.wants_demo_adapters():
             asyncio.get_running_loop().create_task(self._register_demo_adapters())
@@ -51,6 +52,60 @@ class Ingress:
         from serve.app.routes import build_api
 
         return build_api(self)
+
+    async def replicas(self) -> list[dict]:
+        """What every live engine replica last reported (node, sync state, cache): /info's `replicas`."""
+        try:
+            return await self.hub.reports.remote()
+        except Exception as e:  # noqa: BLE001 - the hub is being restarted: /info still answers
+            log.warning("replica reports unavailable: %r", e)
+            return []
+
+    async def in_flight(self) -> int:
+        """HTTP requests this replica has not answered yet (the shutdown drain waits for 0)."""
+        return self.http_in_flight[0]
+
+    async def metrics_exposition(self) -> bytes:
+        from adapters.kinds import METHODS
+
+        # the label is the PEFT method (dora, adalora, p_tuning...), counted by the catalog: no snapshot
+        methods = await asyncio.to_thread((await self.adapters()).counts)
+        for method in METHODS:
+            self.metrics.registered_adapters.labels(method).set(methods.get(method, 0))
+        try:
+            await self.pusher.push()  # this replica's HTTP counters are fresh; engines push every interval
+            return await self.hub.render.remote()
+        except Exception as e:  # noqa: BLE001 - the hub is being restarted
+            raise HTTPProblem(ErrorReply(**ray_failure(e))) from None
+
+    async def _register_demo_adapters(self) -> None:
+        """Register the demo adapters `peftserve train demo` trained for this base (serve/app/demo.py)."""
+        try:
+            from serve.app.admin_routes import make_validator
+            from serve.app.demo import register_demo_adapters
+
+            described = await self.describe()
+            validate = make_validator(described["base"], described["limits"])
+            registry = await self.adapters()
+            await asyncio.to_thread(register_demo_adapters, registry, validate, described["base"].fingerprint)
+        except Exception as e:  # noqa: BLE001 - demo adapters are a convenience, never a start-up failure
+            log.warning("demo adapters not registered: %r", e)
+
+
+@ray_serve.deployment(name="Ingress", max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.5})
+@ray_serve.ingress()
+class Ingress(HttpFront):
+    async def __init__(self, config: dict, engine, hub):
+        self.config = AppConfig.model_validate(config)
+        self.engine = engine
+        self.metrics = Metrics(self.config.adapter_metric_labels)
+        self.registry = self.config.open_registry()
+        self.metrics.observe_store(self.registry.store)
+        self.pusher = MetricsPusher(self.metrics, hub, f"ingress-{replica_id()}", self.config.metrics_push_interval_s)
+        self.pusher.start()
+        self._described: tuple[float, dict] | None = None
+        self._bound: AdapterRegistry | None = None
+        self._start_http(hub)
 
     # ---- Backend (serve/app/routes.py) ------------------------------------------------------------------
     def _handle(self, request: dict, stream: bool = False):
@@ -85,51 +140,12 @@ class Ingress:
                 raise HTTPProblem(ErrorReply(**ray_failure(e))) from None
         return self._described[1]
 
-    async def replicas(self) -> list[dict]:
-        """What every live engine replica last reported (node, sync state, cache): /info's `replicas`."""
-        try:
-            return await self.hub.reports.remote()
-        except Exception as e:  # noqa: BLE001 - the hub is being restarted: /info still answers
-            log.warning("replica reports unavailable: %r", e)
-            return []
-
     async def adapters(self) -> AdapterRegistry:
         """The registry bound to the engine's base (known once an engine replica answers)."""
         if self._bound is None:
             base = (await self.describe())["base"]
             self._bound = self.registry.for_base(base.fingerprint, base.name)
         return self._bound
-
-    async def in_flight(self) -> int:
-        """HTTP requests this ingress replica has not answered yet (the shutdown drain waits for 0)."""
-        return self.http_in_flight[0]
-
-    async def metrics_exposition(self) -> bytes:
-        from adapters.kinds import METHODS
-
-        # the label is the PEFT method (dora, adalora, p_tuning...), counted by the catalog: no snapshot
-        methods = await asyncio.to_thread((await self.adapters()).counts)
-        for method in METHODS:
-            self.metrics.registered_adapters.labels(method).set(methods.get(method, 0))
-        try:
-            await self.pusher.push()  # this replica's HTTP counters are fresh; engines push every interval
-            return await self.hub.render.remote()
-        except Exception as e:  # noqa: BLE001 - the hub is being restarted
-            raise HTTPProblem(ErrorReply(**ray_failure(e))) from None
-
-    # ---- startup ---------------------------------------------------------------------------------
-    async def _register_demo_adapters(self) -> None:
-        """Register the demo adapters `peftserve train demo` trained for this base (serve/app/demo.py)."""
-        try:
-            from serve.app.admin_routes import make_validator
-            from serve.app.demo import register_demo_adapters
-
-            described = await self.describe()
-            validate = make_validator(described["base"], described["limits"])
-            registry = await self.adapters()
-            await asyncio.to_thread(register_demo_adapters, registry, validate, described["base"].fingerprint)
-        except Exception as e:  # noqa: BLE001 - demo adapters are a convenience, never a start-up failure
-            log.warning("demo adapters not registered: %r", e)
 
 
 def ray_failure(e: BaseException) -> dict:

@@ -96,6 +96,9 @@ def build_from_args(args) -> tuple[object, dict]:
         config = AppConfig.model_validate(app_args)
     except ValueError as e:
         raise ConfigError(f"invalid configuration: {_one_line(e)}") from None
+    from serve.app.builder import check_deployments
+
+    check_deployments(config, deployments)
     if args.replicas is not None:
         if args.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
@@ -112,21 +115,6 @@ def ray_address(args) -> str | None:
     import os
 
     return getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
-
-
-def build_application(config, deployments: dict[str, dict]):
-    from serve.app.builder import MetricsHub, build_app, hub_args
-    from serve.app.ingress import Ingress
-    from serve.app.replica import EngineReplica
-
-    if not deployments:
-        return build_app(config)
-    # Per-deployment options from the YAML, as `serve run` would apply them.
-    args = config.model_dump(mode="json")
-    opts = {name: {k: v for k, v in o.items()} for name, o in deployments.items()}
-    hub = MetricsHub.options(**opts.get("MetricsHub", {})).bind(*hub_args(config))
-    engine = EngineReplica.options(**opts.get("EngineReplica", {})).bind(args, hub)
-    return Ingress.options(**opts.get("Ingress", {})).bind(args, engine, hub)
 
 
 def _registry_label(config) -> str:
@@ -155,6 +143,7 @@ def run(args) -> int:
     import time
 
     from serve.app import local
+    from serve.app.builder import build_app, deployment_names
     from serve.app.preflight import preflight
 
     config, deployments = build_from_args(args)
@@ -181,7 +170,7 @@ def run(args) -> int:
     on_signal()
     started = False
     try:
-        url = local.start(build_application(config, deployments), args.host, args.port, args.num_cpus,
+        url = local.start(build_app(config, deployments), args.host, args.port, args.num_cpus,
                           ready_timeout_s=600, stop=stop, address=address,
                           proxy_location=read_config(args.config)[2])
         on_signal()  # ray.init installs its own SIGTERM handler (it aborts the driver): take it back
@@ -192,6 +181,7 @@ def run(args) -> int:
     finally:
         print(f"peftserve: shutting down (in-flight requests get up to {args.grace_s:g} s)", flush=True)
         t0 = time.monotonic()
-        local.stop(grace_s=args.grace_s if started else 0.0, joined=address is not None)
+        local.stop(grace_s=args.grace_s if started else 0.0, joined=address is not None,
+                   front=deployment_names(config)[0])
         print(f"peftserve: stopped in {time.monotonic() - t0:.1f} s", flush=True)
     return 0

@@ -76,18 +76,19 @@ def redeploy(application, url: str, ready_timeout_s: float = 120.0) -> None:
     wait_healthy(url, ready_timeout_s)
 
 
-def stop(grace_s: float = 0.0, joined: bool = False) -> None:
+def stop(grace_s: float = 0.0, joined: bool = False, front: str = "Ingress") -> None:
     """Shut Serve down (replicas finish their in-flight requests first, for up to their graceful-shutdown
     timeout), then Ray, then any process this Ray session left behind (its dashboard and runtime-env
     agents outlive `ray.shutdown()`). On a cluster this process `joined`, only this app is removed (and
-    Serve, if no other application runs); the cluster keeps running."""
+    Serve, if no other application runs); the cluster keeps running. `front`: the deployment that answers HTTP
+    (Ingress, or EngineReplica in the combined topology), which the drain asks what is in flight."""
     import ray
     from ray import serve as ray_serve
 
     session_dir = _session_dir()
     try:
         if grace_s > 0:
-            _drain(grace_s)
+            _drain(grace_s, front)
         if joined:
             ray_serve.delete(APP_NAME)
             if not ray_serve.status().applications:
@@ -100,12 +101,12 @@ def stop(grace_s: float = 0.0, joined: bool = False) -> None:
             reap_session(session_dir)
 
 
-def _drain(grace_s: float) -> None:
+def _drain(grace_s: float, front: str) -> None:
     """Wait until no HTTP request is in flight anywhere in the app, or `grace_s` passes."""
     from ray import serve as ray_serve
 
     deadline = time.monotonic() + grace_s
-    handle = ray_serve.get_deployment_handle("Ingress", APP_NAME)
+    handle = ray_serve.get_deployment_handle(front, APP_NAME)
     while time.monotonic() < deadline:
         try:
             if handle.in_flight.remote().result(timeout_s=5) == 0:

@@ -51,7 +51,7 @@ ADAPTER_HEADER = "x-adapter-id"  # for clients without an adapter parameter (tex
 
 class Backend(Protocol):
     config: AppConfig
-    registry: AdapterRegistry  # unbound: generation(), staging(), gc()
+    registry: AdapterRegistry  # base-independent calls only: generation(), staging(), gc(), check()
     http_in_flight: list[int]  # HTTP requests not yet answered (the middleware counts them)
     metrics: Metrics
     api_token: str | None
@@ -484,7 +484,7 @@ def _add_ops_routes(app: FastAPI, backend: Backend) -> None:
         described = await backend.describe()
         by_kind = await asyncio.to_thread((await backend.adapters()).counts, "kind")  # counted by the catalog
         cfg = backend.config
-        return {**described["info"], "replicas": await backend.replicas(),
+        return {**described["info"], "topology": cfg.topology, "replicas": await backend.replicas(),
                 "registry": {"adapters": sum(by_kind.values()), "by_kind": by_kind,
                              "generation": backend.registry.generation(), **backend.registry.backends()},
                 "http_limits": {"max_body_bytes": cfg.max_body_bytes, "max_upload_bytes": cfg.max_upload_bytes},

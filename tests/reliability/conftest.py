@@ -27,10 +27,10 @@ DEPLOYMENTS = {"EngineReplica": {"health_check_period_s": 1, "health_check_timeo
 
 
 def build(args: dict):
+    from serve.app.builder import build_app
     from serve.app.config import AppConfig
-    from serve.app.launch import build_application
 
-    return build_application(AppConfig.model_validate(args), {k: dict(v) for k, v in DEPLOYMENTS.items()})
+    return build_app(AppConfig.model_validate(args), {k: dict(v) for k, v in DEPLOYMENTS.items()})
 
 
 def pytest_collection_modifyitems(config, items):

@@ -50,13 +50,13 @@ def app_args(base_dir: Path, registry_dir: Path, **extra) -> dict:
 
 
 def build(args: dict, engine_replicas: int = 1):
-    from serve.app.builder import app_builder
+    from serve.app.builder import build_app
     from serve.app.config import AppConfig
-    from serve.app.launch import build_application
 
     config = AppConfig.model_validate(args)
     if engine_replicas == 1:
-        return app_builder(args)
-    small = {"ray_actor_options": {"num_cpus": 0.5}}
-    return build_application(config, {"EngineReplica": {"num_replicas": engine_replicas, **small},
-                                      "Ingress": {"ray_actor_options": {"num_cpus": 0.25}}})
+        return build_app(config)
+    opts = {"EngineReplica": {"num_replicas": engine_replicas, "ray_actor_options": {"num_cpus": 0.5}}}
+    if config.topology == "split":
+        opts["Ingress"] = {"ray_actor_options": {"num_cpus": 0.25}}
+    return build_app(config, opts)

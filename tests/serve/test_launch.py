@@ -94,14 +94,30 @@ def _alive(pid: int) -> bool:
         return False
 
 
-# SIGTERM (what orchestrators send) in every run; SIGINT (Ctrl-C) takes the same drain path, in the soak run
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.soak), signal.SIGTERM])
-def test_signal_drains_in_flight_and_stops_everything(sig, tmp_path, tiny_base_dir):
+def test_options_for_a_deployment_the_topology_lacks_are_one_line(tmp_path):
+    config = tmp_path / "combined.yaml"
+    config.write_text("applications:\n- name: peftserve\n  import_path: serve.app.builder:app_builder\n"
+                      "  args: {topology: combined}\n"
+                      "  deployments:\n  - name: Ingress\n    num_replicas: 2\n")
+    proc = _serve(["--config", str(config)], tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "deployments: Ingress is not part of the app with topology: combined" in err
+    assert "starting Ray" not in out
+
+
+# SIGTERM (what orchestrators send) in every run, in both topologies (the drain asks whichever deployment answers
+# HTTP); SIGINT (Ctrl-C) takes the same drain path, in the soak run
+@pytest.mark.parametrize("sig, topology", [pytest.param(signal.SIGINT, "split", marks=pytest.mark.soak),
+                                           (signal.SIGTERM, "split"), (signal.SIGTERM, "combined")])
+def test_signal_drains_in_flight_and_stops_everything(sig, topology, tmp_path, tiny_base_dir):
     port = free_port()
     before = _ray_pids()
+    config = tmp_path / "app.yaml"
+    config.write_text(f"topology: {topology}\n")
     # Started as a background job would be: SIGINT ignored on entry (the command must re-install it).
-    proc = _serve(["--base", str(tiny_base_dir), "--port", str(port), "--num-cpus", "2", "--no-demo-adapters"],
-                  tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = _serve(["--base", str(tiny_base_dir), "--port", str(port), "--num-cpus", "2", "--no-demo-adapters",
+                   "--config", str(config)], tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     url = f"http://127.0.0.1:{port}"
     try:
         for line in proc.stdout:
