@@ -176,9 +176,10 @@ class LoopbackServer:
     out of the benchmark's own process."""
 
     def __init__(self, preset: Preset, base_dir: Path, work: Path, log_file: Path, ready_timeout_s: float = 600,
-                 engine: dict | None = None, env: dict[str, str] | None = None):
+                 engine: dict | None = None, env: dict[str, str] | None = None, app: dict | None = None):
         """`engine`: the server's whole engine config (default: sized for the locust scenarios); `env`:
-        extra environment for the server (e.g. OMP_NUM_THREADS, which Ray otherwise sets to 1)."""
+        extra environment for the server (e.g. OMP_NUM_THREADS, which Ray otherwise sets to 1); `app`: other
+        app settings over the defaults here (topology, metrics_push_interval_s...)."""
         import yaml
 
         from serve.app.local import free_port
@@ -190,7 +191,7 @@ class LoopbackServer:
                       "device_slots": {k: 8 for k in KINDS}, "host_bytes": "1GiB", "max_queue": 4096}
         config = {"engine": engine,
                   "registry_dir": str(work / "registry" / base_dir.name), "demo_adapters": False,
-                  "metrics_push_interval_s": 0.5}
+                  "metrics_push_interval_s": 0.5, **(app or {})}
         log_file.parent.mkdir(parents=True, exist_ok=True)
         cfg = log_file.with_suffix(".yaml")
         cfg.write_text(yaml.safe_dump(config))
