@@ -54,6 +54,8 @@ class Preset:
     serving_concurrency: int = 64  # concurrent requests per round (and max_batch_rows on both sides)
     serving_new_tokens: int = 32
     serving_rounds: int = 5  # timed (engine, http) pairs after one untimed warm-up pair
+    # the same requests with this many new tokens (a classifier's answer): the per-request cost dominates
+    serving_short_new_tokens: int = 2
     # Runtime (issue 23): base decode vs CTranslate2, (rows, input tokens, new tokens) per shape, the first judged;
     # rounds per cycle and cycles (float32 engine, CTranslate2, int8 engine); training steps of the base whose
     # greedy outputs the int8/float32 agreement is measured on (loadtests/trained_base.py)

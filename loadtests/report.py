@@ -25,7 +25,7 @@ TARGETS = [
     ("cold_swap_p99_ms", "cold swap (disk -> servable) p99, ms", "<=", 50.0),
     ("warm_swap_p99_ms", "warm swap (host -> device) p99, ms", "<=", 5.0),
     ("idle_adapter_bytes", "memory per registered, never-used adapter (retained heap), bytes", "<=", 10_000),
-    ("serving_http_vs_engine", "HTTP via Ray Serve (combined topology) / in-process engine throughput (median of paired rounds)",
+    ("serving_http_vs_engine", "HTTP via Ray Serve (split, the default topology) / in-process engine throughput (median of paired rounds)",
      ">=", 0.9),
     ("ptuning_vs_prompt", "{m} distinct: P-tuning / prompt tuning throughput (same within ±10 %)", "within", 0.1),
     ("adalora_vs_lora", "{m} distinct: AdaLoRA / LoRA throughput (same within ±10 %)", "within", 0.1),

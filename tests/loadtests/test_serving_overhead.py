@@ -36,17 +36,19 @@ def test_both_sides_ran_the_same_load_and_every_request_completed(serving_run):
     assert s["rows"]["base"] > 0 and s["rows"]["adapter"] > 0 and s["rows"]["base"] + s["rows"]["adapter"] == n
     assert len(s["adapters"]) == 1 + 8  # the base and two adapters of each of the four kinds
     assert len(s["rounds"]) == preset.serving_rounds
-    assert s["topology"] == "combined" and s["server"]["topology"] == "combined" and s["client"] == "aiohttp"
-    split = s["other_topologies"]["split"]  # the default topology, against the same in-process engine
-    assert split["server"]["topology"] == "split" and len(split["rounds"]) == preset.serving_rounds
-    for r in [s["warmup"], *s["rounds"], split["warmup"], *split["rounds"]]:
+    assert s["topology"] == "split" and s["server"]["topology"] == "split" and s["client"] == "aiohttp"
+    combined = s["other_topologies"]["combined"]  # against the same in-process engine
+    assert combined["server"]["topology"] == "combined" and len(combined["rounds"]) == preset.serving_rounds
+    short = [r for t in (s, combined) for r in (t["short"]["warmup"], *t["short"]["rounds"])]
+    assert s["short"]["new_tokens"] == combined["short"]["new_tokens"] == preset.serving_short_new_tokens < tokens
+    for r in [s["warmup"], *s["rounds"], combined["warmup"], *combined["rounds"], *short]:
         e, h = r["engine"], r["http"]
         assert e["requests"] == h["requests"] == n
         assert e["errors"] == h["errors"] == 0, (e["first_error"], h["first_error"])
         assert h["statuses"] == {"200": n}  # every HTTP request returned 200
         # each request generated the requested tokens or stopped at EOS
         assert e["complete"] == h["complete"] == n
-        assert 0 < e["tokens"] <= n * tokens and 0 < h["tokens"] <= n * tokens
+        assert 0 < e["tokens"] <= n * tokens and 0 < h["tokens"] <= n * tokens and e["tokens"] == h["tokens"]
         assert e["tokens_per_s"] > 0 and h["tokens_per_s"] > 0 and e["seconds"] > 0 and h["seconds"] > 0
 
 
@@ -62,12 +64,12 @@ def test_ratios_follow_from_the_per_round_figures(serving_run):
     assert s["ratio_median"] == pytest.approx(statistics.median(ratios))
     assert s["ratio_best_of"] == pytest.approx(max(http) / max(eng))
     assert s["target"] == 0.9 and s["met"] is (s["ratio_median"] >= 0.9)  # reported, not asserted
-    split = s["other_topologies"]["split"]
-    split_ratios = [r["http"]["tokens_per_s"] / r["engine"]["tokens_per_s"] for r in split["rounds"]]
-    assert split["ratio_median"] == pytest.approx(statistics.median(split_ratios))
-    # each HTTP round says where the CPU went: the combined app has no ingress process, the split app has one
-    assert all("ingress" not in r["http"]["cpu_s"] for r in s["rounds"])
-    assert all(r["http"]["cpu_s"]["ingress"] > 0 for r in split["rounds"])
+    combined = s["other_topologies"]["combined"]
+    combined_ratios = [r["http"]["tokens_per_s"] / r["engine"]["tokens_per_s"] for r in combined["rounds"]]
+    assert combined["ratio_median"] == pytest.approx(statistics.median(combined_ratios))
+    # each HTTP round says where the CPU went: the split app has an ingress process, the combined app none
+    assert all(r["http"]["cpu_s"]["ingress"] > 0 for r in s["rounds"])
+    assert all("ingress" not in r["http"]["cpu_s"] for r in combined["rounds"])
 
 
 def test_results_json_markdown_targets_and_plot(serving_run):
@@ -83,7 +85,8 @@ def test_results_json_markdown_targets_and_plot(serving_run):
     assert target["measured"] == pytest.approx(saved["serving"]["ratio_median"])
     md = (out / "results.md").read_text()
     assert "## Serving-layer cost (HTTP through Ray Serve / in-process engine)" in md
-    assert "Topology `combined`: median paired ratio" in md and "Topology `split`, against" in md and "| 1 |" in md
+    assert "Short requests (2 new tokens" in md and "topology `combined`: median" in md
+    assert "Topology `split`: median paired ratio" in md and "Topology `combined`, against" in md and "| 1 |" in md
     assert "Sections kept from earlier runs: idle (`earlier run`" in md
     png = (out / "serving_overhead.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
