@@ -48,6 +48,7 @@ def test_dockerfile_contract():
 def test_serve_configs_validate(name):
     from ray.serve.schema import ServeDeploySchema
 
+    from serve.app.builder import check_deployments
     from serve.app.config import AppConfig
 
     doc = yaml.safe_load((ROOT / "deploy" / name).read_text())
@@ -55,6 +56,7 @@ def test_serve_configs_validate(name):
     app = doc["applications"][0]
     assert app["import_path"] == "serve.app.builder:app_builder"
     config = AppConfig.model_validate(app["args"])
+    check_deployments(config, {d["name"]: d for d in app.get("deployments", [])})  # each names a deployment of its topology
     if name.startswith("flan-t5-xl"):
         engine = {d["name"]: d for d in app["deployments"]}["EngineReplica"]
         assert engine["ray_actor_options"]["num_gpus"] == 4 and config.engine.dtype == "bfloat16"
