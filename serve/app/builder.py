@@ -79,8 +79,9 @@ def check_deployments(config: AppConfig, deployments: dict[str, dict]) -> None:
 
 def deployment_names(config: AppConfig) -> list[str]:
     """The app's deployments; the first answers HTTP (the shutdown drain asks it what is in flight)."""
-    return ["EngineReplica", "MetricsHub"] if config.topology == "combined" else ["Ingress", "EngineReplica",
-                                                                                  "MetricsHub"]
+    if config.topology == "combined":
+        return ["EngineReplica", "MetricsHub"]
+    return ["Ingress", "EngineReplica", "MetricsHub"]
 
 
 def hub_args(config: AppConfig) -> tuple[float, float]:
