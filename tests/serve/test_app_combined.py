@@ -28,7 +28,7 @@ def server(tiny_base_dir, tmp_path_factory):
     from serve.app import local
 
     args = app_args(tiny_base_dir, tmp_path_factory.mktemp("combined-registry"), admin_token=ADMIN,
-                    topology="combined")
+                    topology="combined", engine={"max_new_tokens_cap": 1024})
     url = local.start(build(args), port=local.free_port(), num_cpus=4)
     yield {"url": url, "args": args}
     local.stop(grace_s=5, front="EngineReplica")
@@ -131,3 +131,25 @@ def test_health_info_and_metrics_come_from_the_replica(http):
     assert re.search(r'peftserve_http_requests_total\{[^}]*replica="engine-', text)  # HTTP counted in the replica
     assert re.search(r'peftserve_requests_total\{[^}]*replica="engine-', text)
     assert 'replica="ingress-' not in text
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server, http):
+    """The route closes the replica's own stream (no Ray generator in between here): the engine cancels the row."""
+    import time
+
+    def cancelled() -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
+                   if line.startswith("peftserve_request_failures_total{") and 'error="cancelled"' in line)
+
+    before = cancelled()
+    with httpx.Client(base_url=server["url"], timeout=60) as c:
+        with c.stream("POST", "/generate_stream", json={"inputs": TEXT, "parameters": {
+                "adapter_id": "lora-a", "max_new_tokens": 1024, "min_new_tokens": 1024}}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+            assert http.get("/info").json()["queue"]["running"] == 1  # still decoding when the client leaves
+    deadline = time.monotonic() + 15
+    while http.get("/info").json()["queue"]["running"] != 0 or cancelled() < before + 1:
+        assert time.monotonic() < deadline, "the abandoned row was not cancelled"
+        time.sleep(0.3)
