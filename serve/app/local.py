@@ -4,6 +4,7 @@ benchmarks."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 APP_NAME = "peftserve"
@@ -81,12 +82,19 @@ def stop(grace_s: float = 0.0, joined: bool = False, front: str = "Ingress") -> 
     timeout), then Ray, then any process this Ray session left behind (its dashboard and runtime-env
     agents outlive `ray.shutdown()`). On a cluster this process `joined`, only this app is removed (and
     Serve, if no other application runs); the cluster keeps running. `front`: the deployment that answers HTTP
-    (Ingress, or EngineReplica in the combined topology), which the drain asks what is in flight."""
+    (Ingress, or EngineReplica in the combined topology), which the drain asks what is in flight.
+
+    A SIGTERM sent to the whole process group or cgroup (systemd's default KillMode, `timeout`, `kill -TERM
+    -PGID`) also reaches the local Ray's GCS, whose group this process leads: it stops answering, and Serve's
+    calls would block until Ray's 60 s GCS reconnect timeout aborts this process. So they run on a thread while
+    the GCS is probed; when it stops answering, the drain and Serve's shutdown are abandoned, and Ray is shut
+    down and its leftovers reaped."""
     import ray
     from ray import serve as ray_serve
 
     session_dir = _session_dir()
-    try:
+
+    def serve_down() -> None:
         if grace_s > 0:
             _drain(grace_s, front)
         if joined:
@@ -95,10 +103,48 @@ def stop(grace_s: float = 0.0, joined: bool = False, front: str = "Ingress") -> 
                 ray_serve.shutdown()  # frees the HTTP port on every node for the next deployment
         else:
             ray_serve.shutdown()
+
+    try:
+        if not _run_while_gcs_answers(serve_down):
+            print("peftserve: Ray's own processes were stopped too (a signal to the whole process group?); "
+                  "no drain, stopping what is left", flush=True)
     finally:
         ray.shutdown()
         if session_dir:
             reap_session(session_dir)
+
+
+def _run_while_gcs_answers(fn, probe_every_s: float = 1.0) -> bool:
+    """Run `fn`; False if Ray's GCS stops answering before `fn` returns (`fn` is then left behind on a daemon
+    thread, blocked in Ray)."""
+    done, failure = threading.Event(), []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="peftserve-serve-shutdown", daemon=True).start()
+    while not done.wait(probe_every_s):
+        if not _gcs_answers():
+            return False
+    if failure:
+        raise failure[0]
+    return True
+
+
+def _gcs_answers(timeout_s: float = 2.0) -> bool:
+    import ray
+
+    try:
+        ray._private.worker.global_worker.gcs_client.internal_kv_exists(b"peftserve-probe", b"peftserve",
+                                                                        timeout=timeout_s)
+        return True
+    except Exception:  # noqa: BLE001 - timed out, unavailable, or Ray not initialised: it does not answer
+        return False
 
 
 def _drain(grace_s: float, front: str) -> None:
@@ -126,34 +172,39 @@ def _session_dir() -> str | None:
         return None
 
 
+def session_processes(session_dir: str) -> dict[int, bytes]:
+    """{pid: command line} of every other process whose command line names `session_dir` (Linux /proc)."""
+    import os
+
+    found = {}
+    if not os.path.isdir("/proc"):
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if session_dir.encode() in cmd:
+            found[int(entry)] = cmd
+    return found
+
+
 def reap_session(session_dir: str, timeout_s: float = 10.0) -> list[int]:
     """SIGTERM (then SIGKILL) every process whose command line names `session_dir`; returns their pids."""
     import os
     import signal
 
-    def leftovers() -> list[int]:
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if session_dir.encode() in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
-        return pids
-
-    if not os.path.isdir("/proc"):
-        return []
-    found = leftovers()
+    found = list(session_processes(session_dir))
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in leftovers():
+        for pid in session_processes(session_dir):
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
         deadline = time.monotonic() + timeout_s / 2
-        while leftovers() and time.monotonic() < deadline:
+        while session_processes(session_dir) and time.monotonic() < deadline:
             time.sleep(0.1)
     return found

@@ -150,3 +150,32 @@ def test_signal_drains_in_flight_and_stops_everything(sig, topology, tmp_path, t
         time.sleep(0.2)
     left = [p for p in started if _alive(p)]
     assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left]
+
+
+def test_sigterm_to_the_whole_process_group_stops_promptly_and_leaves_nothing(tmp_path, tiny_base_dir):
+    """systemd (KillMode=control-group), `timeout` and `kill -TERM -PGID` signal every process of the group, Ray's
+    GCS included: the server must not wait on a GCS that stopped answering (Ray would abort it after 60 s)."""
+    port = free_port()
+    before = _ray_pids()
+    proc = _serve(["--base", str(tiny_base_dir), "--port", str(port), "--num-cpus", "2", "--no-demo-adapters"],
+                  tmp_path, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "ready on" in line:
+                break
+        else:
+            pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
+        started = _ray_pids() - before
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=50) == 0, proc.stderr.read()[-3000:]
+        assert time.monotonic() - t0 < 40
+        assert "no drain, stopping what is left" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if _alive(p)]
