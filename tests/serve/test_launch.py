@@ -87,6 +87,22 @@ def _ray_pids() -> set[int]:
     return pids
 
 
+def _wait_ready(proc: subprocess.Popen) -> None:
+    """Read the server's output until it says it is ready (fails the test if it exits first)."""
+    for line in proc.stdout:
+        if "ready on" in line:
+            return
+    pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
+
+
+def _gone_soon(pids: set[int], timeout_s: float = 10.0) -> list[int]:
+    """The pids still alive after up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
@@ -120,11 +136,7 @@ def test_signal_drains_in_flight_and_stops_everything(sig, topology, tmp_path, t
                    "--config", str(config)], tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     url = f"http://127.0.0.1:{port}"
     try:
-        for line in proc.stdout:
-            if "ready on" in line:
-                break
-        else:
-            pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
+        _wait_ready(proc)
         started = _ray_pids() - before
         assert started, "no Ray processes seen"
         reply: dict = {}
@@ -145,10 +157,7 @@ def test_signal_drains_in_flight_and_stops_everything(sig, topology, tmp_path, t
             proc.kill()
     assert reply.get("status") == 200, reply
     assert reply["body"]["details"]["generated_tokens"] >= 1
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in started) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [p for p in started if _alive(p)]
+    left = _gone_soon(started)
     assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left]
 
 
@@ -160,11 +169,7 @@ def test_sigterm_to_the_whole_process_group_stops_promptly_and_leaves_nothing(tm
     proc = _serve(["--base", str(tiny_base_dir), "--port", str(port), "--num-cpus", "2", "--no-demo-adapters"],
                   tmp_path, start_new_session=True)
     try:
-        for line in proc.stdout:
-            if "ready on" in line:
-                break
-        else:
-            pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
+        _wait_ready(proc)
         started = _ray_pids() - before
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
         t0 = time.monotonic()
@@ -175,7 +180,4 @@ def test_sigterm_to_the_whole_process_group_stops_promptly_and_leaves_nothing(tm
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in started) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in started if _alive(p)]
+    assert not _gone_soon(started)
