@@ -10,8 +10,9 @@ warm-up round per side (adapters resident, allocator warm).
 A round: `serving_concurrency` requests sent at once (asyncio; `engine.submit` in-process, POST /generate
 over one keep-alive aiohttp session), `serving_new_tokens` each, greedy; tokens/s = generated tokens / wall
 time from the first send to the last result. The client is aiohttp, as in vLLM's benchmark_serving: on a host
-whose few cores the client shares with the server, httpx's CPU per request (about twice aiohttp's, measured)
-would be counted against the server. The client's CPU is still reported per round. The same texts and adapter
+whose few cores the client shares with the server, the client's CPU counts against the server, and httpx's
+was 5-10 ms per request here against aiohttp's ~0.5 ms (cpu-small, 2026-12-05: 0.33-0.64 s against 0.03 s
+per 64-request round). The client's CPU is still reported per round. The same texts and adapter
 per row on both sides: base rows plus two adapters of each kind (LoRA, (IA)3, BitFit, prompt), cycled over
 the rows. HTTP asks for `details` (to read generated_tokens), which makes the engine keep logprobs: the
 in-process requests ask for logprobs too, so both sides do the same work.
@@ -255,12 +256,14 @@ def _against_server(topology: str, preset: Preset, base_dir: Path, work: Path, f
                     adapters: dict[str, Path], requests: list[Request], engine, threads: int) -> dict:
     """The alternated rounds against a loopback server of one topology: {server, warmup, rounds, summary...}."""
     from loadtests.http_load import LoopbackServer, register
+    from serve.app.config import AppConfig
 
     server_log = work / "serving" / f"server-{base_dir.name}-{topology}.log"
     # Ray sets OMP_NUM_THREADS=1 in a replica that asks for no CPUs: give the server the bench's thread count.
     # The metrics push interval is the server's default (the HTTP load scenarios' loopback server pushes faster).
+    push_s = AppConfig.model_fields["metrics_push_interval_s"].default
     server = LoopbackServer(preset, base_dir, work, server_log, engine=fields, env={"OMP_NUM_THREADS": str(threads)},
-                            app={"topology": topology, "metrics_push_interval_s": 1.0})
+                            app={"topology": topology, "metrics_push_interval_s": push_s})
     short = [dataclasses.replace(r, max_new_tokens=preset.serving_short_new_tokens) for r in requests]
     try:
         register(server.url, list(adapters.items()), None)
@@ -326,11 +329,11 @@ def markdown_lines(s: dict) -> list[str]:
              f"({s['order']}) after one warm-up pair; client: {s.get('client', 'httpx')}. Topology "
              f"`{s.get('topology', 'split')}`: median paired ratio **{f(s['ratio_median'])}**, best-of "
              f"{f(s['ratio_best_of'])}; target >= {s['target']:g}: {'met' if s['met'] else 'not met'}."]
-    for topology, o in (s.get("other_topologies") or {}).items():
-        lines.append(f"Topology `{topology}`, against the same in-process engine: median paired ratio "
-                     f"{f(o['ratio_median'])}, best-of {f(o['ratio_best_of'])} (rounds "
-                     f"{', '.join(f(r) for r in o['ratio_runs'])}).")
     for topology, o in [(s.get("topology", "split"), s), *(s.get("other_topologies") or {}).items()]:
+        if o is not s:
+            lines.append(f"Topology `{topology}`, against the same in-process engine: median paired ratio "
+                         f"{f(o['ratio_median'])}, best-of {f(o['ratio_best_of'])} (rounds "
+                         f"{', '.join(f(r) for r in o['ratio_runs'])}).")
         if o.get("short"):
             x = o["short"]
             lines.append(f"Short requests ({x['new_tokens']} new tokens, the same texts; the per-request cost "

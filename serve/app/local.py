@@ -172,39 +172,34 @@ def _session_dir() -> str | None:
         return None
 
 
-def session_processes(session_dir: str) -> dict[int, bytes]:
-    """{pid: command line} of every other process whose command line names `session_dir` (Linux /proc)."""
-    import os
-
-    found = {}
-    if not os.path.isdir("/proc"):
-        return found
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if session_dir.encode() in cmd:
-            found[int(entry)] = cmd
-    return found
-
-
 def reap_session(session_dir: str, timeout_s: float = 10.0) -> list[int]:
     """SIGTERM (then SIGKILL) every process whose command line names `session_dir`; returns their pids."""
     import os
     import signal
 
-    found = list(session_processes(session_dir))
+    def leftovers() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if session_dir.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    if not os.path.isdir("/proc"):
+        return []
+    found = leftovers()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in session_processes(session_dir):
+        for pid in leftovers():
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
         deadline = time.monotonic() + timeout_s / 2
-        while session_processes(session_dir) and time.monotonic() < deadline:
+        while leftovers() and time.monotonic() < deadline:
             time.sleep(0.1)
     return found
